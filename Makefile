@@ -1,0 +1,31 @@
+# The README's two commands.
+#   make demo   install, train the small Shakespeare model on CPU (~1.5 min), print a sample
+#   make test   install the dev dependencies and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The tested PyTorch (2.13.0, CPU wheel) is pinned in constraints.txt.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
+# Use a local copy of tiny-shakespeare when one is there; otherwise quill downloads it once.
+SHAKESPEARE := $(wildcard ../shared/data/tinyshakespeare.txt)
+DEMO_DATA := $(if $(SHAKESPEARE),--data $(SHAKESPEARE),)
+
+.PHONY: demo test install install-dev lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP_INSTALL) -e .
+
+install-dev: $(BIN)/python
+	$(PIP_INSTALL) -e '.[dev]'
+
+demo: install
+	$(BIN)/quill train --config shakespeare-char-cpu $(DEMO_DATA) --out runs/shakespeare-char-cpu --overwrite
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check quillgpt tests benchmarks

@@ -1,0 +1,37 @@
+"""quillgpt: GPT-style language models from scratch in PyTorch, from a laptop CPU to a GPU node.
+
+Importing the package is cheap; the torch-heavy parts load on first use:
+
+    from quillgpt import load_config, train, load_run, generate
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .config import Config, ModelConfig, TrainConfig, load_config  # noqa: E402
+from .errors import QuillError  # noqa: E402
+
+_LAZY = {
+    "GPT": "model",
+    "build_model": "model",
+    "train": "train",
+    "Trainer": "train",
+    "TrainResult": "train",
+    "load_run": "checkpoint",
+    "Run": "checkpoint",
+    "generate": "generate",
+}
+
+__all__ = ["Config", "ModelConfig", "QuillError", "TrainConfig", "load_config", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'quillgpt' has no attribute {name!r}")

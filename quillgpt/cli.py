@@ -1,0 +1,169 @@
+"""`quill`: the command line. Thin: parse, call the library, print.
+
+Each subcommand is a pair of functions, `add_<name>(subparsers)` and `cmd_<name>(args)`,
+listed in COMMANDS at the bottom. Heavy imports (torch) happen inside the commands that need
+them, so `quill --help` and the tokenizer commands start fast.
+
+Mistakes a user can make end as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable
+
+from .errors import QuillError
+
+START_TIME = time.time()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise QuillError(f"{self.prog}: {message}")
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+# --- config keys as flags ---------------------------------------------------------------------
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--key-name VALUE` flag per config key (values are checked by the config)."""
+    from .config import ALL_KEYS, key_type
+
+    group = parser.add_argument_group("config keys (override the preset; see README)")
+    for key in ALL_KEYS:
+        flag = "--" + key.replace("_", "-")
+        tp, _ = key_type(key)
+        if tp is bool:
+            group.add_argument(flag, dest=f"cfg_{key}", nargs="?", const="true",
+                               default=argparse.SUPPRESS, metavar="BOOL")
+        else:
+            group.add_argument(flag, dest=f"cfg_{key}", default=argparse.SUPPRESS,
+                               metavar=tp.__name__.upper())
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+
+
+def reject_unknown(extra: list[str]) -> None:
+    """Unknown `--flags` name the close matches among config keys and aliases."""
+    if not extra:
+        return
+    from .config import unknown_key_message
+
+    for item in extra:
+        if item.startswith("--"):
+            raise QuillError(unknown_key_message(item[2:].split("=")[0].replace("-", "_")))
+    raise QuillError(f"unexpected argument {extra[0]!r}")
+
+
+# --- quill train ------------------------------------------------------------------------------
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a text file",
+                       description="Train a model. Settings come from defaults, then --config "
+                                   "(a preset name or YAML file), then --key-name flags.")
+    p.add_argument("--config", help="preset name (e.g. shakespeare-char-cpu) or YAML file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-save", action="store_true", help="write no run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import Trainer
+
+    cfg = load_config(args.config, config_overrides(args))
+    trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
+                      progress=not args.no_progress, start_time=START_TIME)
+    result = trainer.run()
+    eprint(
+        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
+        f"val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), "
+        f"{result.tokens_per_s:,.0f} tokens/s"
+    )
+    if result.run_dir is not None:
+        eprint(f"run saved to {result.run_dir}")
+    if result.sample:
+        eprint("sample:")
+        print(result.sample)
+    return 0
+
+
+# --- quill sample -----------------------------------------------------------------------------
+
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("run", help="run directory written by quill train")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=None, help="fixes the output")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .checkpoint import BEST_FILE, MODEL_FILE, load_run
+    from .generate import generate
+    from .train import resolve_device
+
+    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
+    text = generate(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+COMMANDS: list[tuple[Callable, Callable]] = [
+    (add_train, cmd_train),
+    (add_sample, cmd_sample),
+]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="quill", description="Train and run GPT-style language models.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"quill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for add, run in COMMANDS:
+        before = set(sub.choices)
+        add(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        reject_unknown(extra)
+        return args.func(args) or 0
+    except QuillError as e:
+        eprint(f"quill: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        eprint("quill: interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The interface every tokenizer implements; the model, data and sampling code see only this."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import QuillError
+from ..fileio import atomic_write_text
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses set `kind` and implement the abstract methods."""
+
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special tokens such as <|endoftext|>, by text; none by default."""
+        return {}
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text token that separates documents, where the tokenizer has one."""
+        return self.special_tokens.get("<|endoftext|>")
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token as text, for showing a split token by token."""
+        return [self.decode([i]) for i in ids]
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer; must include "kind"."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tokenizer: ...
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), ensure_ascii=False))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {}
+
+
+def register(cls: type[Tokenizer]) -> type[Tokenizer]:
+    TOKENIZER_KINDS[cls.kind] = cls
+    return cls
+
+
+def tokenizer_from_dict(data: Any, source: str = "tokenizer") -> Tokenizer:
+    if not isinstance(data, dict) or "kind" not in data:
+        raise QuillError(f"{source} is not a quill tokenizer file (no 'kind')")
+    kind = data["kind"]
+    if kind not in TOKENIZER_KINDS:
+        raise QuillError(f"{source}: unknown tokenizer kind {kind!r}")
+    try:
+        return TOKENIZER_KINDS[kind].from_dict(data)
+    except QuillError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise QuillError(f"{source} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved with `Tokenizer.save` (any kind)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuillError(f"tokenizer file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuillError(f"cannot read tokenizer file {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QuillError(f"{path} is corrupt or truncated JSON ({e.msg} at line {e.lineno})") from None
+    return tokenizer_from_dict(data, str(path))
