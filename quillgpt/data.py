@@ -8,12 +8,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import QuillError
 from .fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .tokenizers import Tokenizer
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -138,3 +143,18 @@ class BatchSampler:
 
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+
+def prepare_training_data(cfg: Config) -> tuple[Tokenizer, Splits]:
+    """The run's tokenizer and its train/val token arrays, from `cfg.train.data`.
+
+    No data means tiny-shakespeare from the cache. The tokenizer is built (or trained) as
+    `cfg.train.tokenizer` says.
+    """
+    from .tokenizers import build_tokenizer
+
+    path = cfg.train.data if cfg.train.data else shakespeare_path()
+    text = read_text(path, cfg.train.max_megabytes)
+    tokenizer = build_tokenizer(cfg.train.tokenizer, text)
+    ids = tokenizer.encode(text)
+    return tokenizer, split_tokens(ids, cfg.train.val_fraction, cfg.model.block_size)

@@ -13,9 +13,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data import BatchSampler, Splits, read_text, shakespeare_path, split_tokens
+from .data import BatchSampler, Splits, prepare_training_data
 from .errors import QuillError
 from .fileio import atomic_write_text
 from .generate import generate
 from .model import build_model, count_params
-from .tokenizers import Tokenizer, build_tokenizer
+from .tokenizers import Tokenizer
 
 METRICS_COLUMNS = ["step", "elapsed_s", "lr", "train_loss", "val_loss", "tokens_per_s"]
 
@@ -48,7 +48,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise QuillError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QuillError("device cuda requested but CUDA is not available")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
         raise QuillError("device mps requested but MPS is not available")
     return device
 
@@ -107,11 +108,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise QuillError(f"--out {out} is {what}; pass --overwrite to replace it")
 
 
-def load_corpus(cfg: Config) -> str:
-    path = cfg.train.data if cfg.train.data else shakespeare_path()
-    return read_text(path, cfg.train.max_megabytes)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path | None
@@ -143,11 +139,10 @@ class Trainer:
             cfg.train.out = str(self.out)
         self.device = resolve_device(cfg.train.device)
 
-        text = load_corpus(cfg)
-        self.tokenizer: Tokenizer = build_tokenizer(cfg.train.tokenizer, text)
-        ids = self.tokenizer.encode(text)
+        self.tokenizer: Tokenizer
+        self.splits: Splits
+        self.tokenizer, self.splits = prepare_training_data(cfg)
         cfg.model.vocab_size = self.tokenizer.vocab_size
-        self.splits: Splits = split_tokens(ids, cfg.train.val_fraction, cfg.model.block_size)
 
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.device)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..errors import QuillError
 from .base import TOKENIZER_KINDS, Tokenizer, load_tokenizer, tokenizer_from_dict
 from .char import CharTokenizer
-from ..errors import QuillError
 
 __all__ = [
     "TOKENIZER_KINDS",
