@@ -253,8 +253,11 @@ class Trainer:
                 if ev:
                     last_eval = ev
                     postfix["val"] = f"{ev['val']:.4f}"
-                    bar.write(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}",
-                              file=sys.stderr)
+                    msg = f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}"
+                    if self.progress:
+                        bar.write(msg, file=sys.stderr)
+                    else:
+                        self.log(msg)
                 bar.set_postfix(postfix)
                 window_losses = []
                 window_start = time.time()  # evaluation time is not counted in tokens/s
