@@ -18,6 +18,53 @@ from torch.nn import functional as F
 from .config import ModelConfig
 
 
+class KVCache:
+    """Preallocated keys and values of every layer, for decoding one token at a time.
+
+    Slots 0..pos-1 hold the keys/values of the tokens seen so far (B, nh, block_size, hs per
+    layer). Rows of a batch may be left-padded to a common length: `pad[b]` slots at the start
+    of row b are padding, masked out of attention, and row b's positions count from its first
+    real token. The buffers never grow or move, so the decode step has fixed shapes.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32, pad: torch.Tensor | None = None):
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = cfg.block_size
+        self.pos = 0  # slots filled
+        self.pad = pad if pad is not None and bool(pad.any()) else None  # (B,) or None
+        self.mask: torch.Tensor | None = None  # attention mask of the forward in progress
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids of the next T slots: (T,), or (B, T) when rows are padded."""
+        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        if self.pad is None:
+            return pos
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def attn_mask(self, T: int) -> torch.Tensor | None:
+        """Which of slots 0..pos+T-1 each of the next T queries may see; None = plain causal."""
+        if self.pad is None and (T == 1 or self.pos == 0):
+            return None  # decode sees every filled slot; a fresh prefill is plainly causal
+        q = torch.arange(self.pos, self.pos + T, device=self.k.device)[:, None]  # (T, 1)
+        k = torch.arange(self.pos + T, device=self.k.device)[None, :]  # (1, Tk)
+        mask = k <= q  # (T, Tk) causal
+        if self.pad is not None:
+            # padding is never seen, except by itself (a row with nothing to see gives NaN)
+            mask = mask & ((k >= self.pad[:, None, None, None]) | (k == q))  # (B, 1, T, Tk)
+        return mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, nh, T, hs); return all filled slots."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Every position attends to itself and the positions before it, in `n_head` heads."""
 
@@ -33,17 +80,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask; flash attention where available
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        if cache is None:
+            # softmax(q k^T / sqrt(hs)) v with a causal mask; flash attention where available
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )  # (B, nh, T, hs)
+        else:
+            # decoding: the queries of the T new tokens see the cached keys too
+            k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+            causal = cache.mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -72,8 +125,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -120,17 +173,32 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position (B, T, vocab); the mean cross-entropy if targets are given."""
+        """Logits for every position (B, T, vocab); the mean cross-entropy if targets are given.
+
+        With a `cache`, `idx` holds the next tokens after the cached ones (the whole prompt to
+        prefill, then one token per step); they are appended to the cache, and only the last
+        position's logits are computed (B, 1, vocab).
+        """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        start = 0 if cache is None else cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
+            )
+        if cache is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = cache.positions(T)  # (T,) or (B, T)
+            cache.mask = cache.attn_mask(T)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+            x = x[:, [-1], :]  # only the next token's logits are needed
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
