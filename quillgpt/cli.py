@@ -125,11 +125,101 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill import-hf / export-hf / eval (Hugging Face GPT-2 interop) -------------------------
+
+def add_import_hf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-hf", help="import a Hugging Face GPT-2 checkpoint as a run",
+                       description="Write a Hugging Face GPT-2 checkpoint (a local directory with "
+                                   "config.json and model.safetensors or pytorch_model.bin, or a hub "
+                                   "id such as gpt2, gpt2-medium, distilgpt2) as a run directory.")
+    p.add_argument("src", help="local HF directory or hub id")
+    p.add_argument("out", help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from .checkpoint import load_run
+    from .hf import import_hf
+    from .model import count_params
+
+    out = import_hf(args.src, args.out, overwrite=args.overwrite)
+    run = load_run(out)
+    m = run.config.model
+    eprint(f"imported {args.src}: {count_params(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, "
+           f"{m.n_head} heads, n_embd {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}")
+    eprint(f"run saved to {out}")
+    return 0
+
+
+def add_export_hf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-hf", help="export a run as a Hugging Face GPT-2 checkpoint",
+                       description="Write a run (GPT architecture, byte-level BPE tokenizer) as a "
+                                   "directory that transformers' GPT2LMHeadModel.from_pretrained and "
+                                   "AutoTokenizer.from_pretrained load.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from .hf import export_hf
+
+    out = export_hf(args.run, args.out, overwrite=args.overwrite)
+    eprint(f"exported {args.run} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a text file",
+                       description="Score a text file with sliding windows of the model's context, "
+                                   "as in Hugging Face's perplexity guide.")
+    p.add_argument("run", help="run directory (or a Hugging Face GPT-2 directory / hub id)")
+    p.add_argument("--data", required=True, help="UTF-8 text file to score")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: half the context; the context "
+                        "length gives disjoint windows)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
+    from .data import read_text
+    from .evaluate import evaluate_text, format_result
+    from .train import resolve_device
+
+    if args.batch_size < 1:
+        raise QuillError(f"--batch-size must be positive, got {args.batch_size}")
+    text = read_text(args.data)
+    device = resolve_device(args.device)
+    if is_run_dir(args.run):
+        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE)
+        model, tokenizer = run.model, run.tokenizer
+    else:
+        from .hf import load_hf
+
+        hf = load_hf(args.run)
+        model, tokenizer = hf.model.to(device), hf.tokenizer
+    result = evaluate_text(model, tokenizer, text, stride=args.stride, batch_size=args.batch_size,
+                           max_tokens=args.max_tokens, progress=not args.no_progress)
+    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
     (add_sample, cmd_sample),
+    (add_import_hf, cmd_import_hf),
+    (add_export_hf, cmd_export_hf),
+    (add_eval, cmd_eval),
 ]
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     data: str | None = None  # a UTF-8 text file; None means tiny-shakespeare
     out: str | None = None  # run directory; default runs/<data name>
     tokenizer: str = "char"
+    init_from: str | None = None  # fine-tune from a run directory, HF GPT-2 directory or hub id
     max_megabytes: float | None = None  # use only the first N MB of the data
     val_fraction: float = 0.1  # contiguous tail held out for validation
     batch_size: int = 64

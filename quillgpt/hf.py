@@ -1,0 +1,530 @@
+"""Hugging Face GPT-2 interop: import a checkpoint as a run, export a run as a checkpoint.
+
+Our GPT and Hugging Face's `GPT2LMHeadModel` are the same network with the same parameter
+names; the differences are all in the files:
+
+- HF stores the four projection weights (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
+  `mlp.c_proj`) as `Conv1D` weights of shape (in, out); our `nn.Linear` is (out, in), so those
+  four are transposed on the way in and out.
+- HF names carry a `transformer.` prefix (or none, in the hub's original `gpt2` files), may
+  include causal-mask buffers (`attn.bias`, `attn.masked_bias`) and leave out the tied LM head.
+- The settings live in `config.json` (`n_positions`, `n_embd`, ...) instead of `config.yaml`,
+  and the tokenizer in `vocab.json` + `merges.txt` instead of `tokenizer.json`.
+
+    from quillgpt.hf import import_hf, export_hf
+    import_hf("gpt2", "runs/gpt2")             # hub id (online) or a local HF directory
+    export_hf("runs/gpt2", "exported/gpt2")    # loads with GPT2LMHeadModel.from_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save as st_save
+
+from . import checkpoint as ckpt
+from .config import Config, ModelConfig, TrainConfig
+from .data import cache_dir
+from .errors import QuillError
+from .fileio import atomic_write_bytes, atomic_write_text
+from .model import GPT
+from .tokenizers import Tokenizer
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+# weights stored as Conv1D (in, out) by HF: transposed to nn.Linear's (out, in)
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# causal-mask buffers that older HF checkpoints carry; not parameters, so dropped
+MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our model uses
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+FINETUNE_LR = 3e-5  # default learning rate when fine-tuning from pretrained weights
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for an HF GPT-2 `config.json`; refuses what our GPT cannot represent."""
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        raise QuillError(f"{source}: model_type is {model_type!r}; only GPT-2 checkpoints (gpt2) import")
+    try:
+        n_embd, n_layer, n_head = int(hf["n_embd"]), int(hf["n_layer"]), int(hf["n_head"])
+        vocab_size, n_positions = int(hf["vocab_size"]), int(hf["n_positions"])
+    except KeyError as e:
+        raise QuillError(f"{source} has no {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise QuillError(f"{source}: {e}") from None
+    problems = []
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and int(n_inner) != 4 * n_embd:
+        problems.append(f"n_inner {n_inner} (ours is 4 x n_embd = {4 * n_embd})")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GELU_TANH:
+        problems.append(f"activation_function {act!r} (ours is the tanh GELU, gelu_new)")
+    eps = float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS))
+    if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
+        problems.append(f"layer_norm_epsilon {eps} (ours is {LAYER_NORM_EPS})")
+    if not hf.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights false")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx true")
+    if hf.get("add_cross_attention", False):
+        problems.append("add_cross_attention true")
+    if not hf.get("tie_word_embeddings", True):
+        problems.append("tie_word_embeddings false (ours ties the LM head to the token embedding)")
+    if problems:
+        raise QuillError(f"{source}: unsupported GPT-2 variant: {'; '.join(problems)}")
+    cfg = ModelConfig(kind="gpt", vocab_size=vocab_size, block_size=n_positions, n_layer=n_layer,
+                      n_head=n_head, n_embd=n_embd, dropout=float(hf.get("resid_pdrop", 0.0)), bias=True)
+    cfg.validate()
+    return cfg
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse, with the reason, a model that the HF GPT-2 layout cannot hold."""
+    if cfg.kind != "gpt":
+        raise QuillError(f"model kind {cfg.kind!r} cannot be written as HF GPT-2; only kind gpt can")
+    if not cfg.bias:
+        raise QuillError("a model with bias false cannot be written as HF GPT-2 (GPT-2 has biases)")
+
+
+def config_to_hf(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
+    """The HF GPT-2 `config.json` for our ModelConfig."""
+    check_exportable(cfg)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": "float32",
+    }
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors -> our GPT's state dict (float32, Linear layout, tied head included).
+
+    Every tensor the model needs must be there with the right shape, and nothing else may be;
+    otherwise the error lists the missing and unexpected names.
+    """
+    expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    lm_head = None
+    for name, t in tensors.items():
+        key = name.removeprefix("transformer.")
+        if MASK_BUFFER.match(key):
+            continue
+        if key == "lm_head.weight":
+            lm_head = t
+            continue
+        ours = "transformer." + key
+        if ours not in expected:
+            unexpected.append(name)
+            continue
+        t = t.detach().to("cpu", torch.float32)
+        if key.endswith(CONV1D_SUFFIXES):
+            t = t.t()
+        out[ours] = t.contiguous()
+    missing = [k for k in expected if k not in out and k != "lm_head.weight"]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        raise QuillError(f"{source} does not match a GPT-2 of its config.json: {'; '.join(parts)}")
+    for name, t in out.items():
+        if tuple(t.shape) != expected[name]:
+            raise QuillError(f"{source}: {name} has shape {tuple(t.shape)}, config.json implies "
+                             f"{expected[name]}")
+    wte = out["transformer.wte.weight"]
+    if lm_head is not None and not torch.equal(lm_head.to("cpu", torch.float32), wte):
+        raise QuillError(f"{source}: lm_head.weight differs from transformer.wte.weight; an untied "
+                         f"LM head is not supported")
+    out["lm_head.weight"] = wte
+    return out
+
+
+def state_dict_to_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our GPT's tensors under HF GPT-2 names (Conv1D layout, tied head left out), float32."""
+    check_exportable(model.config)
+    sd = model.state_dict()
+    if sd["lm_head.weight"].data_ptr() != sd["transformer.wte.weight"].data_ptr() and not torch.equal(
+        sd["lm_head.weight"], sd["transformer.wte.weight"]
+    ):
+        raise QuillError("an untied LM head cannot be written as HF GPT-2 (GPT-2 ties it to wte)")
+    out = {}
+    for name, t in sd.items():
+        if name == "lm_head.weight":
+            continue
+        t = t.detach().to("cpu", torch.float32)
+        if name.endswith(CONV1D_SUFFIXES):
+            t = t.t()
+        out[name] = t.contiguous()
+    return out
+
+
+def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint directory: model.safetensors (possibly sharded with an
+    index) or, failing that, pytorch_model.bin read with `weights_only=True` (no code runs)."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise QuillError(f"{index} is not a safetensors index ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = []
+    if files:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                tensors.update(st_load_file(f))
+            except FileNotFoundError:
+                raise QuillError(f"weights file not found: {f}") from None
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise QuillError(f"{f} is corrupt or not a safetensors file ({e})") from None
+        return tensors
+    pt = directory / "pytorch_model.bin"
+    if pt.is_file():
+        try:
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise QuillError(f"cannot read {pt} as plain tensors (weights_only=True): {first}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise QuillError(f"{pt} does not hold a dictionary of tensors")
+        return tensors
+    raise QuillError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuillError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise QuillError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise QuillError(f"{path} is not a JSON object")
+    return data
+
+
+# --- where a checkpoint comes from: a local directory or the hub ------------------------------
+
+def looks_like_hub_id(src: str) -> bool:
+    """`gpt2`, `openai-community/gpt2`: a name, or owner/name, with no path punctuation."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", src)) and ".." not in src
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The hub files of `repo_id` that an import needs (from the local HF cache when there)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise QuillError(
+            f"importing {repo_id!r} from the Hugging Face hub needs huggingface_hub "
+            f"(pip install 'quillgpt[hf]'), or pass a local directory"
+        ) from None
+    common = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=common + [
+            "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]))
+        if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+            path = Path(snapshot_download(repo_id, allow_patterns=common + ["pytorch_model.bin"]))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, HTTP errors, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuillError(
+            f"cannot get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+            f"offline? on a machine with network run `huggingface-cli download {repo_id} "
+            f"--local-dir {repo_id.split('/')[-1]}` and pass that local directory instead"
+        ) from None
+    return path
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local HF checkpoint directory for `src`: the directory itself, or a hub download."""
+    path = Path(src)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QuillError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        return path
+    if path.exists():
+        raise QuillError(f"{path} is a file; pass a Hugging Face checkpoint directory or a hub id")
+    if looks_like_hub_id(str(src)):
+        return download_from_hub(str(src))
+    raise QuillError(f"{src} not found: pass a Hugging Face checkpoint directory or a hub id "
+                     f"({', '.join(HUB_MODELS)})")
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+def tokenizer_from_hf_dir(directory: Path, vocab_size: int) -> Tokenizer:
+    """The checkpoint's tokenizer: its vocab.json + merges.txt, else GPT-2's own when the
+    vocabulary is GPT-2's 50,257 tokens."""
+    from .tokenizers.bpe import ByteBPETokenizer
+    from .tokenizers.gpt2 import GPT2_VOCAB_SIZE, gpt2_tokenizer
+
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        return ByteBPETokenizer.from_hf_files(vocab, merges, name=directory.name or "hf")
+    if vocab_size == GPT2_VOCAB_SIZE:
+        return gpt2_tokenizer()
+    raise QuillError(f"{directory} has no tokenizer files (vocab.json and merges.txt), and its "
+                     f"vocab_size {vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}")
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge that makes each multi-byte token, in rank order, as merges.txt lists them.
+
+    A token of rank r is the BPE of its own bytes using only the tokens ranked below r, which
+    leaves exactly two parts: the merge that created it (tiktoken stores only the ranks).
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_i = rank, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < best:
+                    best, best_i = r, i
+            if best_i < 0:
+                break
+            parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+            raise QuillError(f"token {token!r} (id {rank}) is not the merge of two lower-ranked tokens; "
+                             f"the tokenizer cannot be written as merges.txt")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, str]:
+    """vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json
+    for a byte-level BPE tokenizer, so that `AutoTokenizer.from_pretrained` encodes as we do."""
+    from .tokenizers.bpe import GPT2_PATTERN, ByteBPETokenizer, token_to_printable
+
+    if not isinstance(tokenizer, ByteBPETokenizer):
+        raise QuillError(f"export-hf needs a byte-level BPE tokenizer (such as gpt2 or a trained bpe); "
+                         f"this run's tokenizer is {tokenizer.kind!r}")
+    vocab = {token_to_printable(t): i for t, i in tokenizer.ranks.items()}
+    vocab.update(tokenizer.special_tokens)
+    vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    merges = [f"{token_to_printable(a)} {token_to_printable(b)}" for a, b in bpe_merges(tokenizer.ranks)]
+    if tokenizer.pattern == GPT2_PATTERN:  # HF's ByteLevel pre-tokenizer splits with GPT-2's regex
+        pre_tokenizer: dict[str, Any] = {"type": "ByteLevel", "add_prefix_space": False,
+                                         "trim_offsets": True, "use_regex": True}
+    else:  # another pattern: split with it first, then map bytes without the built-in regex
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ]}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+        ],
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {**byte_level, "trim_offsets": False},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+    eot = next((s for s, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id), None)
+    specials = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot else {}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer" if tokenizer.pattern == GPT2_PATTERN else "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        **specials,
+    }
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False) + "\n",
+        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
+    }
+
+
+# --- import -----------------------------------------------------------------------------------
+
+@dataclass
+class HFModel:
+    """A GPT-2 checkpoint loaded into our GPT, with its tokenizer."""
+
+    source: Path
+    config: ModelConfig
+    model: GPT
+    tokenizer: Tokenizer
+
+
+def load_hf(src: str | Path, with_tokenizer: bool = True) -> HFModel:
+    """Load an HF GPT-2 checkpoint (directory or hub id) as our GPT in eval mode."""
+    directory = resolve_source(src)
+    cfg = config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
+    state = state_dict_from_hf(read_hf_tensors(directory), cfg, str(directory))
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    tokenizer = tokenizer_from_hf_dir(directory, cfg.vocab_size) if with_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+        raise QuillError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {cfg.vocab_size}")
+    return HFModel(directory, cfg, model, tokenizer)  # type: ignore[arg-type]
+
+
+def check_out_dir(out: Path, overwrite: bool, what: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise QuillError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise QuillError(f"{out} is not empty; pass --overwrite to replace the {what} in it")
+
+
+def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights)."""
+    out = Path(out)
+    check_out_dir(out, overwrite, "run")
+    hf = load_hf(src)
+    cfg = Config(model=hf.config, train=TrainConfig(tokenizer=str(out / ckpt.TOKENIZER_FILE),
+                                                     learning_rate=FINETUNE_LR, min_lr=FINETUNE_LR / 10))
+    cfg.model.dropout = 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_config(cfg, out)
+    hf.tokenizer.save(out / ckpt.TOKENIZER_FILE)
+    ckpt.save_weights(hf.model, out / ckpt.MODEL_FILE, {"source": f"huggingface:{src}"})
+    return out
+
+
+# --- export -----------------------------------------------------------------------------------
+
+def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a run as an HF GPT-2 directory: config.json, generation_config.json,
+    model.safetensors and the tokenizer files (vocab.json, merges.txt, tokenizer_config.json)."""
+    out = Path(out)
+    if not isinstance(run, ckpt.Run):
+        run_dir = Path(run)
+        if ckpt.is_run_dir(run_dir):
+            check_exportable(ckpt.read_run_config(run_dir).model)
+        run = ckpt.load_run(run_dir)
+    check_out_dir(out, overwrite, "export")
+    check_exportable(run.config.model)
+    files = tokenizer_to_hf_files(run.tokenizer, run.config.model.block_size)  # refuses non-BPE
+    tensors = state_dict_to_hf(run.model)
+    eot = run.tokenizer.eot_id
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "model.safetensors", st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(config_to_hf(run.config.model, eot), indent=2) + "\n")
+    generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+    atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    return out
+
+
+# --- fine-tuning ------------------------------------------------------------------------------
+
+def resolve_init_run(spec: str) -> Path:
+    """A run directory for `--init-from`: a run as is, or an HF directory / hub id imported
+    once into the cache (`$QUILL_CACHE/hf/<name>`)."""
+    path = Path(spec)
+    if ckpt.is_run_dir(path):
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise QuillError(f"--init-from {spec}: not a run directory (no config.yaml and tokenizer.json) "
+                         f"nor a Hugging Face checkpoint (no config.json)")
+    name = re.sub(r"[^\w.-]+", "--", str(path.resolve()) if path.is_dir() else spec).strip("-")
+    cached = cache_dir() / "hf" / name
+    if ckpt.is_run_dir(cached) and (cached / ckpt.MODEL_FILE).is_file():
+        return cached
+    tmp = cached.with_name(cached.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    import_hf(spec, tmp)
+    if cached.exists():
+        shutil.rmtree(cached)
+    tmp.rename(cached)
+    return cached
+
+
+def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
+    """Pretrained weights to start training from, for `quill train --init-from SPEC`.
+
+    SPEC is a run directory, an HF GPT-2 directory or a hub id. Adjusts `cfg` in place: the
+    model takes the source's architecture (kind, vocabulary, layers, heads, width, bias) with
+    `block_size` cropped to at most the source's, `cfg.train.tokenizer` points at the source's
+    tokenizer (so `prepare_training_data(cfg)` encodes with it), and the learning rate drops
+    to 3e-5 (min_lr 3e-6) when it is still TrainConfig's default. Returns the tokenizer and a
+    state dict for `build_model(cfg.model)`.
+    """
+    run_dir = resolve_init_run(spec)
+    run = ckpt.load_run(run_dir)
+    src = run.config.model
+    if cfg.model.block_size > src.block_size:
+        cfg.model.block_size = src.block_size
+    block_size, dropout = cfg.model.block_size, cfg.model.dropout
+    cfg.model = ModelConfig(**{**vars(src), "block_size": block_size, "dropout": dropout})
+    cfg.train.tokenizer = str(run_dir / ckpt.TOKENIZER_FILE)
+    defaults = TrainConfig()
+    if cfg.train.learning_rate == defaults.learning_rate:
+        cfg.train.learning_rate = FINETUNE_LR
+        if cfg.train.min_lr == defaults.min_lr:
+            cfg.train.min_lr = FINETUNE_LR / 10
+    state = run.model.state_dict()
+    if "transformer.wpe.weight" in state:  # crop the position embedding to the new context
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
+    return run.tokenizer, state
