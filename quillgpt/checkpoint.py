@@ -5,15 +5,25 @@
     RUN/model.safetensors   final weights (safetensors: loading a stranger's run runs no code)
     RUN/best.safetensors    weights at the lowest validation loss
     RUN/metrics.csv         one row per logged step
+    RUN/loss.png            train and validation loss curves
+    RUN/train_state/        checkpoints for exact resume (see below)
 
 Every file is written atomically (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -23,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from .config import Config, config_from_dict
 from .errors import QuillError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from .model import build_model
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -48,7 +58,13 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(Path(path), st_save(state_dict_for_saving(model), metadata=metadata))
+    save_tensors(state_dict_for_saving(model), path, metadata)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write CPU tensors (e.g. `state_dict_for_saving(model)`) as one safetensors file, atomically."""
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -147,3 +163,201 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
     model.to(device)
     model.eval()
     return Run(run_dir, cfg, tokenizer, model)
+
+
+# --- train_state/: everything needed to resume a run exactly ---------------------------------
+#
+#   RUN/train_state/step-00000500/model.safetensors   the weights at that step
+#   RUN/train_state/step-00000500/state.safetensors   every tensor of the state below
+#   RUN/train_state/step-00000500/state.json          the rest: step, optimizer structure, RNG
+#                                                     states, data-sampler state, metrics so far
+#   RUN/train_state/step-00000500/manifest.json       sha256 of the three files above
+#
+# A checkpoint is written into a hidden temporary directory, every file fsynced, the manifest
+# last, then the directory is renamed into place: a kill at any instant leaves either a complete
+# checkpoint or a hidden leftover that is ignored (and removed by the next save). The manifest's
+# checksums catch a checkpoint damaged later on disk; resume then falls back to the previous one.
+# Nothing is pickled: tensors go to safetensors, everything else to JSON.
+
+TRAIN_STATE_DIR = "train_state"
+STATE_TENSORS_FILE = "state.safetensors"
+STATE_JSON_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+_CHECKPOINT_FILES = (MODEL_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE)
+
+
+def pack_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, tensors, numpy arrays, scalars) into a
+    JSON-able skeleton and a flat dict of tensors for safetensors. `unpack_state` inverts it.
+
+    Works for any `optimizer.state_dict()` (integer keys, tensors, None, floats, tuples)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = x.detach().to("cpu").contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: walk(v) for k, v in x.items()}
+            return {"__items__": [[walk(k), walk(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v) for v in x]}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store a {type(x).__name__} in a checkpoint")
+
+    return walk(obj), tensors
+
+
+def unpack_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    def walk(x: Any) -> Any:
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x:
+            return tensors[x["__tensor__"]]
+        if "__ndarray__" in x:
+            return np.array(x["__ndarray__"], dtype=x["dtype"])
+        if "__tuple__" in x:
+            return tuple(walk(v) for v in x["__tuple__"])
+        if "__items__" in x:
+            return {walk(k): walk(v) for k, v in x["__items__"]}
+        return {k: walk(v) for k, v in x.items()}
+
+    return walk(skeleton)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_train_state(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
+                     state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write RUN/train_state/step-N atomically; then keep only the `keep_last` newest
+    checkpoints plus the one with the lowest validation loss (`state["val_loss"]`)."""
+    root = Path(run_dir) / TRAIN_STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        skeleton, tensors = pack_state(state)
+        blobs = {
+            MODEL_FILE: st_save(weights, metadata={"step": str(step)}),
+            STATE_TENSORS_FILE: st_save(tensors),
+            STATE_JSON_FILE: json.dumps(skeleton).encode("utf-8"),
+        }
+        for name, data in blobs.items():
+            _write_synced(tmp / name, data)
+        manifest = {"step": step, "sha256": {name: _sha256(data) for name, data in blobs.items()}}
+        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+        fsync_dir(tmp)
+        if final.exists():  # same step saved again (e.g. a signal right after an interval save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest), oldest first."""
+    root = Path(run_dir) / TRAIN_STATE_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Remove leftovers of interrupted saves and all but the newest `keep_last` checkpoints and
+    the best one."""
+    for p in root.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    checkpoints = list_checkpoints(root.parent)
+    keep = set(checkpoints[-max(1, keep_last):])
+    best, best_val = None, float("inf")
+    for p in checkpoints:
+        try:
+            val = json.loads((p / STATE_JSON_FILE).read_text()).get("val_loss")
+        except (OSError, ValueError):
+            continue
+        if isinstance(val, (int, float)) and val < best_val:
+            best, best_val = p, val
+    if best is not None:
+        keep.add(best)
+    for p in checkpoints:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file matches the manifest's checksum, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        expected = manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for name in _CHECKPOINT_FILES:
+        try:
+            data = (path / name).read_bytes()
+        except OSError:
+            return f"{name} is missing"
+        if _sha256(data) != expected.get(name):
+            return f"{name} does not match its checksum"
+    return None
+
+
+@dataclass
+class TrainState:
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def load_train_state(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> TrainState:
+    """The newest checkpoint whose checksums verify; damaged newer ones are skipped with a warning."""
+    warn = warn or (lambda msg: None)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise QuillError(f"{run_dir} has no checkpoint to resume from ({TRAIN_STATE_DIR}/ is empty "
+                         f"or missing)")
+    for path in reversed(checkpoints):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                weights = st_load((path / MODEL_FILE).read_bytes())
+                tensors = st_load((path / STATE_TENSORS_FILE).read_bytes())
+                skeleton = json.loads((path / STATE_JSON_FILE).read_text(encoding="utf-8"))
+                state = unpack_state(skeleton, tensors)
+                return TrainState(path, int(state["step"]), weights, state)
+            except (SafetensorError, ValueError, KeyError, OSError) as e:
+                problem = f"unreadable ({e})"
+        warn(f"warning: checkpoint {path} is corrupt: {problem}; falling back to an older one")
+    raise QuillError(f"no intact checkpoint in {Path(run_dir) / TRAIN_STATE_DIR} "
+                     f"(all {len(checkpoints)} failed their checksums)")

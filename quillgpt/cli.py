@@ -75,17 +75,30 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-save", action="store_true", help="write no run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its newest intact checkpoint (RUN/train_state/)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changed schedule/logging keys such as --max-iters")
     add_config_flags(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import Trainer
+    from .train import Trainer, resume_config
 
-    cfg = load_config(args.config, config_overrides(args))
+    if args.resume:
+        if args.no_save:
+            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
+        cfg = resume_config(args.resume, args.config, config_overrides(args), args.allow_config_change)
+    else:
+        if args.allow_config_change:
+            raise QuillError("--allow-config-change only applies with --resume RUN")
+        cfg = load_config(args.config, config_overrides(args))
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
-                      progress=not args.no_progress, start_time=START_TIME)
+                      progress=not args.no_progress, start_time=START_TIME, resume=args.resume)
     result = trainer.run()
+    if not trainer.is_main:
+        return 0
     eprint(
         f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
         f"val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), "
@@ -96,6 +109,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.sample:
         eprint("sample:")
         print(result.sample)
+    return 0
+
+
+# --- quill plot -------------------------------------------------------------------------------
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a run's loss curves into RUN/loss.png")
+    p.add_argument("run", help="run directory written by quill train")
+    p.add_argument("--output", help="image path (default RUN/loss.png)")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    eprint(f"wrote {plot_run(args.run, args.output)}")
     return 0
 
 
@@ -216,6 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
+    (add_plot, cmd_plot),
     (add_sample, cmd_sample),
     (add_import_hf, cmd_import_hf),
     (add_export_hf, cmd_export_hf),

@@ -71,9 +71,14 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (fastest safe for the device)
     compile: bool = False
     sample_tokens: int = 200  # length of the sample printed at the end; 0 disables it
+    checkpoint_interval: int = 0  # steps between train_state/ checkpoints; 0: every eval_interval
+    keep_last: int = 2  # checkpoints kept in train_state/ (plus the one with the best val loss)
+    time_budget: str | None = None  # e.g. 90s, 5m, 1.5h: fit the whole run, LR decay included
+    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state
+    tensorboard: bool = False  # also log to RUN/tensorboard/
 
     def validate(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
@@ -84,10 +89,29 @@ class TrainConfig:
             raise QuillError(f"max_iters must be >= 0, got {self.max_iters}")
         if not 0.0 < self.val_fraction < 1.0:
             raise QuillError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise QuillError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise QuillError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.checkpoint_interval < 0 or self.keep_last < 1:
+            raise QuillError("checkpoint_interval must be >= 0 and keep_last >= 1")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
         if self.max_megabytes is not None and self.max_megabytes <= 0:
             raise QuillError(f"max_megabytes must be positive, got {self.max_megabytes}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "5m", "1.5h"."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    value = str(text).strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise QuillError(f"time_budget must be a duration such as 90s, 5m or 1.5h, got {text!r}")
+    return seconds
 
 
 @dataclass

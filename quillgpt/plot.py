@@ -1,0 +1,78 @@
+"""RUN/loss.png: the training and validation loss curves from RUN/metrics.csv.
+
+    quill plot RUN            (also written automatically at the end of `quill train`)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .errors import QuillError
+from .fileio import atomic_write_bytes
+
+PLOT_FILE = "loss.png"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
+    path = Path(run_dir) / ckpt.METRICS_FILE
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise QuillError(f"{path} not found; is {run_dir} a run directory written by quill train?") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise QuillError(f"cannot read {path}: {e}") from None
+    if not rows or "step" not in rows[0] or "train_loss" not in rows[0]:
+        raise QuillError(f"{path} has no metrics rows")
+    return rows
+
+
+def _series(rows: list[dict[str, str]], column: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = row.get(column) or ""
+        if value.strip():
+            try:
+                steps.append(int(row["step"]))
+                values.append(float(value))
+            except ValueError:
+                continue
+    return steps, values
+
+
+def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Draw train (logged mean) and val loss against the step; returns the image's path."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QuillError("plotting needs matplotlib: pip install 'quillgpt[plot]'") from None
+    train_steps, train_loss = _series(rows, "train_loss")
+    val_steps, val_loss = _series(rows, "val_loss")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot(train_steps, train_loss, label="train (mean over each log interval)", color="tab:blue",
+            linewidth=1.2)
+    if val_steps:
+        ax.plot(val_steps, val_loss, "o-", label="val", color="tab:orange", markersize=4)
+        best = min(range(len(val_loss)), key=val_loss.__getitem__)
+        ax.annotate(f"best val {val_loss[best]:.4f}", (val_steps[best], val_loss[best]),
+                    textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(f"{run_dir.resolve().name}: loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    out = Path(path) if path is not None else run_dir / PLOT_FILE
+    atomic_write_bytes(out, buf.getvalue())
+    return out
