@@ -231,8 +231,10 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
         try:
             tensors = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise QuillError(f"cannot read {pt} as plain tensors (weights_only=True): {first}") from None
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+            reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+            raise QuillError(f"cannot read {pt} as plain tensors (loaded with weights_only=True, which "
+                             f"runs no code): {reason or type(e).__name__}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise QuillError(f"{pt} does not hold a dictionary of tensors")
         return tensors
@@ -300,7 +302,7 @@ def resolve_source(src: str | Path) -> Path:
 
 # --- tokenizer --------------------------------------------------------------------------------
 
-def tokenizer_from_hf_dir(directory: Path, vocab_size: int) -> Tokenizer:
+def tokenizer_from_hf_dir(directory: Path, vocab_size: int, name: str = "hf") -> Tokenizer:
     """The checkpoint's tokenizer: its vocab.json + merges.txt, else GPT-2's own when the
     vocabulary is GPT-2's 50,257 tokens."""
     from .tokenizers.bpe import ByteBPETokenizer
@@ -308,7 +310,7 @@ def tokenizer_from_hf_dir(directory: Path, vocab_size: int) -> Tokenizer:
 
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     if vocab.is_file() and merges.is_file():
-        return ByteBPETokenizer.from_hf_files(vocab, merges, name=directory.name or "hf")
+        return ByteBPETokenizer.from_hf_files(vocab, merges, name=name)
     if vocab_size == GPT2_VOCAB_SIZE:
         return gpt2_tokenizer()
     raise QuillError(f"{directory} has no tokenizer files (vocab.json and merges.txt), and its "
@@ -421,7 +423,8 @@ def load_hf(src: str | Path, with_tokenizer: bool = True) -> HFModel:
     model = GPT(cfg)
     model.load_state_dict(state)
     model.eval()
-    tokenizer = tokenizer_from_hf_dir(directory, cfg.vocab_size) if with_tokenizer else None
+    name = Path(str(src)).name or "hf"
+    tokenizer = tokenizer_from_hf_dir(directory, cfg.vocab_size, name) if with_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
         raise QuillError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.vocab_size}")
