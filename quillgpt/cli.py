@@ -240,6 +240,106 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill tokenizer train / quill tokenize (no torch: these start fast) ----------------------
+
+def read_utf8(path: str) -> str:
+    """A UTF-8 text file for the tokenizer commands (quillgpt.data would import torch)."""
+    try:
+        data = open(path, "rb").read()  # noqa: SIM115
+    except FileNotFoundError:
+        raise QuillError(f"file not found: {path}") from None
+    except OSError as e:
+        raise QuillError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QuillError(f"{path} is not UTF-8: invalid byte 0x{data[e.start]:02x} at offset {e.start}") from None
+
+
+def add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a tokenizer and save it as JSON")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND", parser_class=ArgumentParser)
+    t = tsub.add_parser("train", help="train a char, syllable or byte-level BPE tokenizer on a text file",
+                        description="Train a tokenizer on --data and write it to --out (JSON), for "
+                                    "--tokenizer OUT in quill train / tokenize.")
+    t.add_argument("--kind", choices=["bpe", "syllable", "char"], default="bpe")
+    t.add_argument("--vocab-size", type=int, default=4096,
+                   help="tokens in all, special tokens included (default 4096)")
+    t.add_argument("--data", required=True, help="UTF-8 text file to learn from")
+    t.add_argument("--out", required=True, help="tokenizer JSON to write")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    t.add_argument("--special-tokens", default="<|endoftext|>",
+                   help="bpe: comma-separated special tokens (default <|endoftext|>; '' for none)")
+    t.add_argument("--no-merge", default="", metavar="CHARS",
+                   help="bpe: characters that never merge with anything, e.g. $'\\n\"'")
+    t.add_argument("--across-words", action="store_true",
+                   help="bpe: let merges cross word boundaries (chunks are lines)")
+    t.add_argument("--no-space-prefix", action="store_true",
+                   help="bpe: words do not take their leading space")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tokenizers import train_tokenizer
+
+    if args.tokenizer_command != "train":
+        raise QuillError("quill tokenizer: expected a command: train")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QuillError(f"{out} exists; pass --overwrite to replace it")
+    text = read_utf8(args.data)
+    start = time.perf_counter()
+    specials = [s for s in args.special_tokens.split(",") if s]
+    tok = train_tokenizer(args.kind, text, args.vocab_size, special_tokens=specials,
+                          no_merge=args.no_merge, within_words=not args.across_words,
+                          space_prefix=not args.no_space_prefix, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    tok.save(out)
+    extra = ""
+    if getattr(tok, "coverage", None) is not None:
+        extra = f", covering {tok.coverage:.1%} of the training chunks"
+    eprint(f"trained a {args.kind} tokenizer with {tok.vocab_size} tokens in {elapsed:.2f} s{extra}; "
+           f"saved to {out}")
+    return 0
+
+
+def add_tokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenize", help="show how a tokenizer splits a text, token by token",
+                       description="Print the tokens and ids of TEXT (or --file). Tokenizers that "
+                                   "learn (char, syllable[:N], bpe[:N]) learn from --data, else from "
+                                   "the text itself.")
+    p.add_argument("text", nargs="?", help="text to tokenize")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="char, syllable[:N], bpe[:N], gpt2 (default), a tokenizer .json or a run directory")
+    p.add_argument("--file", help="tokenize this UTF-8 file instead of TEXT")
+    p.add_argument("--data", help="text file the learning tokenizers train on")
+    p.add_argument("--ids", action="store_true", help="print only the ids, as one JSON list")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    import json
+
+    from .tokenizers import build_tokenizer
+
+    if (args.text is None) == (args.file is None):
+        raise QuillError("quill tokenize: give either TEXT or --file FILE")
+    text = read_utf8(args.file) if args.file else args.text
+    train_text = read_utf8(args.data) if args.data else text
+    tok = build_tokenizer(args.tokenizer, train_text)
+    ids = tok.encode(text)
+    if args.ids:
+        print(json.dumps(ids))
+        return 0
+    per_token = len(text) / len(ids) if ids else 0.0
+    print("Tokens:", json.dumps(tok.token_strings(ids), ensure_ascii=False))
+    print("Values:", json.dumps(ids))
+    print(f"{len(text)} characters, {len(ids)} tokens, {per_token:.2f} characters per token "
+          f"({args.tokenizer}: {tok.kind} tokenizer, vocabulary {tok.vocab_size})")
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 COMMANDS: list[tuple[Callable, Callable]] = [
@@ -249,6 +349,8 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (add_import_hf, cmd_import_hf),
     (add_export_hf, cmd_export_hf),
     (add_eval, cmd_eval),
+    (add_tokenizer, cmd_tokenizer),
+    (add_tokenize, cmd_tokenize),
 ]
 
 

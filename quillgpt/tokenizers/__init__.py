@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import QuillError
 from .base import TOKENIZER_KINDS, Tokenizer, load_tokenizer, tokenizer_from_dict
@@ -27,6 +28,7 @@ __all__ = [
     "load_tokenizer",
     "named_tokenizer",
     "tokenizer_from_dict",
+    "train_tokenizer",
 ]
 
 SPEC_HELP = "char, syllable[:N], bpe[:N], gpt2, or a tokenizer .json file / run directory"
@@ -72,3 +74,18 @@ def build_tokenizer(spec: str, text: str) -> Tokenizer:
     if tokenizer is None:
         raise QuillError(f"unknown tokenizer {spec!r} (use {SPEC_HELP})")
     return tokenizer
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int, **bpe_options: Any) -> Tokenizer:
+    """Train a `kind` ("bpe", "syllable" or "char") tokenizer on `text`.
+
+    bpe_options go to `ByteBPETokenizer.train` (special_tokens, within_words, space_prefix,
+    no_merge, progress); the other kinds ignore them.
+    """
+    if kind == "bpe":
+        return ByteBPETokenizer.train(text, vocab_size, **bpe_options)
+    if kind == "syllable":
+        return SyllableTokenizer.train(text, vocab_size)
+    if kind == "char":
+        return CharTokenizer.train(text)
+    raise QuillError(f"unknown tokenizer kind {kind!r} (use bpe, syllable or char)")
