@@ -340,6 +340,37 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill serve ----------------------------------------------------------------------------
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="web playground and OpenAI-compatible completions API",
+                       description="Serve a run: a playground page at / and the OpenAI completions "
+                                   "API at /v1/completions (streaming included). See docs/serve.md.")
+    p.add_argument("run", help="run directory written by quill train")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+    p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .checkpoint import BEST_FILE, MODEL_FILE
+    from .serve import ServeSettings, serve
+    from .train import resolve_device
+
+    if not 0 <= args.port <= 65535:
+        raise QuillError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_tokens_cap < 1 or args.max_queue < 1:
+        raise QuillError("--max-tokens-cap and --max-queue must be positive")
+    settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue)
+    serve(args.run, args.host, args.port, resolve_device(args.device),
+          BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level)
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 COMMANDS: list[tuple[Callable, Callable]] = [
@@ -351,6 +382,7 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (add_eval, cmd_eval),
     (add_tokenizer, cmd_tokenizer),
     (add_tokenize, cmd_tokenize),
+    (add_serve, cmd_serve),
 ]
 
 
