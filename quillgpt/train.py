@@ -152,6 +152,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_sampler(tokens: np.ndarray, block_size: int, batch_size: int, seed: int, device: torch.device,
+                 info: qdist.DistInfo) -> BatchSampler:
+    if not info.enabled:
+        return BatchSampler(tokens, block_size, batch_size, seed, device)
+    return BatchSampler(tokens, block_size, batch_size, seed, device, rank=info.rank,
+                        world_size=info.world_size)
+
+
+def data_fingerprint(splits: Splits, chunk: int = 1 << 20) -> str:
+    """sha256 of the split sizes and a sample of the tokens (head, tail and 64 strided pieces),
+    to notice a resume on different data without reading a large memory-mapped corpus."""
+    h = hashlib.sha256()
+    for arr in (splits.train, splits.val):
+        arr = np.asarray(arr)
+        h.update(f"{len(arr)}:{arr.dtype}".encode())
+        if len(arr) <= 8 * chunk:
+            h.update(np.ascontiguousarray(arr).tobytes())
+            continue
+        for start in np.linspace(0, len(arr) - chunk // 16, 64).astype(np.int64):
+            h.update(np.ascontiguousarray(arr[start:start + chunk // 16]).tobytes())
+    return h.hexdigest()
+
+
 def default_out_dir(cfg: Config) -> Path:
     name = Path(cfg.train.data).stem if cfg.train.data else "shakespeare"
     return Path("runs") / name
@@ -304,7 +327,7 @@ class Trainer:
         self.splits: Splits
         self.tokenizer, self.splits = prepare_training_data(cfg)
         cfg.model.vocab_size = self.tokenizer.vocab_size
-        self.data_sha256 = hashlib.sha256(self.splits.train.tobytes() + self.splits.val.tobytes()).hexdigest()
+        self.data_sha256 = data_fingerprint(self.splits)
 
         seed_everything(t.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model).to(self.device)
@@ -325,8 +348,8 @@ class Trainer:
             self.train_model, nn.parallel.DistributedDataParallel) else self.model
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.autocast = autocast_context(self.device, self.dtype)
-        self.batches = BatchSampler(self.splits.train, cfg.model.block_size, t.batch_size, t.seed,
-                                    self.device)
+        self.batches = make_sampler(self.splits.train, cfg.model.block_size, t.batch_size, t.seed,
+                                    self.device, self.dist)
         if self.dist.enabled:
             torch.manual_seed(t.seed + self.dist.rank)  # different dropout masks per rank
         self.metrics: list[dict] = []
@@ -439,15 +462,10 @@ class Trainer:
         return out
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch. All ranks draw the same stream and keep every world_size-th
-        batch, so N processes see exactly the batches one process sees with N x accumulation."""
-        batch = None
-        for r in range(self.dist.world_size):
-            xy = self.batches.next()
-            if r == self.dist.rank:
-                batch = xy
-        assert batch is not None
-        return batch
+        """This rank's micro-batch. All ranks share one random stream and each keeps its own
+        slice of every draw (see BatchSampler), so N processes see exactly the batches one
+        process sees with N x the gradient accumulation."""
+        return self.batches.next()
 
     def train_step(self, step: int) -> tuple[torch.Tensor, float]:
         """One optimizer step (with gradient accumulation); returns (loss as a tensor, lr)."""
