@@ -130,26 +130,89 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # --- quill sample -----------------------------------------------------------------------------
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", help="generate text from a trained run",
+                       description="Continue a prompt with a trained run (KV-cached decoding; "
+                                   "see docs/generation.md).")
     p.add_argument("run", help="run directory written by quill train")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable; \\n and \\t are newline and tab)")
+    p.add_argument("--overflow", choices=["shift", "slide"], default="shift",
+                   help="past the context: shift (fast, default) or slide (exact window, slow)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (sample i uses seed+i)")
+    p.add_argument("--stream", action="store_true", help="print text as it is produced")
+    p.add_argument("--interactive", action="store_true",
+                   help="a small REPL: each line you type is a prompt to continue")
     p.add_argument("--seed", type=int, default=None, help="fixes the output")
     p.add_argument("--device", default="cpu")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
 
 
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    import os
+
     from .checkpoint import BEST_FILE, MODEL_FILE, load_run
-    from .generate import generate
+    from .generate import check_sampling_args, generate_batch, generate_stream
     from .train import resolve_device
 
+    stop = [_unescape(s) for s in args.stop] if args.stop else None
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p,
+                        args.repetition_penalty, args.max_new_tokens, stop)
+    if args.num_samples < 1:
+        raise QuillError(f"--num-samples must be >= 1, got {args.num_samples}")
     run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
-    text = generate(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(args.prompt + text)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, stop=stop, overflow=args.overflow)
+
+    def stream(prompt: str, seed: int) -> None:
+        pieces = generate_stream(run.model, run.tokenizer, prompt, seed=seed, **settings)
+        first = next(pieces, "")  # a bad prompt fails here, before anything is printed
+        sys.stdout.write(prompt + first)
+        sys.stdout.flush()
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    if args.interactive:
+        eprint("quill sample: type a prompt and press Enter (\\n for a newline; Ctrl-D to quit)")
+        n = 0
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                eprint()
+                return 0
+            try:
+                stream(_unescape(line.rstrip("\n")), seed + n)
+            except QuillError as e:  # a bad prompt should not end the session
+                eprint(f"quill: error: {e}")
+            n += 1
+    if args.stream:
+        for i in range(args.num_samples):
+            if i:
+                print("---------------")
+            stream(args.prompt, seed + i)
+    else:
+        # the same prompt as one batch: row i uses seed + i, as streamed sample i does
+        texts = generate_batch(run.model, run.tokenizer, [args.prompt] * args.num_samples,
+                               seed=seed, **settings)
+        print("\n---------------\n".join(args.prompt + t for t in texts))
     return 0
 
 
