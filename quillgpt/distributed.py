@@ -138,9 +138,10 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    # rank 0 holds the full state and broadcasts it tensor by tensor; the others pass nothing
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights if info.is_main else {}, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state if info.is_main else {}, options=options)
 
 
 def cleanup(info: DistInfo) -> None:

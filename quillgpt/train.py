@@ -457,7 +457,8 @@ class Trainer:
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
                 total += loss.float()
-            out[name] = total.item() / t.eval_iters
+            # the mean over ranks, so that every rank takes the same decisions (best weights)
+            out[name] = qdist.all_reduce_mean(total, self.dist).item() / t.eval_iters
         self.model.train()
         return out
 

@@ -229,7 +229,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(small_tex
     run = tmp_path / "run"
     rng = random.Random(0)
     kills = 0
-    for attempt in range(12):
+    for _ in range(12):
         if ckpt.list_checkpoints(run):
             args = ["--resume", str(run)]
         else:  # killed before the first checkpoint: start over
