@@ -18,6 +18,7 @@ names; the differences are all in the files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -490,7 +491,12 @@ def resolve_init_run(spec: str) -> Path:
     if path.is_dir() and not (path / "config.json").is_file():
         raise QuillError(f"--init-from {spec}: not a run directory (no config.yaml and tokenizer.json) "
                          f"nor a Hugging Face checkpoint (no config.json)")
-    name = re.sub(r"[^\w.-]+", "--", str(path.resolve()) if path.is_dir() else spec).strip("-")
+    if path.is_dir():  # keyed by where the directory is and the state of its files
+        stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+        digest = hashlib.sha256(repr((str(path.resolve()), stamp)).encode()).hexdigest()[:12]
+        name = f"{path.resolve().name}-{digest}"
+    else:
+        name = re.sub(r"[^\w.-]+", "--", spec).strip("-")
     cached = cache_dir() / "hf" / name
     if ckpt.is_run_dir(cached) and (cached / ckpt.MODEL_FILE).is_file():
         return cached

@@ -347,6 +347,10 @@ def test_init_from_adjusts_config(tmp_path, bpe):
     model = GPT(cfg2.model)
     model.load_state_dict(state2)
     torch.testing.assert_close(model.transformer.wpe.weight, state["transformer.wpe.weight"][:32])
+    # changed files in the HF directory are imported afresh, not taken from the stale cache
+    save_hf_dir(random_hf_model(2, 2, 32, 64, bpe.vocab_size, seed=9), src, bpe)
+    _, state3 = init_from(str(src), Config(model=ModelConfig(block_size=32)))
+    assert not torch.equal(state3["transformer.wte.weight"], state["transformer.wte.weight"])
 
 
 def test_finetune_from_imported_run_lowers_loss(tmp_path, bpe):
