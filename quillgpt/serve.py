@@ -117,7 +117,9 @@ class Engine:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # submitted and not yet finished
-        self.completed = 0
+        self.completed = 0  # jobs finished, cancelled ones included
+        self.cancelled = 0  # jobs stopped (or skipped) because their client went away
+        self.tokens = 0  # tokens generated in all
         self._thread = threading.Thread(target=self._work, name="quill-generate", daemon=True)
         self._thread.start()
 
@@ -142,8 +144,7 @@ class Engine:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                if not job.cancelled.is_set():
-                    self._run(job)
+                self._run(job)
             except Exception as e:  # a bug or a device error: report it, keep serving
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
@@ -153,6 +154,9 @@ class Engine:
                 job.emit("end")
 
     def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():  # its client left while it waited
+            self.cancelled += 1
+            return
         s = job.sampling
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
         streams = [TextStream(self.tokenizer, s.stop) for _ in job.rows]
@@ -162,7 +166,9 @@ class Engine:
                            s.min_p, s.repetition_penalty, generators)
         try:
             for nxt in steps:
+                self.tokens += len(job.rows)
                 if job.cancelled.is_set():
+                    self.cancelled += 1
                     return
                 pieces = []
                 for b, t in enumerate(nxt.tolist()):
@@ -355,7 +361,8 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok" if engine.alive() else "worker stopped", "model": model_id,
-                "queue": engine.pending, "completed": engine.completed}
+                "queue": engine.pending, "completed": engine.completed, "cancelled": engine.cancelled,
+                "tokens_generated": engine.tokens}
 
     def model_object() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "quillgpt"}
@@ -554,4 +561,38 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     log(f"serving {Path(run_dir)} ({count_params(card.model) / 1e6:.2f}M parameters) on "
         f"http://{shown}:{actual_port}/  (API: /v1/completions; Ctrl-C stops)")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on
+        pass
+    log("server stopped")
+
+
+class BackgroundServer:
+    """Serve an app on a background thread (a notebook, tests): `with BackgroundServer(app) as url:`.
+
+    `port=0` picks a free port; `url` is then the address actually listened on.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="quill-serve", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

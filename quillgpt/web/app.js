@@ -8,6 +8,10 @@ function fmt(x, digits = 4) {
   return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
 }
 
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 async function loadCard() {
   try {
     const r = await fetch("/v1/model-card");
@@ -17,7 +21,7 @@ async function loadCard() {
     const rows = [
       ["model", c.id],
       ["parameters", `${(c.parameters / 1e6).toFixed(2)}M (${c.parameters.toLocaleString()})`],
-      ["architecture", `${m.kind}: ${m.n_layer} layers, ${m.n_head} heads, n_embd ${m.n_embd}`],
+      ["architecture", `${m.kind}: ${plural(m.n_layer, "layer")}, ${plural(m.n_head, "head")}, n_embd ${m.n_embd}`],
       ["context", `${m.block_size} tokens`],
       ["vocabulary", `${m.vocab_size} (${c.tokenizer})`],
       ["dropout / bias", `${m.dropout} / ${m.bias}`],
@@ -131,7 +135,10 @@ async function generate(event) {
     showStats(tokens, started, true);
   } catch (e) {
     if (e.name === "AbortError") showStats(tokens, started, true);
-    else showError(String(e.message || e));
+    else {
+      $("stats").textContent = "";
+      showError(String(e.message || e));
+    }
   } finally {
     controller = null;
     setRunning(false);

@@ -1,0 +1,175 @@
+"""The playground end to end in headless Chromium: load the page, type a prompt, click Generate,
+watch the text stream in, stop a generation, show an error. Saves screenshots (to
+$QUILL_SCREENSHOT_DIR when set, else the test's tmp_path).
+
+Needs Debian's `chromium` (apt-get install chromium chromium-driver) and the playwright Python
+package; Playwright drives /usr/bin/chromium, it downloads no browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="quill serve needs the serve extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="quill serve needs the serve extra (fastapi, uvicorn)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+from quillgpt.checkpoint import load_run  # noqa: E402
+from quillgpt.config import load_config  # noqa: E402
+from quillgpt.generate import generate  # noqa: E402
+from quillgpt.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
+from quillgpt.train import Trainer  # noqa: E402
+
+CHROMIUM = os.environ.get("QUILL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(),
+    reason=f"no Chromium at {CHROMIUM} (apt-get install chromium chromium-driver; CI installs it)",
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A few training steps of a tiny GPT on verse: a real run directory, loaded."""
+    root = tmp_path_factory.mktemp("browser")
+    data = root / "verse.txt"
+    data.write_text("To be, or not to be, that is the question:\n" * 60, encoding="utf-8")
+    cfg = load_config(None, {
+        "data": str(data), "out": str(root / "run"), "n_layer": 1, "n_head": 2, "n_embd": 32,
+        "block_size": 32, "batch_size": 8, "max_iters": 10, "eval_interval": 5, "eval_iters": 2,
+        "log_interval": 5, "warmup_iters": 2, "device": "cpu", "sample_tokens": 0,
+    })
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUILL_CACHE", str(root / "cache"))
+        Trainer(cfg, progress=False, log=lambda msg: None).run()
+    return load_run(root / "run")
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    app = create_app(run, ServeSettings(max_tokens_cap=1_000_000))
+    with BackgroundServer(app) as url:
+        yield url, app.state.engine
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    # bypass_csp: the test's own probes (wait_for_function) are evaluated JavaScript, which the
+    # page's Content-Security-Policy forbids; test_page_runs_under_its_csp checks the page alone
+    page = browser.new_page(viewport={"width": 1200, "height": 800}, bypass_csp=True)
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url) if "/v1/completions" not in r.url else None)
+    page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
+    page.goto(server[0] + "/")
+    page.wait_for_function("document.getElementById('model-id').textContent === 'run'")
+    yield page
+    assert failed == []  # every asset loaded from this server, no script errors
+    page.close()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    out = Path(os.environ.get("QUILL_SCREENSHOT_DIR") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+# records every change of the output text: (ms, length of the text so far, the stats line)
+RECORD = """() => {
+  window.updates = [];
+  new MutationObserver(() => window.updates.push([performance.now(),
+      document.getElementById('out-text').textContent.length,
+      document.getElementById('stats').textContent]))
+    .observe(document.getElementById('out-text'), {childList: true, characterData: true, subtree: true});
+}"""
+
+
+def test_type_prompt_generate_and_see_streamed_text(page, run, tmp_path):
+    card = page.inner_text("#card")
+    assert "parameters" in card and "1 layer, 2 heads, n_embd 32" in card and "val loss" in card
+    page.evaluate(RECORD)
+    page.fill("#prompt", "To be")
+    page.fill("#temperature", "0.8")
+    page.fill("#top_k", "10")
+    page.fill("#top_p", "0.9")
+    page.fill("#max_tokens", "600")
+    page.fill("#seed", "42")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('generate').disabled === false "
+                           "&& document.getElementById('stats').textContent.includes('tokens/s')",
+                           timeout=60_000)
+    text = page.text_content("#out-text")
+    assert text == generate(run.model, run.tokenizer, "To be", max_new_tokens=600, temperature=0.8,
+                            top_k=10, top_p=0.9, seed=42)
+    assert page.text_content("#out-prompt") == "To be"
+    stats = page.text_content("#stats")
+    assert stats.startswith("600 tokens · ") and "…" not in stats
+    assert page.is_visible("#error") is False
+    # streamed: the text grew in many steps, while the stats still said "in progress"
+    updates = page.evaluate("window.updates")
+    lengths = [n for _, n, _ in updates]
+    assert lengths == sorted(lengths) and lengths[-1] == len(text)
+    growing = sorted({n for _, n, s in updates if 0 < n < len(text) and s.endswith("…")})
+    assert len(growing) >= 5, updates[:20]
+    print("screenshot:", screenshot(page, tmp_path, "playground.png"))
+
+
+def test_stop_button_ends_the_stream_and_frees_the_server(page, server, tmp_path):
+    _, engine = server
+    cancelled = engine.cancelled
+    page.fill("#prompt", "To")
+    page.fill("#max_tokens", "1000000")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('out-text').textContent.length > 20")
+    assert page.is_enabled("#stop") and page.is_disabled("#generate")
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('generate').disabled === false")
+    deadline = time.monotonic() + 30
+    while engine.pending or engine.cancelled == cancelled:
+        assert time.monotonic() < deadline, "the server went on generating"
+        time.sleep(0.05)
+    assert engine.cancelled == cancelled + 1
+    shown = len(page.text_content("#out-text"))
+    assert 20 < shown < 1_000_000
+    screenshot(page, tmp_path, "playground-stopped.png")
+
+
+def test_bad_prompt_shows_the_servers_error(page, tmp_path):
+    page.fill("#prompt", "To be \u20ac")
+    page.fill("#max_tokens", "10")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not in the tokenizer's vocabulary" in page.text_content("#error")
+    assert page.text_content("#out-text") == "" and page.text_content("#stats") == ""
+    screenshot(page, tmp_path, "playground-error.png")
+
+
+def test_page_runs_under_its_content_security_policy(browser, server):
+    """With the CSP enforced (scripts and styles from this server only, no eval) the page still
+    loads its script and style and fills the model card; nothing is blocked."""
+    page = browser.new_page()
+    messages: list[str] = []
+    page.on("console", lambda m: messages.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: messages.append(str(e)))
+    page.goto(server[0] + "/")
+    page.wait_for_selector("#card dt")
+    assert page.text_content("#model-id") == "run"
+    assert page.locator("#card dt").count() >= 10
+    assert messages == []  # a blocked script, style or request would be reported here
+    page.close()

@@ -1,0 +1,416 @@
+"""quill serve: the completions API in process, the official openai client against a real server,
+queueing, client disconnects, every kind of bad request, and the `quill serve` command."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="quill serve needs the serve extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="quill serve needs the serve extra (fastapi, uvicorn)")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from quillgpt.checkpoint import load_run  # noqa: E402
+from quillgpt.cli import main  # noqa: E402
+from quillgpt.config import load_config  # noqa: E402
+from quillgpt.generate import generate, generate_batch  # noqa: E402
+from quillgpt.model import count_params  # noqa: E402
+from quillgpt.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
+from quillgpt.train import Trainer  # noqa: E402
+
+VERSE = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+]
+
+
+def train_tiny_run(root: Path) -> Path:
+    """A few training steps of a tiny GPT on verse (char tokenizer): a real run directory."""
+    data = root / "verse.txt"
+    data.write_text("\n".join(VERSE * 40) + "\n", encoding="utf-8")
+    cfg = load_config(None, {
+        "data": str(data), "out": str(root / "run"), "n_layer": 1, "n_head": 2, "n_embd": 32,
+        "block_size": 32, "batch_size": 8, "max_iters": 10, "eval_interval": 5, "eval_iters": 2,
+        "log_interval": 5, "warmup_iters": 2, "device": "cpu", "sample_tokens": 0,
+    })
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUILL_CACHE", str(root / "cache"))
+        Trainer(cfg, progress=False, log=lambda msg: None).run()
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return load_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    with TestClient(create_app(run)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """A real uvicorn server on a free loopback port, in a thread; requests may ask for up to
+    LONG tokens (minutes of work), so a test can hold the worker busy until it lets go."""
+    app = create_app(run, ServeSettings(max_tokens_cap=LONG))
+    with BackgroundServer(app) as url:
+        yield url, app.state.engine
+
+
+LONG = 1_000_000
+
+
+def expected(run, prompt: str, **kw) -> str:
+    return generate(run.model, run.tokenizer, prompt, **kw)
+
+
+# --- in process -------------------------------------------------------------------------------
+
+def test_completion_is_openai_shaped_and_equals_generate(client, run):
+    r = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 24, "seed": 7,
+                                             "temperature": 0.9, "top_k": 10, "top_p": 0.95})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["model"] == "run" and isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert choice["text"] == expected(run, "To be", max_new_tokens=24, seed=7, temperature=0.9,
+                                      top_k=10, top_p=0.95)
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 24, "total_tokens": 29}
+
+
+def test_n_choices_equal_generate_batch(client, run):
+    body = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 12, "seed": 3, "n": 3}).json()
+    texts = [c["text"] for c in body["choices"]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert texts == generate_batch(run.model, run.tokenizer, ["The"] * 3, max_new_tokens=12, seed=3)
+    assert len(set(texts)) > 1  # different samples, not one copied
+    assert body["usage"]["completion_tokens"] == 36
+
+
+def test_list_of_prompts_and_echo(client, run):
+    body = client.post("/v1/completions", json={"prompt": ["To", "Or"], "max_tokens": 6, "seed": 1,
+                                                "echo": True}).json()
+    texts = [c["text"] for c in body["choices"]]
+    assert texts[0].startswith("To") and texts[1].startswith("Or")
+    assert texts[1] == "Or" + expected(run, "Or", max_new_tokens=6, seed=2)  # row 1 uses seed + 1
+
+
+def test_stop_string_ends_the_text(client, run):
+    greedy = expected(run, "Whe", max_new_tokens=20, temperature=0)
+    stop = greedy[6:8]
+    body = client.post("/v1/completions", json={"prompt": "Whe", "max_tokens": 20, "temperature": 0,
+                                                "stop": stop}).json()
+    [choice] = body["choices"]
+    assert choice["text"] == greedy[: greedy.find(stop)]
+    assert choice["finish_reason"] == "stop"
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+def test_stream_is_sse_ending_in_done_with_usage(client, run):
+    r = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 15, "seed": 11,
+                                             "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == expected(run, "To be", max_new_tokens=15, seed=11)
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["text"]]) >= 10  # piece by piece
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 15
+
+
+def test_models_health_and_model_card(client, run, run_dir):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["run"]
+    assert client.get("/v1/models/run").json()["id"] == "run"
+    assert client.get("/v1/models/gpt-4").status_code == 404
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["queue"] == 0
+    card = client.get("/v1/model-card").json()
+    assert card["parameters"] == count_params(run.model)
+    assert card["model"]["n_layer"] == 1 and card["model"]["block_size"] == 32
+    last = (run_dir / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
+    assert card["losses"]["step"] == int(last[0]) == 10
+    assert card["losses"]["train_loss"] == pytest.approx(float(last[3]))
+    assert card["losses"]["val_loss"] == pytest.approx(float(last[4]))
+
+
+def test_playground_page_is_self_contained(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    for needle in ('id="prompt"', 'id="generate"', 'id="temperature"', 'id="top_k"', 'id="top_p"',
+                   'id="max_tokens"', 'id="seed"', 'id="output"', 'id="stats"', 'id="card"'):
+        assert needle in r.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        a = client.get(asset)
+        assert a.status_code == 200 and len(a.text) > 500
+    # no CDN, no outside address: everything comes from this server
+    for text in (r.text, client.get("/static/app.js").text, client.get("/static/style.css").text):
+        assert not re.search(r"https?://|//cdn|@import", text)
+
+
+BAD_REQUESTS = [
+    (b"{", 400, None, "not valid JSON"),
+    (b"", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    (b'"prompt"', 400, None, "JSON object"),
+    (b"\xff\xfe{}", 400, None, "UTF-8"),
+    (b'{"prompt": "To \xc3"}', 400, None, "UTF-8"),
+    (b"[" * 200_000, 400, None, None),
+    (b"{}", 400, "prompt", "required"),
+    (b'{"max_tokens": 5}', 400, "prompt", "required"),
+    (b'{"prompt": 5}', 400, "prompt", None),
+    (b'{"prompt": null}', 400, "prompt", None),
+    (b'{"prompt": ["a", 3]}', 400, "prompt", None),
+    (b'{"prompt": []}', 400, "prompt", "empty"),
+    (b'{"prompt": "To", "max_tokens": 0}', 400, "max_tokens", None),
+    (b'{"prompt": "To", "max_tokens": -3}', 400, "max_tokens", None),
+    (b'{"prompt": "To", "max_tokens": 2049}', 400, "max_tokens", "at most 2048"),
+    (b'{"prompt": "To", "max_tokens": 1e400}', 400, "max_tokens", None),
+    (b'{"prompt": "To", "max_tokens": 123456789012345678901234567890}', 400, "max_tokens", "at most"),
+    (b'{"prompt": "To", "max_tokens": "10"}', 400, "max_tokens", None),
+    (b'{"prompt": "To", "max_tokens": 10.5}', 400, "max_tokens", None),
+    (b'{"prompt": "To", "max_tokens": true}', 400, "max_tokens", None),
+    (b'{"prompt": "To", "temperature": -1}', 400, "temperature", None),
+    (b'{"prompt": "To", "temperature": "hot"}', 400, "temperature", None),
+    (b'{"prompt": "To", "temperature": NaN}', 400, "temperature", "finite"),
+    (b'{"prompt": "To", "temperature": Infinity}', 400, "temperature", "finite"),
+    (b'{"prompt": "To", "top_p": 0}', 400, "top_p", None),
+    (b'{"prompt": "To", "top_p": 1.5}', 400, "top_p", None),
+    (b'{"prompt": "To", "top_k": -1}', 400, "top_k", None),
+    (b'{"prompt": "To", "top_k": 2.5}', 400, "top_k", None),
+    (b'{"prompt": "To", "seed": -1}', 400, "seed", None),
+    (b'{"prompt": "To", "seed": 99999999999999999999999}', 400, "seed", None),
+    (b'{"prompt": "To", "n": 0}', 400, "n", None),
+    (b'{"prompt": "To", "n": 17}', 400, "n", "at most 16"),
+    (b'{"prompt": "To", "stream": "yes"}', 400, "stream", None),
+    (b'{"prompt": "To", "stop": 5}', 400, "stop", None),
+    (b'{"prompt": "To", "stop": [""]}', 400, "stop", "empty"),
+    (b'{"prompt": "To", "logprobs": 2}', 400, "logprobs", "not supported"),
+    (b'{"prompt": "To \\u20ac"}', 400, "prompt", "vocabulary"),
+    (b'{"prompt": "' + b"a" * 33 + b'"}', 400, "prompt", "context of 32"),
+    (b'{"prompt": "To", "model": "gpt-4"}', 404, "model", "not found"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,fragment", BAD_REQUESTS)
+def test_bad_requests_get_json_errors(client, body, status, param, fragment):
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    if fragment:
+        assert fragment in err["message"]
+
+
+def test_body_too_large_is_413_with_or_without_content_length(client):
+    big = b'{"prompt": "' + b"a" * (1 << 20) + b'"}'
+    r = client.post("/v1/completions", content=big)
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the server counts as it reads
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    r = client.post("/v1/completions", content=chunked())
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_unknown_routes_and_methods_are_json_errors(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_small_limits_are_enforced(run):
+    settings = ServeSettings(max_tokens_cap=8, max_batch=2, max_body_bytes=100)
+    with TestClient(create_app(run, settings)) as c:
+        assert c.post("/v1/completions", json={"prompt": "To", "max_tokens": 9}).status_code == 400
+        assert c.post("/v1/completions", json={"prompt": "To", "max_tokens": 8}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": ["To", "Or"], "n": 2}).status_code == 400
+        assert c.post("/v1/completions", json={"prompt": "T" * 120}).status_code == 413
+
+
+# --- a real server ----------------------------------------------------------------------------
+
+def test_openai_client_completion_and_stream(server, run):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    want = expected(run, "To be", max_new_tokens=20, seed=5, temperature=0.8, top_p=0.9)
+    got = oc.completions.create(model="run", prompt="To be", max_tokens=20, seed=5, temperature=0.8,
+                                top_p=0.9)
+    assert got.choices[0].text == want
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.completion_tokens == 20 and got.usage.prompt_tokens == 5
+    pieces = []
+    for chunk in oc.completions.create(model="run", prompt="To be", max_tokens=20, seed=5,
+                                       temperature=0.8, top_p=0.9, stream=True):
+        pieces += [c.text for c in chunk.choices]
+    assert "".join(pieces) == want and len([p for p in pieces if p]) > 5
+    models = oc.models.list()
+    assert [m.id for m in models.data] == ["run"]
+    # top_k (not an OpenAI parameter) goes through extra_body
+    got = oc.completions.create(model="run", prompt="To", max_tokens=10, seed=2, extra_body={"top_k": 1})
+    assert got.choices[0].text == expected(run, "To", max_new_tokens=10, seed=2, top_k=1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oc.completions.create(model="run", prompt="To", max_tokens=0)
+
+
+def test_concurrent_requests_are_queued_and_each_gets_its_own_answer(server, run):
+    url, _ = server
+    results: dict[int, str] = {}
+    errors: list[str] = []
+
+    def ask(seed: int) -> None:
+        try:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "Or", "max_tokens": 30, "seed": seed,
+                                                          "stream": seed % 2 == 0}, timeout=60)
+            r.raise_for_status()
+            if seed % 2:
+                results[seed] = r.json()["choices"][0]["text"]
+            else:
+                results[seed] = "".join(json.loads(e)["choices"][0]["text"] for e in sse_events(r.text)[:-1]
+                                        if json.loads(e)["choices"])
+        except Exception as e:  # collected: an assert in a thread would go unseen
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=ask, args=(seed,)) for seed in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results == {seed: expected(run, "Or", max_new_tokens=30, seed=seed) for seed in range(12)}
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_event_loop_answers_while_generating_and_disconnect_frees_the_slot(server):
+    url, engine = server
+    wait_until(lambda: engine.pending == 0)
+    cancelled, tokens = engine.cancelled, engine.tokens
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{url}/v1/completions",
+                      json={"prompt": "To", "max_tokens": LONG, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            # generation is running on the worker; the event loop still answers
+            health = httpx.get(f"{url}/health", timeout=10).json()
+            assert health["queue"] == 1
+        # leaving the block closed the connection mid-stream
+    wait_until(lambda: engine.pending == 0)
+    assert engine.cancelled == cancelled + 1
+    assert engine.tokens - tokens < LONG  # stopped early
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "To", "max_tokens": 3},
+                      timeout=30).status_code == 200
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(server):
+    url, engine = server
+    wait_until(lambda: engine.pending == 0)
+    cancelled, tokens = engine.cancelled, engine.tokens
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "To", "max_tokens": LONG}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        wait_until(lambda: engine.pending == 1 and engine.tokens > tokens)
+    wait_until(lambda: engine.pending == 0)
+    assert engine.cancelled == cancelled + 1
+    assert engine.tokens - tokens < LONG
+
+
+def test_full_queue_answers_503(run):
+    app = create_app(run, ServeSettings(max_queue=1, max_tokens_cap=LONG))
+    engine = app.state.engine
+    with BackgroundServer(app) as url, httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{url}/v1/completions",
+                      json={"prompt": "To", "max_tokens": LONG, "stream": True}) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("data: ")
+            busy = httpx.post(f"{url}/v1/completions", json={"prompt": "To"}, timeout=10)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert busy.json()["error"]["type"] == "server_busy"
+        wait_until(lambda: engine.pending == 0)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "To"}, timeout=30).status_code == 200
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def test_quill_serve_bad_input_is_one_line_exit_2(tmp_path, run_dir, capsys):
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"quill: error: run directory not found: {tmp_path / 'missing'}"]
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["quill: error: --port must be in 0..65535, got 70000"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"quill: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_quill_serve_end_to_end(run_dir, run):
+    proc = subprocess.Popen([sys.executable, "-m", "quillgpt.cli", "serve", str(run_dir), "--port", "0",
+                             "--device", "cpu", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, line
+        url = f"http://127.0.0.1:{m.group(1)}"
+        wait_until(lambda: _up(url))
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "To be", "max_tokens": 10, "seed": 4},
+                       timeout=30)
+        assert r.json()["choices"][0]["text"] == expected(run, "To be", max_new_tokens=10, seed=4)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean shutdown, exit status 0
+        assert proc.wait(timeout=30) == 0
+        assert "server stopped" in proc.stderr.read()
+        proc.stderr.close()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
