@@ -49,7 +49,7 @@ SPLITTABLE_PATTERNS = {GPT2_PATTERN, WORDS_PATTERN, LINES_PATTERN}
 
 ENDOFTEXT = "<|endoftext|>"
 MAX_VOCAB_SIZE = 1 << 20  # above a million tokens is surely a typo
-PARALLEL_MIN_CHARS = 1 << 20  # texts longer than this are encoded on all cores
+PARALLEL_MIN_CHARS = 1 << 20  # texts longer than this are encoded on all idle cores
 
 
 def pre_tokenize_pattern(within_words: bool = True, space_prefix: bool = True) -> str:
@@ -119,6 +119,19 @@ def bpe_merge(ranks: dict[bytes, int], piece: bytes) -> list[int]:
             break
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     return [ranks[p] for p in parts]
+
+
+def idle_cores() -> int:
+    """Cores not busy with other work (cores minus the 1-minute load average), at least 1.
+
+    Threads only pay off on idle cores: on a loaded machine they make encoding slower.
+    """
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return n
+    return max(1, min(n, int(n - load + 0.5)))
 
 
 def split_for_parallel(text: str, n_parts: int) -> list[str]:
@@ -191,7 +204,7 @@ class ByteBPETokenizer(Tokenizer):
         if enc is None:
             return self._encode_python(text)
         if len(text) >= PARALLEL_MIN_CHARS and self.pattern in SPLITTABLE_PATTERNS:
-            n = os.cpu_count() or 1
+            n = idle_cores()
             if n > 1:
                 pieces = split_for_parallel(text, 4 * n)
                 ids: list[int] = []
