@@ -303,6 +303,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill ladder -----------------------------------------------------------------------------
+
+def add_ladder(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ladder", help="train bigram, single-head, multi-head, block and gpt side by side",
+                       description="Train every rung of the learning ladder on the same data with the "
+                                   "same steps and optimizer, each into OUT/<rung>; print a table and "
+                                   "write OUT/ladder.csv and OUT/ladder.png. The budget is --budget-steps "
+                                   "per rung, or --time-budget for the whole ladder (e.g. 5m), else "
+                                   "--max-iters.")
+    p.add_argument("--config", default="shakespeare-char-cpu",
+                   help="preset name or YAML file shared by all rungs (default shakespeare-char-cpu)")
+    p.add_argument("--budget-steps", type=int, metavar="N", help="training steps of every rung")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ladder in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(p)
+
+
+def cmd_ladder(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .ladder_run import ladder_table, run_ladder
+
+    cfg = load_config(args.config, config_overrides(args))
+    out = cfg.train.out or "runs/ladder"
+    result = run_ladder(cfg, out, steps=args.budget_steps, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    print(ladder_table(result))
+    eprint(f"{result.steps} steps per rung in {result.elapsed_s:.1f} s; bigram entropy of the train split "
+           f"{result.bigram_entropy:.4f}; wrote {result.out / 'ladder.csv'} and {result.out / 'ladder.png'}")
+    return 0
+
+
 # --- quill tokenizer train / quill tokenize (no torch: these start fast) ----------------------
 
 def read_utf8(path: str) -> str:
@@ -443,6 +474,7 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (add_import_hf, cmd_import_hf),
     (add_export_hf, cmd_export_hf),
     (add_eval, cmd_eval),
+    (add_ladder, cmd_ladder),
     (add_tokenizer, cmd_tokenizer),
     (add_tokenize, cmd_tokenize),
     (add_serve, cmd_serve),
