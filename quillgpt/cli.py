@@ -465,10 +465,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill prepare ----------------------------------------------------------------------------
+
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin / meta.json",
+                       description="Tokenize a corpus (text file, .gz, directory, .jsonl, .parquet, "
+                                   "URL, or 'shakespeare') on all cores into memory-mapped token "
+                                   "files that `quill train --data DIR` uses as is.")
+    p.add_argument("--data", required=True, help="the corpus")
+    p.add_argument("--tokenizer", default="char", help="char, gpt2, ... or a tokenizer .json file")
+    p.add_argument("--out", help="output directory (default: the cache, where `quill train --data "
+                                 "CORPUS` finds it)")
+    p.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
+    p.add_argument("--column", help=".parquet: the text column (default: the first string column)")
+    p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace"],
+                   help="replace: invalid UTF-8 becomes U+FFFD instead of an error")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--max-megabytes", type=float, default=None, help="read only the first N MB")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import ReadOptions, prepare
+
+    if args.max_megabytes is not None and args.max_megabytes <= 0:
+        raise QuillError(f"max_megabytes must be positive, got {args.max_megabytes}")
+    opts = ReadOptions(text_field=args.text_field, column=args.column, encoding_errors=args.encoding_errors,
+                       max_bytes=None if args.max_megabytes is None else int(args.max_megabytes * 1_000_000))
+    result = prepare(args.data, args.tokenizer, out=args.out, opts=opts, val_fraction=args.val_fraction,
+                     workers=args.workers, overwrite=args.overwrite,
+                     progress=False if args.no_progress else None)
+    m = result.meta
+    rate = m["input_bytes"] / 1e6 / max(m["seconds"], 1e-9)
+    eprint(f"{m['documents']:,} documents, {m['input_bytes'] / 1e6:,.1f} MB -> {m['train_tokens']:,} train "
+           f"+ {m['val_tokens']:,} val tokens ({m['dtype']}, split by {m['split']}), "
+           f"{m['seconds']:.1f} s, {rate:.1f} MB/s, {m['workers']} processes")
+    print(result.path)
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
+    (add_prepare, cmd_prepare),
     (add_plot, cmd_plot),
     (add_sample, cmd_sample),
     (add_import_hf, cmd_import_hf),

@@ -49,12 +49,15 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # a UTF-8 text file; None means tiny-shakespeare
+    data: str | None = None  # text file, directory, .jsonl, .parquet, URL or prepared dir; None: shakespeare
     out: str | None = None  # run directory; default runs/<data name>
     tokenizer: str = "char"
     init_from: str | None = None  # fine-tune from a run directory, HF GPT-2 directory or hub id
     max_megabytes: float | None = None  # use only the first N MB of the data
-    val_fraction: float = 0.1  # contiguous tail held out for validation
+    val_fraction: float = 0.1  # held out for validation: whole documents, or the tail of one text
+    text_field: str = "text"  # .jsonl data: the field holding the text
+    column: str | None = None  # .parquet data: the text column (default: the first string column)
+    encoding_errors: str = "strict"  # strict: invalid UTF-8 is an error; replace: U+FFFD instead
     batch_size: int = 64
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
@@ -97,6 +100,8 @@ class TrainConfig:
             parse_duration(self.time_budget)
         if self.max_megabytes is not None and self.max_megabytes <= 0:
             raise QuillError(f"max_megabytes must be positive, got {self.max_megabytes}")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise QuillError(f"encoding_errors must be strict or replace, got {self.encoding_errors!r}")
 
 
 def parse_duration(text: str) -> float:

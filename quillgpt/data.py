@@ -1,11 +1,15 @@
-"""Text in, batches out: read and check a UTF-8 corpus, split it, draw training batches."""
+"""Token files in, batches out: prepare or open a corpus, split it, draw training batches.
+
+    tokenizer, splits = prepare_training_data(cfg)      # splits.train / .val are np.memmap
+    batches = BatchSampler(splits.train, block_size, batch_size, seed)
+    x, y = batches.next()                               # (batch_size, block_size) each
+
+Corpus readers, tokenisation and the token-file format live in `prepare.py`.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import urllib.error
-import urllib.request
+import urllib.request  # noqa: F401 - tests patch quillgpt.data.urllib.request.urlopen
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,87 +18,30 @@ import numpy as np
 import torch
 
 from .errors import QuillError
-from .fileio import atomic_write_bytes
+from .prepare import (  # noqa: F401 - public names of this module since the core
+    SHAKESPEARE_NAME,
+    SHAKESPEARE_SHA256,
+    SHAKESPEARE_URL,
+    ReadOptions,
+    cache_dir,
+    fetch_cached,
+    is_prepared_dir,
+    load_prepared,
+    prepare,
+    read_text,
+    sha256_file,
+    shakespeare_path,
+)
 
 if TYPE_CHECKING:
     from .config import Config
     from .tokenizers import Tokenizer
 
-SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SHAKESPEARE_NAME = "tinyshakespeare.txt"
-
-
-def cache_dir() -> Path:
-    """`$QUILL_CACHE`, or ~/.cache/quillgpt."""
-    return Path(os.environ.get("QUILL_CACHE") or Path.home() / ".cache" / "quillgpt")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fetch_cached(name: str, url: str, sha256: str) -> Path:
-    """A file in the cache directory, downloaded once from `url` and checked against `sha256`."""
-    path = cache_dir() / name
-    if path.is_file():
-        return path
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise QuillError(
-            f"cannot download {name} from {url} ({getattr(e, 'reason', e)}); offline? "
-            f"pass a local file with --data FILE, or place it at {path}"
-        ) from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise QuillError(f"downloaded {name} has sha256 {digest}, expected {sha256}; not saved")
-    atomic_write_bytes(path, data)
-    return path
-
-
-def shakespeare_path() -> Path:
-    """tiny-shakespeare from the cache, downloaded on first use."""
-    return fetch_cached(SHAKESPEARE_NAME, SHAKESPEARE_URL, SHAKESPEARE_SHA256)
-
-
-def read_text(path: str | Path, max_megabytes: float | None = None) -> str:
-    """The contents of a UTF-8 text file, with clear errors for anything else."""
-    path = Path(path)
-    if path.is_dir():
-        raise QuillError(f"data path {path} is a directory, expected a UTF-8 text file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read() if max_megabytes is None else f.read(int(max_megabytes * 1_000_000))
-    except FileNotFoundError:
-        raise QuillError(f"data file not found: {path}") from None
-    except OSError as e:
-        raise QuillError(f"cannot read data file {path}: {e.strerror}") from None
-    if not data:
-        raise QuillError(f"data file {path} is empty")
-    nul = data.find(b"\x00")
-    if nul != -1:
-        raise QuillError(f"data file {path} looks binary (NUL byte at offset {nul}), expected UTF-8 text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if max_megabytes is not None and e.start >= len(data) - 3 and e.reason == "unexpected end of data":
-            # the byte cap cut a multi-byte character in two: drop the partial character
-            return data[: e.start].decode("utf-8")
-        raise QuillError(
-            f"data file {path} is not UTF-8: invalid byte 0x{data[e.start]:02x} at offset {e.start}"
-        ) from None
-
 
 @dataclass
 class Splits:
+    """Training and validation token ids: np.memmap over train.bin / val.bin (or in-memory arrays)."""
+
     train: np.ndarray
     val: np.ndarray
 
@@ -104,57 +51,121 @@ def split_tokens(ids: list[int] | np.ndarray, val_fraction: float, block_size: i
     dtype = np.uint16 if max(ids, default=0) < 2**16 else np.uint32
     arr = np.asarray(ids, dtype=dtype)
     n_val = int(len(arr) * val_fraction)
-    train, val = arr[: len(arr) - n_val], arr[len(arr) - n_val :]
+    splits = Splits(arr[: len(arr) - n_val], arr[len(arr) - n_val :])
+    check_lengths(splits, block_size)
+    return splits
+
+
+def check_lengths(splits: Splits, block_size: int) -> None:
+    """Both splits must hold at least one window of block_size + 1 tokens."""
     need = block_size + 1
-    if len(train) < need or len(val) < need:
+    if len(splits.train) < need or len(splits.val) < need:
+        total = len(splits.train) + len(splits.val)
         raise QuillError(
-            f"data too short: {len(arr)} tokens give {len(train)} for training and {len(val)} "
-            f"for validation, each needs at least block_size+1 = {need}; use more text or a "
-            f"smaller --block-size"
+            f"data too short: {total} tokens give {len(splits.train)} for training and "
+            f"{len(splits.val)} for validation, each needs at least block_size+1 = {need}; use more "
+            f"text or a smaller --block-size"
         )
-    return Splits(train, val)
 
 
 class BatchSampler:
-    """Random windows of `block_size + 1` tokens from a token array, from a seeded generator."""
+    """Random windows of `block_size + 1` tokens from a token array, from a seeded generator.
+
+    `tokens` may be an np.memmap: only the windows drawn are read (the corpus is never loaded
+    into memory). The generator's state (`state()`, a uint8 tensor) is all there is to save:
+    restored with `set_state()`, the sampler draws exactly the batches it would have drawn.
+
+    DDP: every rank builds its sampler with the same seed and its own `rank` / `world_size`.
+    Each step the generator draws `world_size * batch_size` offsets and rank r keeps the r-th
+    slice of `batch_size`, so the ranks never share a draw, their generator states stay equal
+    (any rank's state resumes all of them), and with world_size = 1 the draws are the same as
+    without DDP.
+    """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu"):
-        self.data = torch.from_numpy(tokens.astype(np.int64))
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise QuillError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if len(tokens) < block_size + 1:
+            raise QuillError(
+                f"data too short: {len(tokens)} tokens, a batch needs at least block_size+1 = "
+                f"{block_size + 1}"
+            )
+        self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (batch_size, block_size)."""
-        high = len(self.data) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator)
-        offsets = torch.arange(self.block_size + 1)
-        windows = self.data[starts[:, None] + offsets]  # (B, T+1)
+        """Inputs and next-token targets, each (batch_size, block_size), int64 on `device`."""
+        high = len(self.tokens) - self.block_size
+        starts = torch.randint(high, (self.world_size * self.batch_size,), generator=self.generator)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
+        windows = torch.from_numpy(self.tokens[mine[:, None] + self.offsets].astype(np.int64))  # (B, T+1)
         x, y = windows[:, :-1], windows[:, 1:]
         if self.device.type == "cuda":
+            # pinned host memory lets the copies overlap with the GPU's work
             return (x.pin_memory().to(self.device, non_blocking=True),
                     y.pin_memory().to(self.device, non_blocking=True))
         return x.to(self.device), y.to(self.device)
 
     def state(self) -> torch.Tensor:
+        """The generator state (uint8 tensor; store it with the checkpoint)."""
         return self.generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
 
-def prepare_training_data(cfg: Config) -> tuple[Tokenizer, Splits]:
-    """The run's tokenizer and its train/val token arrays, from `cfg.train.data`.
+def read_options(cfg: Config) -> ReadOptions:
+    t = cfg.train
+    return ReadOptions(
+        text_field=getattr(t, "text_field", "text"),
+        column=getattr(t, "column", None),
+        encoding_errors=getattr(t, "encoding_errors", "strict"),
+        max_bytes=None if t.max_megabytes is None else int(t.max_megabytes * 1_000_000),
+    )
 
-    No data means tiny-shakespeare from the cache. The tokenizer is built (or trained) as
-    `cfg.train.tokenizer` says.
+
+def tokenizer_matches(spec: str, tokenizer: Tokenizer, meta: dict) -> bool:
+    """Does the tokenizer spec of a run name the tokenizer that prepared data was made with?"""
+    if spec == meta.get("tokenizer_spec") or spec == tokenizer.kind:
+        return True
+    if spec.endswith(".json") and Path(spec).is_file():
+        from .tokenizers import load_tokenizer
+
+        return load_tokenizer(spec) == tokenizer
+    return False
+
+
+def prepare_training_data(cfg: Config, progress: bool | None = None) -> tuple[Tokenizer, Splits]:
+    """The run's tokenizer and its train/val tokens (memory-mapped), from `cfg.train.data`.
+
+    `data` may be a prepared directory (train.bin / val.bin / meta.json, used as is; its
+    tokenizer must be the one `cfg.train.tokenizer` names) or any raw input `quill prepare`
+    reads (no data means tiny-shakespeare), which is prepared once into
+    `cache_dir()/prepared/<name>-<tokenizer>-<hash>` and reused while the content, tokenizer and
+    options stay the same.
     """
-    from .tokenizers import build_tokenizer
-
-    path = cfg.train.data if cfg.train.data else shakespeare_path()
-    text = read_text(path, cfg.train.max_megabytes)
-    tokenizer = build_tokenizer(cfg.train.tokenizer, text)
-    ids = tokenizer.encode(text)
-    return tokenizer, split_tokens(ids, cfg.train.val_fraction, cfg.model.block_size)
+    t = cfg.train
+    data = t.data or "shakespeare"
+    if is_prepared_dir(data):
+        tokenizer, train, val, meta = load_prepared(data)
+        if not tokenizer_matches(t.tokenizer, tokenizer, meta):
+            made = meta.get("tokenizer_spec", tokenizer.kind)
+            raise QuillError(
+                f"{data} was prepared with the {made} tokenizer but this run's tokenizer is "
+                f"{t.tokenizer}; pass --tokenizer {made}, or prepare the data again with "
+                f"--tokenizer {t.tokenizer}"
+            )
+    else:
+        prepared = prepare(data, t.tokenizer, opts=read_options(cfg), val_fraction=t.val_fraction,
+                           progress=progress)
+        tokenizer, train, val, _ = load_prepared(prepared.path)
+    splits = Splits(train, val)
+    check_lengths(splits, cfg.model.block_size)
+    return tokenizer, splits
