@@ -286,3 +286,12 @@ def test_every_tokenizer_kind_builds(gpt2_cache, small_text):
         tok = build_tokenizer(spec, text)
         assert isinstance(tok, kind)
         assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text())
+def test_gpt2_round_trips_any_unicode(text):
+    tok = gpt2_tokenizer(shared_file("gpt2.tiktoken"))
+    ids = tok.encode(text)
+    assert ids == tok.encode_python(text)
+    assert tok.decode(ids) == text

@@ -129,3 +129,17 @@ def test_train_end_to_end_with_each_tokenizer(capsys, gpt2_cache, small_text, tm
                              "--seed", "1")
     assert code == 0, err
     assert out.startswith("To be")
+
+
+def test_resume_with_another_tokenizer_file_is_refused(capsys, small_text, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", str(small_text), "--tokenizer", "bpe:300",
+                           "--out", str(run_dir), *TINY_MODEL)
+    assert code == 0, err
+    other = tmp_path / "other.json"
+    ByteBPETokenizer.train(small_text.read_text(encoding="utf-8"), 280).save(other)
+    before = (run_dir / "tokenizer.json").read_bytes()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run_dir), "--tokenizer", str(other),
+                           "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "tokenizer" in err
+    assert (run_dir / "tokenizer.json").read_bytes() == before
