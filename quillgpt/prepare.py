@@ -49,7 +49,14 @@ import numpy as np
 
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text
-from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer, named_tokenizer, tokenizer_from_dict
+from .tokenizers import (
+    TOKENIZER_KINDS,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    named_tokenizer,
+    tokenizer_from_dict,
+)
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -490,10 +497,12 @@ def encode_items(items: Iterable[_Item], tokenizer: Tokenizer, dtype: np.dtype,
 
 
 def default_workers() -> int:
+    """All cores, shared out among the processes torchrun started on this machine (if any)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 # --- the tokenizer ----------------------------------------------------------------------------
@@ -531,6 +540,8 @@ def make_tokenizer(spec: str, files: list[Path], opts: ReadOptions) -> Tokenizer
     named = named_tokenizer(spec)
     if named is not None:
         return named
+    if spec.partition(":")[0] not in TOKENIZER_KINDS:
+        return build_tokenizer(spec, "")  # not a kind that learns: says what the specs are
     sample: list[str] = []
     size = 0
     for piece in iter_pieces(files, opts):
