@@ -295,3 +295,11 @@ def test_gpt2_round_trips_any_unicode(text):
     ids = tok.encode(text)
     assert ids == tok.encode_python(text)
     assert tok.decode(ids) == text
+
+
+def test_bpe_pickles_for_worker_processes(trained_bpe):
+    import pickle
+
+    trained_bpe.encode("warm the tiktoken encoder up")
+    again = pickle.loads(pickle.dumps(trained_bpe))
+    assert again == trained_bpe and again.encode("to be or not") == trained_bpe.encode("to be or not")

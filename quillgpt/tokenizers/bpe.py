@@ -187,6 +187,10 @@ class ByteBPETokenizer(Tokenizer):
         if missing:
             raise ValueError(f"{len(missing)} of the 256 byte tokens are missing (e.g. byte {missing[0]})")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For worker processes: leave out the chunk cache and the tiktoken encoder (rebuilt)."""
+        return {**self.__dict__, "_cache": {}, "_tiktoken": None}
+
     # --- the interface ----------------------------------------------------------------------
 
     @property
