@@ -688,7 +688,10 @@ def prepare(data: str, tokenizer: str = "char", out: str | Path | None = None,
     try:
         counts = [0, 0]
         in_bytes = 0
-        bar = Progress(None if any(f.name.endswith(".gz") for f in files) else total_bytes, progress,
+        known = None if any(f.name.endswith(".gz") for f in files) else total_bytes
+        if known is not None and opts.max_bytes is not None:
+            known = min(known, opts.max_bytes)
+        bar = Progress(known, progress,
                        f"tokenizing ({workers} process{'es' if workers > 1 else ''})")
         pieces = iter_pieces(files, opts)
         docs = _DocCounter(pieces)
