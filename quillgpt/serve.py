@@ -17,6 +17,7 @@ anything the client did.
 """
 
 import asyncio
+import collections
 import contextlib
 import csv
 import json
@@ -78,14 +79,20 @@ class Sampling:
     repetition_penalty: float
     stop: list[str] | None
 
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can decode in one batch (max_tokens may differ)."""
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                tuple(self.stop or ()))
+
 
 @dataclass
 class Job:
-    """One request: rows of prompt ids (one per choice) decoded together as a batch.
+    """One request: rows of prompt ids (one per choice), each with its own seed.
 
     The worker reports through `events` (an asyncio.Queue on `loop`):
-    ("pieces", [text per row]) each step, ("finish", [finish_reason per row], [tokens per row])
-    once at the end, ("error", message) if generation failed, and ("end",) last, always.
+    ("pieces", [text per row]) as text is produced, ("finish", [finish_reason per row],
+    [tokens per row]) once at the end, ("error", message) if generation failed, and ("end",)
+    last, always.
     """
 
     rows: list[list[int]]
@@ -94,6 +101,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False
 
     def emit(self, *event: Any) -> None:
         try:
@@ -107,19 +115,27 @@ class ServerBusy(Exception):
 
 
 class Engine:
-    """Runs jobs one at a time on a worker thread, in the order they were submitted."""
+    """Runs queued jobs on one worker thread, in order of arrival.
 
-    def __init__(self, run: Run, max_queue: int = 256):
+    Waiting jobs with the same sampling settings (see `Sampling.batch_key`) are taken together,
+    up to `max_batch` rows, and decoded as one batch: each row keeps its own generator, so its
+    text is the same as it would be alone; a job ends (and its client gets its answer) as soon as
+    its own rows are done, while the rest of the batch goes on.
+    """
+
+    def __init__(self, run: Run, max_queue: int = 256, max_batch: int = 16):
         self.run = run
         self.model, self.tokenizer = run.model, run.tokenizer
         self.device = next(self.model.parameters()).device
-        self.max_queue = max_queue
+        self.max_queue, self.max_batch = max_queue, max_batch
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._backlog: collections.deque[Job | None] = collections.deque()  # taken, not yet run
         self._lock = threading.Lock()
-        self._pending = 0  # submitted and not yet finished
-        self.completed = 0  # jobs finished, cancelled ones included
+        self._pending = 0  # submitted and not yet ended
+        self.completed = 0  # jobs ended, cancelled ones included
         self.cancelled = 0  # jobs stopped (or skipped) because their client went away
         self.tokens = 0  # tokens generated in all
+        self.batches = 0  # decoding batches run
         self._thread = threading.Thread(target=self._work, name="quill-generate", daemon=True)
         self._thread.start()
 
@@ -141,54 +157,104 @@ class Engine:
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._run(job)
-            except Exception as e:  # a bug or a device error: report it, keep serving
-                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    self.completed += 1
-                job.emit("end")
-
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # its client left while it waited
-            self.cancelled += 1
+    def _end(self, job: Job) -> None:
+        if job.ended:
             return
-        s = job.sampling
-        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in job.seeds]
-        streams = [TextStream(self.tokenizer, s.stop) for _ in job.rows]
-        tokens = [0] * len(job.rows)
-        finish: list[str | None] = [None] * len(job.rows)
-        steps = stream_ids(self.model, job.rows, s.max_tokens, s.temperature, s.top_k, s.top_p,
-                           s.min_p, s.repetition_penalty, generators)
+        job.ended = True
+        with self._lock:
+            self._pending -= 1
+            self.completed += 1
+        job.emit("end")
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest job and the waiting ones that can decode with it; None to stop."""
+        first = self._backlog.popleft() if self._backlog else self._jobs.get()
+        if first is None:
+            return None
+        while True:
+            try:
+                self._backlog.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        batch, rows, rest = [first], len(first.rows), collections.deque()
+        key = first.sampling.batch_key()
+        for job in self._backlog:
+            if (job is not None and not job.cancelled.is_set() and job.sampling.batch_key() == key
+                    and rows + len(job.rows) <= self.max_batch):
+                batch.append(job)
+                rows += len(job.rows)
+            else:
+                rest.append(job)
+        self._backlog = rest
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._run(batch)
+            except Exception as e:  # a bug or a device error: report it, keep serving
+                for job in batch:
+                    if not job.ended:
+                        job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                for job in batch:
+                    self._end(job)
+
+    def _run(self, batch: list[Job]) -> None:
+        jobs = []
+        for job in batch:
+            if job.cancelled.is_set():  # its client left while it waited
+                self.cancelled += 1
+                self._end(job)
+            else:
+                jobs.append(job)
+        if not jobs:
+            return
+        self.batches += 1
+        # the batch's rows, and for each row: its job, its place in the job, its token limit
+        rows = [r for job in jobs for r in job.rows]
+        owner = [(job, i) for job in jobs for i in range(len(job.rows))]
+        limit = [job.sampling.max_tokens for job in jobs for _ in job.rows]
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for job in jobs for seed in job.seeds]
+        streams = [TextStream(self.tokenizer, jobs[0].sampling.stop) for _ in rows]
+        tokens = [0] * len(rows)
+        finish: list[str | None] = [None] * len(rows)
+        s = jobs[0].sampling
+        steps = stream_ids(self.model, rows, max(limit), s.temperature, s.top_k, s.top_p, s.min_p,
+                           s.repetition_penalty, generators)
         try:
             for nxt in steps:
-                self.tokens += len(job.rows)
-                if job.cancelled.is_set():
-                    self.cancelled += 1
-                    return
-                pieces = []
+                pieces: dict[int, list[str]] = {id(job): [""] * len(job.rows) for job in jobs}
                 for b, t in enumerate(nxt.tolist()):
-                    if streams[b].done:  # this row stopped; the batch goes on for the others
-                        pieces.append("")
+                    job, i = owner[b]
+                    if finish[b] or job.ended:
+                        continue  # this row is done; the batch goes on for the others
+                    if job.cancelled.is_set():
+                        self.cancelled += 1
+                        self._end(job)
                         continue
                     tokens[b] += 1
-                    pieces.append(streams[b].add(t))
+                    self.tokens += 1
+                    piece = streams[b].add(t)
                     if streams[b].done:
                         finish[b] = "stop"
-                if any(pieces):
-                    job.emit("pieces", pieces)
-                if all(st.done for st in streams):
+                    elif tokens[b] == limit[b]:
+                        piece += streams[b].finish()
+                        finish[b] = "length"
+                    pieces[id(job)][i] = piece
+                for job in jobs:
+                    if job.ended:
+                        continue
+                    if any(pieces[id(job)]):
+                        job.emit("pieces", pieces[id(job)])
+                    mine = [b for b in range(len(rows)) if owner[b][0] is job]
+                    if all(finish[b] for b in mine):
+                        job.emit("finish", [finish[b] for b in mine], [tokens[b] for b in mine])
+                        self._end(job)
+                if all(job.ended for job in jobs):
                     break
         finally:
             steps.close()
-        rest = [st.finish() for st in streams]
-        if any(rest):
-            job.emit("pieces", rest)
-        job.emit("finish", [f or "length" for f in finish], tokens)
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -317,7 +383,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
         run = load_run(run, device, weights)
     settings = settings or ServeSettings()
     model_id = model_id or run.path.resolve().name
-    engine = Engine(run, settings.max_queue)
+    engine = Engine(run, settings.max_queue, settings.max_batch)
     card = model_card(run, model_id, settings)
     schema = _pydantic_model()
     block_size = run.config.model.block_size
@@ -362,7 +428,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
     async def health() -> dict[str, Any]:
         return {"status": "ok" if engine.alive() else "worker stopped", "model": model_id,
                 "queue": engine.pending, "completed": engine.completed, "cancelled": engine.cancelled,
-                "tokens_generated": engine.tokens}
+                "batches": engine.batches, "tokens_generated": engine.tokens}
 
     def model_object() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "quillgpt"}

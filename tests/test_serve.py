@@ -322,6 +322,35 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def test_waiting_requests_with_the_same_settings_decode_as_one_batch(server, run):
+    url, engine = server
+    wait_until(lambda: engine.pending == 0)
+    asks = [{"prompt": p, "max_tokens": m, "seed": 100 + k, "temperature": 0.9, "top_k": 12, "n": n}
+            for k, (p, m, n) in enumerate([("To", 5, 1), ("Whether 'tis", 30, 2), ("", 12, 1),
+                                           ("The slings", 20, 1), ("O", 1, 3)])]
+    answers: dict[int, dict] = {}
+    with httpx.Client(timeout=60) as c:
+        # hold the worker busy (other settings), so that the asks queue up behind it
+        with c.stream("POST", f"{url}/v1/completions",
+                      json={"prompt": "To", "max_tokens": LONG, "temperature": 0.5, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            batches = engine.batches
+            threads = [threading.Thread(target=lambda k=k, a=a: answers.__setitem__(
+                k, httpx.post(f"{url}/v1/completions", json=a, timeout=60).json())) for k, a in enumerate(asks)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: engine.pending == 1 + len(asks))
+        for t in threads:
+            t.join()
+    assert engine.batches == batches + 1  # all five requests (8 rows) in one batch
+    for k, a in enumerate(asks):
+        want = generate_batch(run.model, run.tokenizer, [a["prompt"]] * a["n"], max_new_tokens=a["max_tokens"],
+                              temperature=0.9, top_k=12, seed=a["seed"])
+        assert [c["text"] for c in answers[k]["choices"]] == want
+        assert answers[k]["usage"]["completion_tokens"] == a["max_tokens"] * a["n"]
+
+
 def test_event_loop_answers_while_generating_and_disconnect_frees_the_slot(server):
     url, engine = server
     wait_until(lambda: engine.pending == 0)
