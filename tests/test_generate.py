@@ -385,3 +385,25 @@ def test_cli_bad_sampling_flags(run_dir, capsys, args, fragment):
     assert main(["sample", str(run_dir), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("quill: error:") and fragment in err[0]
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cached_decoding_under_torch_compile():
+    """The compiled model decodes with the cache as eager does, with one graph for the prefill and
+    one for every decode step (the growing cache length does not recompile per token)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = random_model(block_size=32, std=0.3)
+    compiled = torch.compile(model)
+    seq = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    eager_cache, compiled_cache = KVCache(model.config, 2, "cpu"), KVCache(model.config, 2, "cpu")
+    with torch.no_grad():
+        for t0, t1 in [(0, 6)] + [(t, t + 1) for t in range(6, 24)]:
+            a, _ = model(seq[:, t0:t1], cache=eager_cache)
+            b, _ = compiled(seq[:, t0:t1], cache=compiled_cache)
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 3
