@@ -242,7 +242,7 @@ def _seed_generator(device: torch.device, seed: int | None) -> torch.Generator:
 class TextStream:
     """Turns one row's new token ids into text pieces that are safe to show.
 
-    Decodes all new ids so far and emits only what is new and stable: a trailing U+FFFD (half
+    Decodes the new ids and emits only what is new and stable: a trailing U+FFFD (half
     of a UTF-8 character from a byte-level BPE token) and a tail that could be the start of a
     stop string are held back until the next token settles them. When a stop string appears,
     the text ends just before it.
@@ -252,9 +252,13 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already given out
-        self.text = ""
+        self.text = ""  # the decoded text so far
+        self.emitted = 0  # characters of it already given out
         self.done = False
+        # ids[:clean_ids] decode to clean_text, ending on a whole character: later steps decode
+        # only the ids after it, so a step costs the same at token 10 and at token 10,000
+        self.clean_ids = 0
+        self.clean_text = ""
 
     def add(self, token: int) -> str:
         """Take one token; return the text that can be shown now ("" if none yet)."""
@@ -266,7 +270,10 @@ class TextStream:
             final = True  # end of text: stop there (the token itself is not shown)
         else:
             self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids)
+            tail = self.tokenizer.decode(self.ids[self.clean_ids :])
+            self.text = self.clean_text + tail
+            if not tail.endswith("\ufffd"):
+                self.clean_ids, self.clean_text = len(self.ids), self.text
         return self._emit(final)
 
     def finish(self) -> str:
