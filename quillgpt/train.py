@@ -377,6 +377,19 @@ class Trainer:
             self._compile_checked = True
             return model
 
+    def _call(self, which: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """self.<which>(x, y); torch.compile's errors surface on the first call: fall back then."""
+        if self._compile_checked:
+            return getattr(self, which)(x, y)
+        try:
+            out = getattr(self, which)(x, y)
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            self._compile_fallback(e)
+            out = getattr(self, which)(x, y)
+        if which == "train_model":
+            self._compile_checked = True
+        return out
+
     def _compile_fallback(self, e: Exception) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         self.log(f"torch.compile failed ({type(e).__name__}: {first[:200]}); training without it")
@@ -455,7 +468,7 @@ class Trainer:
             for _ in range(t.eval_iters):
                 x, y = sampler.next()
                 with self.autocast:
-                    _, loss = self.forward_model(x, y)
+                    _, loss = self._call("forward_model", x, y)
                 total += loss.float()
             # the mean over ranks, so that every rank takes the same decisions (best weights)
             out[name] = qdist.all_reduce_mean(total, self.dist).item() / t.eval_iters
@@ -480,15 +493,7 @@ class Trainer:
             x, y = self.next_batch()
             last = micro == accum - 1
             with self._no_sync(last), self.autocast:
-                if not self._compile_checked:
-                    try:
-                        _, loss = self.train_model(x, y)
-                    except Exception as e:  # noqa: BLE001 - compile errors surface on the first call
-                        self._compile_fallback(e)
-                        _, loss = self.train_model(x, y)
-                    self._compile_checked = True
-                else:
-                    _, loss = self.train_model(x, y)
+                _, loss = self._call("train_model", x, y)
                 loss = loss / accum
             with self._no_sync(last):
                 self.scaler.scale(loss).backward()
@@ -544,7 +549,7 @@ class Trainer:
         per_step = (now - session_start) / steps_this_session
         reserve = 0.03 * self.budget_s + 2 * self._eval_seconds  # final eval, sample and save
         left = self.budget_s - (now - self.start_time) - reserve
-        planned = max(self.step + 1, self.step + int(left / per_step))
+        planned = self.step + max(0, int(left / per_step))  # 0 more: out of time, stop here
         if planned != self.total_iters:
             self.total_iters = planned
             t.max_iters = planned

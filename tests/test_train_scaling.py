@@ -1,0 +1,122 @@
+"""Mixed precision, dtype auto, compile fallback, time budget, MFU, TensorBoard, loss.png."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from quillgpt.cli import main
+from quillgpt.config import load_config, parse_duration
+from quillgpt.errors import QuillError
+from quillgpt.train import Trainer, lr_at, resolve_dtype
+
+SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "dropout": 0.0, "batch_size": 8,
+         "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 5, "eval_interval": 40, "eval_iters": 4,
+         "log_interval": 10, "sample_tokens": 0, "device": "cpu", "seed": 11}
+
+
+def cfg_for(data: Path, out: Path, **extra):
+    return load_config(None, dict(SMALL, data=str(data), out=str(out), **extra))
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bf16_on_cpu_reaches_the_fp32_loss_within_2_percent(small_text, tmp_path):
+    fp32 = Trainer(cfg_for(small_text, tmp_path / "a", max_iters=80, dtype="float32"), save=False,
+                   progress=False, log=quiet).run()
+    bf16 = Trainer(cfg_for(small_text, tmp_path / "b", max_iters=80, dtype="bfloat16"), save=False,
+                   progress=False, log=quiet).run()
+    assert fp32.val_loss < 2.6  # it learned something (starts near ln(32) = 3.47)
+    assert abs(bf16.val_loss - fp32.val_loss) / fp32.val_loss < 0.02
+    assert bf16.losses != fp32.losses  # autocast really ran in bf16
+
+
+def test_autocast_runs_matmuls_in_bf16_on_cpu():
+    from quillgpt.train import autocast_context
+
+    a = torch.randn(4, 4)
+    with autocast_context(torch.device("cpu"), "bfloat16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast_context(torch.device("cpu"), "float32"):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_dtype_auto_picks_bf16_where_the_cpu_has_it():
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_dtype("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert resolve_dtype("float16", torch.device("cpu")) == "float16"
+    with pytest.raises(QuillError, match="auto"):
+        load_config(None, {"dtype": "fp8"})
+
+
+def test_compile_failure_falls_back_to_eager_with_a_message(small_text, tmp_path, monkeypatch):
+    class Broken(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda m: Broken(m))
+    logs: list[str] = []
+    result = Trainer(cfg_for(small_text, tmp_path / "r", max_iters=4, compile=True), save=False,
+                     progress=False, log=logs.append).run()
+    assert result.steps == 4
+    assert any("torch.compile failed (RuntimeError: no C++ compiler found)" in m for m in logs)
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("1.5h") == 5400
+    assert parse_duration("42") == 42
+    for bad in ("", "5x", "-1m", "m", "0s"):
+        with pytest.raises(QuillError, match="time_budget"):
+            parse_duration(bad)
+
+
+def test_time_budget_fits_the_run_and_its_lr_decay(small_text, tmp_path):
+    budget = 8.0
+    cfg = cfg_for(small_text, tmp_path / "r", max_iters=1_000_000, time_budget=f"{budget}s",
+                  log_interval=5, eval_interval=50)
+    result = Trainer(cfg, progress=False, log=quiet).run()
+    assert 10 < result.steps < 1_000_000
+    assert result.elapsed_s < budget * 1.25
+    # the schedule was fitted to the steps taken: the last step ran at (nearly) min_lr
+    assert cfg.train.max_iters == result.steps == cfg.train.lr_decay_iters
+    t = cfg.train
+    assert lr_at(result.steps - 1, cfg) - t.min_lr < 0.05 * (t.learning_rate - t.min_lr)
+    assert float(metrics(tmp_path / "r")[-1]["lr"]) < t.min_lr + 0.05 * (t.learning_rate - t.min_lr)
+
+
+def test_metrics_have_mfu_and_tensorboard_logs(small_text, tmp_path):
+    run = tmp_path / "r"
+    Trainer(cfg_for(small_text, run, max_iters=20, tensorboard=True), progress=False, log=quiet).run()
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == ["0", "10", "20"]
+    assert all(0 < float(r["mfu"]) < 1 for r in rows[1:])
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_loss_png_written_at_the_end_and_by_quill_plot(small_text, tmp_path, capsys):
+    run = tmp_path / "r"
+    Trainer(cfg_for(small_text, run, max_iters=20), progress=False, log=quiet).run()
+    png = run / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert main(["plot", str(run)]) == 0
+    assert png.stat().st_size > 10_000
+    assert main(["plot", str(run), "--output", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").is_file()
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("quill: error:") and "metrics.csv" in err[-1]
