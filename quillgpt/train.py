@@ -17,6 +17,7 @@ import hashlib
 import io
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -41,7 +42,8 @@ from .generate import generate
 from .model import build_model, count_params
 from .tokenizers import Tokenizer, load_tokenizer
 
-METRICS_COLUMNS = ["step", "elapsed_s", "lr", "train_loss", "val_loss", "tokens_per_s", "mfu"]
+# metrics.csv as in Core; the rows of `Trainer.metrics` also carry "mfu" (progress bar, TensorBoard)
+METRICS_COLUMNS = ["step", "elapsed_s", "lr", "train_loss", "val_loss", "tokens_per_s"]
 
 # Keys that may change when a run is resumed (with --allow-config-change): they steer the rest of
 # the schedule, logging and speed, not what has been trained so far.
@@ -430,6 +432,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write RUN/train_state/step-N (collective under FSDP; rank 0 writes)."""
+        if not self.save and not self.dist.fsdp:
+            qdist.barrier(self.dist)
+            return None
         weights = qdist.full_model_state(self.model, self.dist)
         optim_state = qdist.full_optimizer_state(self.model, self.optimizer, self.dist)
         path = None
@@ -575,6 +580,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.save:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_dir is None:  # --overwrite: the old run's checkpoints must not resume
+                shutil.rmtree(self.out / ckpt.TRAIN_STATE_DIR, ignore_errors=True)
             ckpt.save_config(cfg, self.out)
             self.tokenizer.save(self.out / ckpt.TOKENIZER_FILE)
             if t.tensorboard:
@@ -720,7 +727,8 @@ class Trainer:
             self.last_val = ev["val"]
         if ev and ev["val"] < self.best_val:
             self.best_val = ev["val"]
-            weights = qdist.full_model_state(self.model, self.dist)
+            weights = qdist.full_model_state(self.model, self.dist) \
+                if self.save or self.dist.fsdp else {}
             if self.save:
                 ckpt.save_tensors(weights, self.out / ckpt.BEST_FILE, {"step": str(step)})
         if self.save and ev:
