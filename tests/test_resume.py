@@ -249,3 +249,12 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(small_tex
         break
     assert kills >= 2
     assert_identical(weights(run), weights(tmp_path / "ref"))
+
+
+def test_overwrite_removes_the_old_runs_checkpoints(small_text, tmp_path):
+    run = tmp_path / "r"
+    Trainer(tiny_cfg(small_text, run, max_iters=8, checkpoint_interval=2, keep_last=4), progress=False,
+            log=quiet).run()
+    assert len(ckpt.list_checkpoints(run)) >= 4
+    Trainer(tiny_cfg(small_text, run, max_iters=2, seed=9), overwrite=True, progress=False, log=quiet).run()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
