@@ -115,7 +115,7 @@ def main() -> None:
         ("quillgpt generate_ids, overflow=slide (exact window)", base_cross, n_cross, args.slow_repeats,
          lambda n: ours(prompt1, n, overflow="slide")),
     ]
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {SHAPE}; "
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters (nanoGPT count), {SHAPE}; "
           "fp32, batch 1, greedy", flush=True)
     # rounds: every contender once per round, so a change in machine load hits all of them alike
     times: dict[str, list[float]] = {c[0]: [] for c in contenders}
