@@ -48,6 +48,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _busy(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+
+
+def parallel_ceiling(processes: int, n: int = 10_000_000) -> float:
+    """Speed-up of `processes` processes over one on trivially parallel work, measured now: what a
+    shared machine lets any program reach (1.0 when other work holds all but one core)."""
+    import multiprocessing
+
+    start = time.perf_counter()
+    for _ in range(processes):
+        _busy(n)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.map(_busy, [n] * processes)
+    return one / (time.perf_counter() - start)
+
+
 def make_corpus(path: Path, megabytes: float, shakespeare: Path) -> int:
     """Shuffled tiny-shakespeare lines (seeded), written until the file holds `megabytes` MB."""
     lines = shakespeare.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -138,6 +160,7 @@ def bench_prepare(args: argparse.Namespace, shakespeare: Path) -> None:
         _, train, val, meta = load_prepared(tmp / f"out-{cores}")
         same = all((tmp / "out-1" / name).read_bytes() == (tmp / f"out-{cores}" / name).read_bytes()
                    for name in ("train.bin", "val.bin"))
+        ceilings = [parallel_ceiling(cores) for _ in range(3)]
         base = statistics.median(r["wall"] for r in results[1])
         print("| processes | median wall (s) | MB/s | speed-up vs 1 process | peak RSS, process tree (MB) |")
         print("| --- | --- | --- | --- | --- |")
@@ -146,6 +169,8 @@ def bench_prepare(args: argparse.Namespace, shakespeare: Path) -> None:
             peak = max(r["tree_mb"] for r in rows)
             print(f"| {workers} | {wall:.1f} | {size / 1e6 / wall:.1f} | {base / wall:.2f}x | {peak:.0f} |")
         print(f"\nlargest single process (ru_maxrss): {children_max_mb:.0f} MB")
+        print(f"the machine's parallel ceiling now ({cores} processes of a pure-Python busy loop vs 1, "
+              f"3 runs): {', '.join(f'{c:.2f}x' for c in ceilings)}")
         print(f"tokens: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val ({meta['dtype']}); "
               f"1-process and {cores}-process outputs identical: {same}")
         print(f"quill's own line ({cores} processes): {results[cores][-1]['line']}\n")
