@@ -16,6 +16,7 @@ which is noted in the table.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -109,11 +110,15 @@ def main() -> None:
     parser.add_argument("--only", choices=["shakespeare-char-cpu", "shakespeare-char"])
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    print(f"load average at the start (1, 5, 15 min): {os.getloadavg()}")
     print("no GPU in this run: CPU figures only")
     if args.only != "shakespeare-char":
         bench_preset("shakespeare-char-cpu", args.data, args.rounds, args.steps, None)
     if args.only != "shakespeare-char-cpu":
         bench_preset("shakespeare-char", args.data, args.rounds, max(2, args.steps // 3), args.large_batch)
+    # eager PyTorch on 2 OpenMP threads slows down badly when other processes compete for the
+    # cores; the load average says whether they did
+    print(f"\nload average at the end (1, 5, 15 min): {os.getloadavg()}")
 
 
 if __name__ == "__main__":
