@@ -33,6 +33,7 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # views, one per layer
         self.capacity = cfg.block_size
         self.pos = 0  # slots filled
         self.pad = pad if pad is not None and bool(pad.any()) else None  # (B,) or None
@@ -59,10 +60,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, nh, T, hs); return all filled slots."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T, end = k.size(2), self.pos + k.size(2)
+        k_all, v_all = self.k_layers[layer], self.v_layers[layer]  # (B, nh, block_size, hs)
+        k_all.narrow(2, self.pos, T).copy_(k)
+        v_all.narrow(2, self.pos, T).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
 
 class CausalSelfAttention(nn.Module):
@@ -198,7 +200,7 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
-            x = x[:, [-1], :]  # only the next token's logits are needed
+            x = x[:, -1:, :]  # only the next token's logits are needed
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
