@@ -80,14 +80,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
+CPU_BF16_MIN_WIDTH = 256  # benchmarks/train.py: bf16 0.82x at n_embd 128, 1.55x at n_embd 384
+
+
+def resolve_dtype(dtype: str, device: torch.device, n_embd: int | None = None) -> str:
     """`auto`: bfloat16 where the hardware multiplies it natively (CUDA with bf16, CPUs with
-    AVX-512-BF16 or AMX), float16 on older GPUs (with a GradScaler), else float32."""
+    AVX-512-BF16 or AMX), float16 on older GPUs (with a GradScaler), else float32.
+
+    On a CPU, bf16 pays only when matrix products dominate the step: for models narrower than
+    CPU_BF16_MIN_WIDTH (`n_embd`) the casts cost more than they save, and auto stays float32."""
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu":
+    if device.type == "cpu" and (n_embd is None or n_embd >= CPU_BF16_MIN_WIDTH):
         try:
             if torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 return "bfloat16"
@@ -320,7 +326,7 @@ class Trainer:
         self.save = save and self.is_main
         if save:
             t.out = str(self.out)
-        self.dtype = resolve_dtype(t.dtype, self.device)
+        self.dtype = resolve_dtype(t.dtype, self.device, cfg.model.n_embd)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer
             torch.backends.cudnn.allow_tf32 = True

@@ -53,7 +53,9 @@ def test_autocast_runs_matmuls_in_bf16_on_cpu():
 
 def test_dtype_auto_picks_bf16_where_the_cpu_has_it():
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_dtype("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, n_embd=384) == ("bfloat16" if native else "float32")
+    assert resolve_dtype("auto", cpu, n_embd=128) == "float32"  # too narrow for bf16 to pay
     assert resolve_dtype("float16", torch.device("cpu")) == "float16"
     with pytest.raises(QuillError, match="auto"):
         load_config(None, {"dtype": "fp8"})
