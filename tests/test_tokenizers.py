@@ -303,3 +303,17 @@ def test_bpe_pickles_for_worker_processes(trained_bpe):
     trained_bpe.encode("warm the tiktoken encoder up")
     again = pickle.loads(pickle.dumps(trained_bpe))
     assert again == trained_bpe and again.encode("to be or not") == trained_bpe.encode("to be or not")
+
+
+def test_parallel_split_never_changes_the_tokens(gpt2_cache):
+    """Pieces cut for parallel encoding encode to exactly the whole text's tokens, blank lines too."""
+    from quillgpt.tokenizers.bpe import split_for_parallel
+
+    tok = gpt2_tokenizer()
+    text = "".join(f"Line {i}.\n" + ("\n" if i % 3 == 0 else "") + ("  indented\n" if i % 5 == 0 else "")
+                   for i in range(400))
+    whole = tok.encode_python(text)
+    for n_parts in (2, 3, 7, 50):
+        pieces = split_for_parallel(text, n_parts)
+        assert "".join(pieces) == text
+        assert [t for piece in pieces for t in tok.encode_python(piece)] == whole

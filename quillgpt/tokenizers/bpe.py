@@ -135,13 +135,19 @@ def idle_cores() -> int:
 
 
 def split_for_parallel(text: str, n_parts: int) -> list[str]:
-    """`text` cut into about `n_parts` pieces, each cut just after a "\\n" followed by a non-space."""
+    """`text` cut into about `n_parts` pieces, each cut just after a "\\n" between two non-spaces.
+
+    Such a newline is a pre-token of its own, so no token crosses the cut. (After a blank line it
+    would not be: "\\n\\n" is one pre-token.)
+    """
     if n_parts <= 1:
         return [text]
     pieces, start, step = [], 0, max(1, len(text) // n_parts)
     while start < len(text):
         cut = start + step
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+        while cut < len(text) and not (
+            text[cut - 1] == "\n" and not text[cut].isspace() and cut >= 2 and not text[cut - 2].isspace()
+        ):
             cut = text.find("\n", cut)
             if cut == -1:
                 cut = len(text)
