@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, parse_duration
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .ladder import RUNGS, bigram_entropy
@@ -141,9 +141,7 @@ def run_ladder(cfg: Config, out: str | Path, steps: int | None = None, time_budg
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.time()
     out = Path(out)
-    if time_budget is None and getattr(cfg.train, "time_budget", None) is not None:
-        from .config import parse_duration
-
+    if time_budget is None and cfg.train.time_budget is not None:
         time_budget = parse_duration(cfg.train.time_budget)
     if steps is not None and time_budget is not None:
         raise QuillError("give a step budget or a time budget, not both")
