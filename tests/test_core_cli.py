@@ -213,13 +213,15 @@ def test_bad_data_files(tmp_path, capsys):
     latin1.write_bytes(b"hello caf\xe9 world")
     short = tmp_path / "short.txt"
     short.write_text("tiny text")
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
     cases = [
         (tmp_path / "missing.txt", ["data file not found"]),
         (empty, ["is empty"]),
         (binary, ["looks binary", "offset 3"]),
         (latin1, ["not UTF-8", "0xe9", "offset 9"]),
         (short, ["too short", "block_size"]),
-        (tmp_path, ["is a directory"]),
+        (empty_dir, ["has no files"]),
     ]
     for path, fragments in cases:
         code, err = run_main(["train", "--data", str(path), "--no-save", *TINY], capsys)
@@ -241,12 +243,12 @@ def test_bad_config_on_the_command_line(small_text, capsys):
 def test_existing_run_is_not_overwritten(small_text, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(small_text), "--out", str(out), "--max-iters", "5", *TINY]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     code, err = run_main(["train", "--data", str(small_text), "--out", str(out), "--max-iters", "5",
                           "--seed", "9", *TINY], capsys)
     assert_one_line_error(code, err, "--overwrite")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main(["train", "--data", str(small_text), "--out", str(out), "--max-iters", "5", "--seed",
                  "9", "--overwrite", *TINY]) == 0
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
