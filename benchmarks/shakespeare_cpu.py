@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the repository instead of this folder: benchmarks/tokenizers.py would shadow HF's `tokenizers`
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
