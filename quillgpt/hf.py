@@ -144,7 +144,8 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
     Every tensor the model needs must be there with the right shape, and nothing else may be;
     otherwise the error lists the missing and unexpected names.
     """
-    expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     unexpected = []
     lm_head = None
@@ -421,7 +422,10 @@ def load_hf(src: str | Path, with_tokenizer: bool = True) -> HFModel:
     directory = resolve_source(src)
     cfg = config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
     state = state_dict_from_hf(read_hf_tensors(directory), cfg, str(directory))
-    model = GPT(cfg)
+    with torch.device("meta"):  # skip the random initialisation: every weight is loaded next
+        model = GPT(cfg)
+    model = model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty gives each module its own tensor
     model.load_state_dict(state)
     model.eval()
     name = Path(str(src)).name or "hf"

@@ -404,3 +404,4 @@ def test_load_hf_for_python_users(tmp_path, bpe):
     hf = random_hf_model(1, 2, 16, 16, bpe.vocab_size)
     loaded = load_hf(save_hf_dir(hf, tmp_path / "hf", bpe))
     assert same_tokens(loaded.tokenizer, bpe) and not loaded.model.training
+    assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight  # still tied
