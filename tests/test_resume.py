@@ -50,6 +50,17 @@ def quiet(msg: str) -> None:
     pass
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread here and in the subprocesses (see env()): bitwise equality needs the same
+    thread count everywhere, and tiny models on a shared 2-core machine run faster and steadier
+    on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_pack_state_round_trips_an_optimizer_state_without_pickles():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
