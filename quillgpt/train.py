@@ -623,9 +623,7 @@ class Trainer:
                     if self.dist.enabled else self._stop_signal is not None
                 if step % t.log_interval == 0 or is_eval or stop:
                     now = time.time()
-                    losses = qdist.all_reduce_mean(torch.stack(pending), self.dist).tolist()
-                    self.losses.extend(losses)
-                    pending = []
+                    pending = self._flush_losses(pending)
                     n = step - last_logged
                     tokens_per_s = n * tokens_per_step / max(now - window_start, 1e-9)
                     ev = None
@@ -663,6 +661,7 @@ class Trainer:
                              f"Continue with: quill train --resume {self.out}")
                     raise TrainingInterrupted(f"stopped at step {step}")
                 if step % checkpoint_every == 0 and step < self.total_iters:
+                    pending = self._flush_losses(pending)  # the checkpoint holds every loss so far
                     self.save_checkpoint()
         finally:
             for sig, h in previous_handlers.items():
@@ -693,6 +692,13 @@ class Trainer:
             sample=sample,
             losses=list(self.losses),
         )
+
+    def _flush_losses(self, pending: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy the losses of the steps since the last flush to the host (one sync), averaged
+        over ranks, into self.losses; returns the emptied list."""
+        if pending:
+            self.losses.extend(qdist.all_reduce_mean(torch.stack(pending), self.dist).tolist())
+        return []
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         if not self.progress and self.tb is None and not self.save:

@@ -96,15 +96,17 @@ def test_resume_is_bitwise_identical(small_text, tmp_path):
 
 
 def test_resume_from_an_older_checkpoint_is_identical(small_text, tmp_path):
-    full = Trainer(tiny_cfg(small_text, tmp_path / "full", max_iters=8, checkpoint_interval=2,
+    # checkpoints at 5 and 10, logs every 2 steps: step 5 falls between two logs
+    full = Trainer(tiny_cfg(small_text, tmp_path / "full", max_iters=10, checkpoint_interval=5,
                             keep_last=3), progress=False, log=quiet).run()
     run = tmp_path / "full"
-    # throw away the newest checkpoints: the run continues from step 4 to 8 again
-    for p in ckpt.list_checkpoints(run)[-2:]:
+    # throw away the newest checkpoint: the run continues from step 5 to 10 again
+    for p in ckpt.list_checkpoints(run)[-1:]:
         for f in p.iterdir():
             f.unlink()
         p.rmdir()
-    assert ckpt.list_checkpoints(run)[-1].name == "step-00000004"
+    assert ckpt.list_checkpoints(run)[-1].name == "step-00000005"
+    assert len(ckpt.load_train_state(run).state["losses"]) == 5
     first = weights(run)
     again = Trainer(resume_config(run), progress=False, log=quiet, resume=run).run()
     assert again.losses == full.losses
@@ -232,9 +234,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_identical(small_text, tmp_path
     assert state.state["losses"] == ref.losses
 
 
+def latest_step(run: Path) -> int:
+    found = ckpt.list_checkpoints(run)
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(small_text, tmp_path):
-    iters = 60
+    iters = 120
     Trainer(tiny_cfg(small_text, tmp_path / "ref", max_iters=iters, checkpoint_interval=3),
             progress=False, log=quiet).run()
     run = tmp_path / "run"
@@ -245,9 +252,16 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(small_tex
             args = ["--resume", str(run)]
         else:  # killed before the first checkpoint: start over
             args = [*tiny_flags(small_text, run, iters), "--overwrite", "--checkpoint-interval", "3"]
-        proc = subprocess.Popen(quill_cmd(*args), env=env(), stderr=subprocess.DEVNULL, cwd=tmp_path)
+        before = latest_step(run)
+        log = tmp_path / "stderr.txt"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(quill_cmd(*args), env=env(), stderr=err, cwd=tmp_path)
         if kills < 4:
-            time.sleep(rng.uniform(2.0, 6.0))  # import, data, some steps, maybe mid-write
+            # once this process has made progress, kill it a random moment later: mid-step,
+            # mid-evaluation or in the middle of writing the next checkpoint
+            while proc.poll() is None and latest_step(run) <= before:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.05))
             if proc.poll() is None:
                 proc.kill()  # SIGKILL: no handler runs
                 proc.wait()
@@ -256,9 +270,10 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(small_tex
                 for p in ckpt.list_checkpoints(run):
                     assert ckpt.verify_checkpoint(p) is None
                 continue
-        assert proc.wait(timeout=300) == 0
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
         break
-    assert kills >= 2
+    assert kills >= 3
+    assert latest_step(run) == iters
     assert_identical(weights(run), weights(tmp_path / "ref"))
 
 
