@@ -333,12 +333,23 @@ class Trainer:
 
         self.tokenizer: Tokenizer
         self.splits: Splits
+        init_state = None
+        if t.init_from and self.resume_dir is None:
+            from .hf import init_from
+
+            # the source's architecture (block_size cropped), its tokenizer, lr 3e-5 unless set
+            _, init_state = init_from(t.init_from, cfg)
+            self.log(f"fine-tuning from {t.init_from}: learning rate {t.learning_rate:g}, "
+                     f"context {cfg.model.block_size}")
         self.tokenizer, self.splits = prepare_training_data(cfg)
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.data_sha256 = data_fingerprint(self.splits)
 
         seed_everything(t.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
+        self.model.to(self.device)
         self.n_params = count_params(self.model)
         self.flops_per_token = flops_per_token(self.model, self.n_params)
         self.log(f"number of parameters: {self.n_params / 1e6:.2f}M")

@@ -405,3 +405,20 @@ def test_load_hf_for_python_users(tmp_path, bpe):
     loaded = load_hf(save_hf_dir(hf, tmp_path / "hf", bpe))
     assert same_tokens(loaded.tokenizer, bpe) and not loaded.model.training
     assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight  # still tied
+
+
+def test_quill_train_init_from(tmp_path, bpe):
+    """`quill train --init-from` fine-tunes an HF checkpoint with its own tokenizer and shape."""
+    import csv
+
+    src = save_hf_dir(random_hf_model(2, 2, 32, 64, bpe.vocab_size, seed=5), tmp_path / "hf", bpe)
+    data = tmp_path / "new.txt"
+    data.write_text("Whether 'tis nobler in the mind to suffer the slings and arrows\n" * 100)
+    assert main(["train", "--init-from", str(src), "--data", str(data), "--out", str(tmp_path / "ft"),
+                 "--max-iters", "30", "--eval-interval", "30", "--eval-iters", "2", "--batch-size", "8",
+                 "--block-size", "32", "--learning-rate", "3e-3", "--sample-tokens", "0",
+                 "--no-progress", "--device", "cpu"]) == 0
+    run = ckpt.load_run(tmp_path / "ft")
+    assert same_tokens(run.tokenizer, bpe) and run.config.model.n_embd == 32
+    rows = [r for r in csv.DictReader(open(tmp_path / "ft" / "metrics.csv")) if r["val_loss"]]
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.5
