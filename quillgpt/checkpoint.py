@@ -265,7 +265,7 @@ def save_train_state(run_dir: str | Path, step: int, weights: dict[str, torch.Te
         _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
         fsync_dir(tmp)
         if final.exists():  # same step saved again (e.g. a signal right after an interval save)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
@@ -312,7 +312,16 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
         keep.add(best)
     for p in checkpoints:
         if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_checkpoint(p)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a partial one under a valid name:
+    first rename it to a hidden leftover (atomic), which the next save sweeps away."""
+    trash = path.with_name(f".{path.name}.{os.getpid()}.removed.tmp")
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> str | None:
