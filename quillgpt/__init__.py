@@ -2,7 +2,11 @@
 
 Importing the package is cheap; the torch-heavy parts load on first use:
 
-    from quillgpt import load_config, train, load_run, generate
+    from quillgpt import load_config, load_run
+    from quillgpt.train import train
+    from quillgpt.generate import generate
+
+(`train` and `generate` are also the names of their modules, so they are imported from there.)
 """
 
 from __future__ import annotations
@@ -17,12 +21,10 @@ from .errors import QuillError  # noqa: E402
 _LAZY = {
     "GPT": "model",
     "build_model": "model",
-    "train": "train",
     "Trainer": "train",
     "TrainResult": "train",
     "load_run": "checkpoint",
     "Run": "checkpoint",
-    "generate": "generate",
 }
 
 __all__ = ["Config", "ModelConfig", "QuillError", "TrainConfig", "load_config", *_LAZY]
@@ -33,5 +35,7 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, name)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'quillgpt' has no attribute {name!r}")

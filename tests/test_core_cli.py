@@ -282,3 +282,19 @@ def test_python_dash_m_and_help():
     assert r.returncode == 0 and "train" in r.stdout and "sample" in r.stdout
     r = quill("train", "--help")
     assert "--n-layer" in r.stdout and "--learning-rate" in r.stdout
+
+
+def test_python_api_as_the_readme_shows(small_text, tmp_path):
+    import quillgpt
+    from quillgpt import load_config as lc
+    from quillgpt import load_run as lr
+    from quillgpt.generate import generate as gen
+    from quillgpt.train import train
+
+    assert callable(train) and callable(gen) and lr is quillgpt.load_run
+    assert quillgpt.Trainer is Trainer and quillgpt.GPT.__name__ == "GPT"
+    cfg = lc(None, dict(data=str(small_text), out=str(tmp_path / "x"), n_layer=1, n_head=2, n_embd=16,
+                        block_size=16, batch_size=4, max_iters=5, eval_iters=1, sample_tokens=0))
+    result = train(cfg, progress=False)
+    run = lr(result.run_dir)
+    assert len(gen(run.model, run.tokenizer, "To be", max_new_tokens=10, top_k=5, seed=0)) == 10
