@@ -320,30 +320,13 @@ def tokenizer_from_hf_dir(directory: Path, vocab_size: int, name: str = "hf") ->
 
 
 def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merge that makes each multi-byte token, in rank order, as merges.txt lists them.
+    """The merges.txt list for `ranks`, or a clear error where a token is no merge of two others."""
+    from .tokenizers.bpe import merges_from_ranks
 
-    A token of rank r is the BPE of its own bytes using only the tokens ranked below r, which
-    leaves exactly two parts: the merge that created it (tiktoken stores only the ranks).
-    """
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [token[i : i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            best, best_i = rank, -1
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < best:
-                    best, best_i = r, i
-            if best_i < 0:
-                break
-            parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
-            raise QuillError(f"token {token!r} (id {rank}) is not the merge of two lower-ranked tokens; "
-                             f"the tokenizer cannot be written as merges.txt")
-        merges.append((parts[0], parts[1]))
-    return merges
+    try:
+        return merges_from_ranks(ranks)
+    except ValueError as e:
+        raise QuillError(f"{e}; the tokenizer cannot be written as merges.txt") from None
 
 
 def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, str]:

@@ -556,7 +556,7 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             if best_i < 0:
                 break
             parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        if len(parts) != 2:
-            raise ValueError(f"token {token!r} cannot be built from two lower-ranked tokens")
+        if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+            raise ValueError(f"token {token!r} (id {rank}) cannot be built from two lower-ranked tokens")
         merges.append((parts[0], parts[1]))
     return merges
