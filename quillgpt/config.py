@@ -34,6 +34,15 @@ class ModelConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    # Speedrun options (docs/speedrun.md); the defaults are GPT-2's architecture.
+    rope: bool = False  # rotary position embeddings instead of learned ones
+    rope_base: float = 10000.0  # rotary frequencies: base^(-2i/head_size)
+    qk_norm: bool = False  # normalise queries and keys per head (zero mean, unit RMS) before attention
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    activation: str = "gelu"  # gelu (GPT-2's tanh approximation) | relu2 (ReLU squared)
+    tie_embeddings: bool = True  # LM head shares the token embedding's weights
+    zero_init: bool = False  # output projections (and an untied LM head) start at zero
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 disables
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -45,6 +54,25 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise QuillError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise QuillError(f"norm must be layernorm or rmsnorm, got {self.norm!r}")
+        if self.activation not in ("gelu", "relu2"):
+            raise QuillError(f"activation must be gelu or relu2, got {self.activation!r}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise QuillError(f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+        if self.rope_base <= 1.0 or self.logit_softcap < 0.0:
+            raise QuillError("rope_base must be > 1 and logit_softcap >= 0")
+
+    def non_gpt2_options(self) -> list[str]:
+        """The options set that GPT-2's architecture (and HF's GPT2LMHeadModel) lacks."""
+        found = [name for name in ("rope", "qk_norm") if getattr(self, name)]
+        found += [f"{name} {getattr(self, name)}" for name, gpt2 in (("norm", "layernorm"), ("activation", "gelu"))
+                  if getattr(self, name) != gpt2]
+        if not self.tie_embeddings:
+            found.append("tie_embeddings false")
+        if self.logit_softcap:
+            found.append(f"logit_softcap {self.logit_softcap:g}")
+        return found
 
 
 @dataclass
@@ -69,6 +97,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, hold, linear cooldown to min_lr)
+    cooldown_frac: float = 0.4  # wsd: the share of the run after warmup spent cooling down
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same schedule)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     eval_interval: int = 250
     eval_iters: int = 200
     log_interval: int = 10
@@ -100,6 +134,14 @@ class TrainConfig:
             parse_duration(self.time_budget)
         if self.max_megabytes is not None and self.max_megabytes <= 0:
             raise QuillError(f"max_megabytes must be positive, got {self.max_megabytes}")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise QuillError(f"lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise QuillError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise QuillError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.learning_rate <= 0 or self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
+            raise QuillError("learning_rate and muon_lr must be positive, muon_momentum in [0, 1)")
         if self.encoding_errors not in ("strict", "replace"):
             raise QuillError(f"encoding_errors must be strict or replace, got {self.encoding_errors!r}")
 

@@ -1,8 +1,10 @@
 """The GPT, read top to bottom: attention -> MLP -> Block -> GPT.
 
-It is GPT-2's architecture: token and learned position embeddings, `n_layer` pre-LayerNorm
-blocks of causal multi-head self-attention and a 4x GELU MLP, each added back to the residual
-stream, a final LayerNorm and an LM head that shares its weights with the token embedding.
+By default it is GPT-2's architecture: token and learned position embeddings, `n_layer`
+pre-LayerNorm blocks of causal multi-head self-attention and a 4x GELU MLP, each added back to
+the residual stream, a final LayerNorm and an LM head that shares its weights with the token
+embedding. ModelConfig's speedrun options (rope, qk_norm, norm, activation, tie_embeddings,
+zero_init, logit_softcap; docs/speedrun.md) swap single pieces for the modern ones.
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
 """
@@ -16,6 +18,32 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .config import ModelConfig
+
+
+def rope_tables(positions: torch.Tensor, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles pos * base^(-2i/hs), i < hs/2: (..., T, hs/2) for positions (..., T)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+hs/2}) of x (..., hs) by its angle (RoFormer, Su et al. 2021);
+    cos and sin (..., hs/2) broadcast against x's leading dimensions.
+
+    A query at position m and a key at position n then meet as q R(m)^T R(n) k = q R(n - m) k:
+    attention scores depend only on the relative position n - m.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (..., hs/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (no mean subtraction, no bias: cheaper; Zhang & Sennrich 2019)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 class KVCache:
@@ -76,19 +104,36 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
         # query, key and value for all heads in one matrix multiply
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         # output projection back into the residual stream
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (B, nh, T, hs) of x (B, T, C), QK-normed and rotated if set.
+
+        `rope` is (cos, sin) of shape (T, 1, 1, hs/2), or (B, T, 1, 1, hs/2) for padded rows."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, hs)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (B, T, 2, nh, hs), (B, T, nh, hs)
+        if self.qk_norm:
+            # QK-norm (Dehghani et al. 2023): queries and keys normalised per head to zero mean and
+            # unit RMS bound the attention logits by sqrt(hs), so softmax does not saturate at
+            # high learning rates. (layer_norm without affine weights; on CPUs it is faster than rms_norm.)
+            qk = F.layer_norm(qk, (hs,))
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys rotated together
+        q, k = qk.unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs) each
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.qkv(x, rope)
         if cache is None:
             # softmax(q k^T / sqrt(hs)) v with a causal mask; flash attention where available
             y = F.scaled_dot_product_attention(
@@ -103,13 +148,21 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLU2(nn.Module):
+    """ReLU squared (So et al. 2021, "Primer"): as good as GELU or better, and cheaper."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+    """Position-wise feed-forward network: widen 4x, GELU (or ReLU squared), project back."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        # GPT-2's GELU (tanh approximation); the attribute keeps its name for every activation
+        self.gelu = ReLU2() if cfg.activation == "relu2" else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -122,13 +175,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -138,23 +192,29 @@ class GPT(nn.Module):
         super().__init__()
         assert cfg.vocab_size > 0, "vocab_size must be set (from the tokenizer)"
         self.config = cfg
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),  # token embedding
-                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),  # position embedding
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-            )
+        modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))  # token embedding
+        if not cfg.rope:  # with RoPE, positions enter through the rotation of queries and keys
+            modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)  # position embedding
+        modules.update(
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
-        # GPT-2: residual output projections scaled down by 1/sqrt(2 * n_layer), since
-        # each block adds two of them to the residual stream
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not cfg.tie_embeddings):
+                if cfg.zero_init:
+                    # modded-nanogpt: every block starts as the identity and the first steps
+                    # grow the output projections from nothing
+                    nn.init.zeros_(p)
+                elif name.endswith("c_proj.weight"):
+                    # GPT-2: residual output projections scaled down by 1/sqrt(2 * n_layer),
+                    # since each block adds two of them to the residual stream
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -170,7 +230,7 @@ class GPT(nn.Module):
         The token embedding is counted once: it is also the LM head's weight.
         """
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -189,20 +249,30 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
             )
+        cfg = self.config
         if cache is None:
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         else:
             pos = cache.positions(T)  # (T,) or (B, T)
             cache.mask = cache.attn_mask(T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if cfg.rope:
+            cos, sin = rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_base)  # (T, hs/2) or (B, T, hs/2)
+            rope = (cos[..., None, None, :], sin[..., None, None, :])  # broadcast over q/k and heads
+        else:
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         if cache is not None:
             cache.pos += T
             x = x[:, -1:, :]  # only the next token's logits are needed
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if cfg.logit_softcap:
+            # Gemma 2 / modded-nanogpt: squash the logits smoothly into (-cap, cap)
+            logits = cfg.logit_softcap * torch.tanh(logits.float() / cfg.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

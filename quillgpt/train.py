@@ -15,7 +15,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import math
 import random
 import shutil
 import signal
@@ -40,6 +39,7 @@ from .errors import QuillError
 from .fileio import atomic_write_text
 from .generate import generate
 from .model import build_model, count_params
+from .optim import check_optimizer, lr_at, make_optimizer, set_lr  # noqa: F401 - lr_at: part of the API
 from .tokenizers import Tokenizer, load_tokenizer
 
 # metrics.csv as in Core; the rows of `Trainer.metrics` also carry "mfu" (progress bar, TensorBoard)
@@ -51,6 +51,7 @@ SAFE_ON_RESUME = {
     "max_iters", "lr_decay_iters", "learning_rate", "min_lr", "warmup_iters", "grad_clip",
     "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_last",
     "sample_tokens", "time_budget", "tensorboard", "device", "dtype", "compile",
+    "lr_schedule", "cooldown_frac", "muon_lr",
 }
 # Keys never compared on resume: where the run lives, and what the tokenizer fills in.
 IGNORED_ON_RESUME = {"out", "vocab_size"}
@@ -108,33 +109,6 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    t = cfg.train
-    decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.max_iters
-    if step < t.warmup_iters:
-        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
-    if step > decay_iters:
-        return t.min_lr
-    ratio = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio)))
-    return t.min_lr + coeff * (t.learning_rate - t.min_lr)
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (>= 2-D: Linear and embedding weights) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate,
-                             betas=(cfg.train.beta1, cfg.train.beta2), **extra)
 
 
 def seed_everything(seed: int) -> None:
@@ -309,6 +283,7 @@ class Trainer:
         cfg.validate()
         t = cfg.train
         device = resolve_device(t.device)
+        check_optimizer(cfg, t.fsdp)
         self.dist, self.device = qdist.init_distributed(device, t.fsdp)
         self.is_main = self.dist.is_main
         self.save = save and self.is_main
@@ -507,8 +482,7 @@ class Trainer:
         """One optimizer step (with gradient accumulation); returns (loss as a tensor, lr)."""
         t = self.cfg.train
         lr = self.lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr, self.cfg)
         total = torch.zeros((), device=self.device)
         accum = t.gradient_accumulation_steps
         for micro in range(accum):
