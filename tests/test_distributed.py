@@ -37,27 +37,40 @@ def torchrun(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out.parent)
 
 
-def single_process_reference(data: Path, out: Path):
-    cfg = load_config(None, dict(TINY, data=str(data), out=str(out), gradient_accumulation_steps=2))
+def single_process_reference(data: Path, out: Path, **extra):
+    cfg = load_config(None, dict(TINY, data=str(data), out=str(out), gradient_accumulation_steps=2, **extra))
     return Trainer(cfg, progress=False, log=lambda m: None).run()
 
 
+# the speedrun's options and Muon: every rank must take the same orthogonalised step
+SPEEDRUN = {"optimizer": "muon", "muon_lr": 0.02, "rope": True, "qk_norm": True, "activation": "relu2",
+            "tie_embeddings": False, "logit_softcap": 15.0, "lr_schedule": "wsd"}
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_accumulation(small_text, tmp_path):
-    ref = single_process_reference(small_text, tmp_path / "ref")
-    proc = torchrun(small_text, tmp_path / "ddp")
+@pytest.mark.parametrize("extra", [{}, SPEEDRUN], ids=["adamw", "muon"])
+def test_ddp_two_processes_equal_one_process_with_accumulation(small_text, tmp_path, extra):
+    ref = single_process_reference(small_text, tmp_path / "ref", **extra)
+    flags = [a for k, v in extra.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    proc = torchrun(small_text, tmp_path / "ddp", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes (DDP)" in proc.stderr
     assert proc.stderr.count("done:") == 1  # only rank 0 reports
     state = ckpt.load_train_state(tmp_path / "ddp")
     assert state.step == TINY["max_iters"]
+    # Newton-Schulz runs in bfloat16: the ranks' different summation order of the gradient shows
+    # up at bf16's resolution, not beyond
+    tol = 1e-3 if extra else 1e-5
     torch.testing.assert_close(torch.tensor(state.state["losses"]), torch.tensor(ref.losses),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tol, atol=tol)
     ddp_w, ref_w = ckpt.read_safetensors(tmp_path / "ddp" / ckpt.MODEL_FILE), \
         ckpt.read_safetensors(tmp_path / "ref" / ckpt.MODEL_FILE)
     assert ddp_w.keys() == ref_w.keys()
     for k in ref_w:
-        torch.testing.assert_close(ddp_w[k], ref_w[k], rtol=1e-4, atol=1e-5)
+        if extra:  # bf16 rounding flips single elements; the weights as a whole agree
+            assert (ddp_w[k] - ref_w[k]).norm() <= 1e-2 * ref_w[k].norm() + 1e-6, k
+        else:
+            torch.testing.assert_close(ddp_w[k], ref_w[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
