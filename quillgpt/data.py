@@ -50,8 +50,8 @@ def split_tokens(ids: list[int] | np.ndarray, val_fraction: float, block_size: i
     """Contiguous head for training, tail for validation; both must hold one block + 1 token."""
     dtype = np.uint16 if max(ids, default=0) < 2**16 else np.uint32
     arr = np.asarray(ids, dtype=dtype)
-    n_val = int(len(arr) * val_fraction)
-    splits = Splits(arr[: len(arr) - n_val], arr[len(arr) - n_val :])
+    n_train = int(len(arr) * (1 - val_fraction))  # nanoGPT's data[:int(n * 0.9)]
+    splits = Splits(arr[:n_train], arr[n_train:])
     check_lengths(splits, block_size)
     return splits
 

@@ -65,7 +65,7 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 SHAKESPEARE_NAME = "tinyshakespeare.txt"
 
 FORMAT = "quillgpt-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tail split rounds as nanoGPT (train = first int(n * 0.9) tokens)
 TRAIN_FILE, VAL_FILE, META_FILE, TOKENIZER_FILE = "train.bin", "val.bin", "meta.json", "tokenizer.json"
 
 PIECE_BYTES = 1 << 19  # text is read and tokenised in pieces of at most this size...
@@ -713,7 +713,7 @@ def prepare(data: str, tokenizer: str = "char", out: str | Path | None = None,
         if not by_docs or counts[1] == 0:
             split = "tail"
             total = counts[0] + counts[1]
-            n_val = int(total * val_fraction) - counts[1]
+            n_val = total - int(total * (1 - val_fraction)) - counts[1]  # nanoGPT: train = data[:int(n * 0.9)]
             _move_tail(tmp / TRAIN_FILE, tmp / VAL_FILE, counts[0], n_val, dtype)
             counts = [counts[0] - n_val, counts[1] + n_val]
         elapsed = time.time() - started

@@ -338,3 +338,16 @@ def test_cli_prepare_then_train(tmp_path, capsys):
                         "--sample-tokens", "0", "--no-save", "--no-progress"], capsys)
     assert code == 0, err
     assert f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens" in err
+
+
+@pytest.mark.parametrize("n", [1005, 1115, 2000])
+def test_tail_split_rounds_as_nanogpt(tmp_path, n):
+    """One text: training gets the first int(n * 0.9) tokens, as nanoGPT's prepare.py."""
+    from quillgpt.data import split_tokens
+
+    text = "".join("abcdefghij"[(i * 7) % 10] for i in range(n))
+    (tmp_path / "t.txt").write_text(text)
+    train, val, _ = tokens(prepare(str(tmp_path / "t.txt"), "char", out=tmp_path / "o").path)
+    assert len(train) == int(n * 0.9) and len(train) + len(val) == n
+    splits = split_tokens(list(range(10)) * (n // 10) + list(range(n % 10)), 0.1, 8)
+    assert len(splits.train) == int(n * 0.9) and len(splits.val) == n - int(n * 0.9)
