@@ -26,9 +26,11 @@ from pathlib import Path
 
 # benchmarks/tokenizers.py would shadow the `tokenizers` package that transformers imports
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: benchmarks.machine
 
 import torch  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.config import ModelConfig  # noqa: E402
 from quillgpt.generate import generate, generate_ids  # noqa: E402
 from quillgpt.model import GPT  # noqa: E402
@@ -38,12 +40,7 @@ SHAPE = dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return f"{cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads; {platform.platform()}"
 
 

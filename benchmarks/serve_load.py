@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.checkpoint import load_run  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.generate import generate  # noqa: E402
@@ -48,14 +49,7 @@ PROMPTS = ["ROMEO:", "JULIET:\nO ", "First Citizen:\n", "KING HENRY", "To be, or
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import os
 
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"

@@ -16,7 +16,6 @@ Reference (GUIDE.md): nanoGPT's CPU recipe reaches 1.886 after 2000 iterations, 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 # the repository instead of this folder: benchmarks/tokenizers.py would shadow HF's `tokenizers`
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
 
@@ -34,14 +34,7 @@ WINDOW = 64  # tokens per evaluation window: the block size of the shakespeare-c
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

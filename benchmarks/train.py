@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.train import Trainer, peak_flops  # noqa: E402
 
@@ -34,14 +34,7 @@ VARIANTS = [("float32", False), ("bfloat16", False), ("float32", True), ("bfloat
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"native bf16: {'yes' if bf16 else 'no'}")
