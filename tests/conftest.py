@@ -43,3 +43,23 @@ def small_text(tmp_path) -> Path:
     path = tmp_path / "verse.txt"
     path.write_text("\n".join(lines * 30) + "\n", encoding="utf-8")
     return path
+
+
+def make_run(path: Path, model_cfg, tokenizer, seed: int = 0) -> Path:
+    """A run directory as quill train writes it, with random weights (perturbed from the init so
+    that zero-initialised or tied tensors are not special)."""
+    from quillgpt import checkpoint as ckpt
+    from quillgpt.config import Config, TrainConfig
+    from quillgpt.model import GPT
+
+    model_cfg.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(seed)
+    model = GPT(model_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path.mkdir(parents=True)
+    ckpt.save_config(Config(model=model_cfg, train=TrainConfig()), path)
+    tokenizer.save(path / ckpt.TOKENIZER_FILE)
+    ckpt.save_weights(model, path / ckpt.MODEL_FILE)
+    return path

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_run
 
 from quillgpt import checkpoint as ckpt
 from quillgpt.cli import main
-from quillgpt.config import Config, ModelConfig, TrainConfig
+from quillgpt.config import ModelConfig
 from quillgpt.errors import QuillError
 from quillgpt.evaluate import evaluate_ids, sliding_windows
-from quillgpt.model import GPT
 from quillgpt.tokenizers import CharTokenizer
 from quillgpt.tokenizers.bpe import ByteBPETokenizer
 
@@ -48,18 +48,8 @@ def hf_guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) 
     return math.exp(nll_sum / n_tokens), n_tokens
 
 
-def make_run(path: Path, tokenizer, block_size: int = 32) -> Path:
-    cfg = ModelConfig(block_size=block_size, n_layer=2, n_head=2, n_embd=32, vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path.mkdir()
-    ckpt.save_config(Config(model=cfg, train=TrainConfig()), path)
-    tokenizer.save(path / ckpt.TOKENIZER_FILE)
-    ckpt.save_weights(model, path / ckpt.MODEL_FILE)
-    return path
+def make_eval_run(path: Path, tokenizer, block_size: int = 32) -> Path:
+    return make_run(path, ModelConfig(block_size=block_size, n_layer=2, n_head=2, n_embd=32), tokenizer)
 
 
 @pytest.mark.parametrize("n, block, stride", [(10, 6, 3), (100, 32, 32), (100, 32, 7), (5, 32, 16),
@@ -95,7 +85,7 @@ def test_perplexity_equals_hf_guide(tmp_path, small_text, capsys, stride):
     text = small_text.read_text()[:1000] + "Whether 'tis nobler in the mind — ünïcödé 日本\n"
     small_text = tmp_path / "part.txt"
     small_text.write_text(text, encoding="utf-8")
-    run_dir = make_run(tmp_path / "run", tok)
+    run_dir = make_eval_run(tmp_path / "run", tok)
     export_hf(run_dir, tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ids = torch.tensor([tok.encode(text)])
@@ -122,7 +112,7 @@ def test_bits_per_byte_of_a_char_model(tmp_path, small_text, capsys):
     """ASCII text with a char tokenizer: one byte per token, so bits/byte = loss / ln 2."""
     text = small_text.read_text()[:2000]
     small_text.write_text(text)
-    run_dir = make_run(tmp_path / "run", CharTokenizer.train(text), block_size=64)
+    run_dir = make_eval_run(tmp_path / "run", CharTokenizer.train(text), block_size=64)
     assert main(["eval", str(run_dir), "--data", str(small_text), "--json", "--no-progress"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["bytes"] == r["scored"] == len(text) - 1 and r["stride"] == 32
@@ -137,7 +127,7 @@ def test_bits_per_byte_of_a_char_model(tmp_path, small_text, capsys):
 
 def test_batching_does_not_change_the_result(tmp_path, small_text):
     tok = CharTokenizer.train(small_text.read_text())
-    run = ckpt.load_run(make_run(tmp_path / "run", tok))
+    run = ckpt.load_run(make_eval_run(tmp_path / "run", tok))
     ids = tok.encode(small_text.read_text())[:400]
     one = evaluate_ids(run.model, ids, stride=11, batch_size=1, progress=False)
     many = evaluate_ids(run.model, ids, stride=11, batch_size=16, progress=False)
@@ -146,7 +136,7 @@ def test_batching_does_not_change_the_result(tmp_path, small_text):
 
 
 def test_eval_bad_input(tmp_path, small_text, capsys):
-    run_dir = make_run(tmp_path / "run", CharTokenizer.train(small_text.read_text()))
+    run_dir = make_eval_run(tmp_path / "run", CharTokenizer.train(small_text.read_text()))
 
     def error(argv: list[str]) -> str:
         capsys.readouterr()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import make_run, shared_file
 from safetensors.torch import load_file
 
 from quillgpt import checkpoint as ckpt
@@ -70,21 +70,6 @@ def save_hf_dir(model: GPT2LMHeadModel, path: Path, tokenizer: ByteBPETokenizer 
     if tokenizer is not None:
         for name, text in tokenizer_to_hf_files(tokenizer, model.config.n_positions).items():
             (path / name).write_text(text, encoding="utf-8")
-    return path
-
-
-def make_run(path: Path, model_cfg: ModelConfig, tokenizer, seed: int = 0) -> Path:
-    """A run directory with random weights, as quill train writes it."""
-    model_cfg.vocab_size = tokenizer.vocab_size
-    torch.manual_seed(seed)
-    model = GPT(model_cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path.mkdir(parents=True)
-    ckpt.save_config(Config(model=model_cfg, train=TrainConfig()), path)
-    tokenizer.save(path / ckpt.TOKENIZER_FILE)
-    ckpt.save_weights(model, path / ckpt.MODEL_FILE)
     return path
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import make_run
 from torch.nn import functional as F
 
 from quillgpt import checkpoint as ckpt
 from quillgpt.cli import main
-from quillgpt.config import Config, ModelConfig, TrainConfig, load_config
+from quillgpt.config import Config, ModelConfig, load_config
 from quillgpt.errors import QuillError
 from quillgpt.generate import generate_batch, generate_ids
 from quillgpt.hf import check_exportable
@@ -544,20 +545,9 @@ def bpe() -> ByteBPETokenizer:
     return ByteBPETokenizer.train("\n".join(VERSE * 10), 300)
 
 
-def make_run(path: Path, bpe: ByteBPETokenizer, **model) -> Path:
+def exportable_run(path: Path, bpe: ByteBPETokenizer, **model) -> Path:
     """A run directory as quill train writes it, GPT-2 exportable but for `model`'s options."""
-    cfg = ModelConfig(vocab_size=bpe.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=True,
-                      **model)
-    torch.manual_seed(0)
-    gpt = GPT(cfg)
-    with torch.no_grad():
-        for p in gpt.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path.mkdir(parents=True)
-    ckpt.save_config(Config(model=cfg, train=TrainConfig()), path)
-    bpe.save(path / ckpt.TOKENIZER_FILE)
-    ckpt.save_weights(gpt, path / ckpt.MODEL_FILE)
-    return path
+    return make_run(path, ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, bias=True, **model), bpe)
 
 
 @pytest.mark.parametrize(
@@ -573,7 +563,7 @@ def make_run(path: Path, bpe: ByteBPETokenizer, **model) -> Path:
     ],
 )
 def test_export_refuses_each_non_gpt2_option(tmp_path, bpe, capsys, option, named):
-    run = make_run(tmp_path / "run", bpe, **option)
+    run = exportable_run(tmp_path / "run", bpe, **option)
     out = tmp_path / "out"
     err = one_line_error(capsys, ["export-hf", str(run), str(out)])
     assert named in err and "GPT-2" in err, err
@@ -585,7 +575,7 @@ def test_export_refuses_each_non_gpt2_option(tmp_path, bpe, capsys, option, name
 def test_zero_init_alone_exports_and_loads_in_transformers(tmp_path, bpe, capsys):
     transformers = pytest.importorskip("transformers")
     assert ModelConfig(zero_init=True).non_gpt2_options() == []
-    run = make_run(tmp_path / "run", bpe, zero_init=True)
+    run = exportable_run(tmp_path / "run", bpe, zero_init=True)
     out = tmp_path / "hf"
     assert main(["export-hf", str(run), str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
