@@ -65,7 +65,8 @@ class ModelConfig:
 
     def non_gpt2_options(self) -> list[str]:
         """The options set that GPT-2's architecture (and HF's GPT2LMHeadModel) lacks."""
-        found = [name for name in ("rope", "qk_norm") if getattr(self, name)]
+        found = [] if self.bias else ["bias false"]
+        found += [name for name in ("rope", "qk_norm") if getattr(self, name)]
         found += [f"{name} {getattr(self, name)}" for name, gpt2 in (("norm", "layernorm"), ("activation", "gelu"))
                   if getattr(self, name) != gpt2]
         if not self.tie_embeddings:
