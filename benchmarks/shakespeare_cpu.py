@@ -1,12 +1,16 @@
 """The core target: nanoGPT's CPU recipe (the `shakespeare-char-cpu` preset) on tiny-shakespeare.
 
 1. Trains the preset for its 2000 iterations and reports the val loss, wall time and the median
-   time per iteration (evaluation excluded).
+   time per iteration (evaluation excluded). Then, on the trained model, the loss over the whole
+   val split and how much the recipe's val estimate (eval_iters = 20 random batches of 12 x 64
+   tokens) moves when other batches are drawn: `--resamples` draws, mean, standard deviation,
+   and the share of draws at or below 1.90.
 2. Times training iterations of the same shape, fp32, against an independent implementation of
    the same model measured in the same run: Hugging Face `GPT2LMHeadModel` with the same AdamW
    loop. Rounds alternate between the two; medians are reported.
 
     python benchmarks/shakespeare_cpu.py [--data ../shared/data/tinyshakespeare.txt] [--quick]
+        [--resamples 100]
 
 Reference (GUIDE.md, nanoGPT on these machines): val 1.886 after 2000 iterations, ~38 ms/iteration,
 91 s wall.
@@ -26,7 +30,9 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.nanogpt_parity import full_val_loss  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
+from quillgpt.data import BatchSampler  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
 
 NANOGPT_MS_PER_ITER = 38.0  # GUIDE.md, same machine class
@@ -46,7 +52,24 @@ def full_run(data: str, iters: int) -> dict:
     result = trainer.run()
     tokens_per_step = cfg.train.batch_size * cfg.model.block_size
     ms = [1000 * tokens_per_step / float(r["tokens_per_s"]) for r in trainer.metrics if r["tokens_per_s"]]
-    return {"val": result.val_loss, "wall": time.time() - start, "ms_per_iter": statistics.median(ms)}
+    return {"val": result.val_loss, "wall": time.time() - start, "ms_per_iter": statistics.median(ms),
+            "trainer": trainer}
+
+
+@torch.no_grad()
+def estimate_spread(trainer: Trainer, resamples: int) -> dict:
+    """The whole-val loss of the trained model, and the recipe's val estimate redrawn `resamples`
+    times (other random batches, the same model)."""
+    t, model = trainer.cfg.train, trainer.model.eval()
+    val = trainer.splits.val
+    estimates = []
+    for draw in range(resamples):
+        sampler = BatchSampler(val, trainer.cfg.model.block_size, t.batch_size, 10_000 + draw, "cpu")
+        estimates.append(statistics.fmean(model(*sampler.next())[1].item() for _ in range(t.eval_iters)))
+    return {"whole": full_val_loss(model, val, trainer.cfg.model.block_size),
+            "mean": statistics.fmean(estimates), "sd": statistics.stdev(estimates),
+            "min": min(estimates), "max": max(estimates),
+            "at_most_1.90": sum(e <= 1.90 for e in estimates) / resamples}
 
 
 def time_steps(model: torch.nn.Module, forward, steps: int, batch: int, block: int, vocab: int) -> float:
@@ -95,11 +118,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(here.parent / "shared" / "data" / "tinyshakespeare.txt"))
     parser.add_argument("--quick", action="store_true", help="200 iterations instead of 2000")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--resamples", type=int, default=100, help="redraws of the val estimate")
     args = parser.parse_args()
     iters = 200 if args.quick else 2000
 
     print(f"machine: {machine()}")
     run = full_run(args.data, iters)
+    spread = estimate_spread(run["trainer"], args.resamples)
     steps = compare_step_time(args.rounds, 100)
 
     print(f"\nshakespeare-char-cpu, {iters} iterations, fp32")
@@ -109,6 +134,9 @@ def main() -> None:
     print(f"| wall time, evaluations included | {run['wall']:.1f} s | nanoGPT 91 s |")
     print(f"| ms / iteration (median, training run) | {run['ms_per_iter']:.1f} | nanoGPT "
           f"{NANOGPT_MS_PER_ITER:.0f} (GUIDE.md) |")
+    print(f"\nthe trained model: whole val split {spread['whole']:.4f}; the 20-batch val estimate over "
+          f"{args.resamples} draws of batches: mean {spread['mean']:.4f}, sd {spread['sd']:.4f}, "
+          f"range {spread['min']:.4f}-{spread['max']:.4f}, at or below 1.90 in {spread['at_most_1.90']:.0%}")
     print(f"\nstep time, same shapes, same AdamW loop, median of {args.rounds} rounds x 100 steps")
     print("| implementation | ms / step | ratio vs quillgpt |")
     print("| --- | --- | --- |")

@@ -24,11 +24,26 @@ from .errors import QuillError
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Does this device multiply bfloat16 matrices in hardware? CUDA with bf16 support, or a CPU
+    with AVX-512-BF16 or AMX. Elsewhere bf16 products are emulated: on a 2-core AVX2-only EPYC a
+    512 x 512 product ran at 1.2 GFLOP/s in bf16 against 73 in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def orthogonalize(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """About U V^T for G = U S V^T (..., m, n), by Newton-Schulz iterations in bfloat16 (the
-    iteration is stable in low precision; modded-nanogpt runs it so)."""
+    """About U V^T for G = U S V^T (..., m, n), by Newton-Schulz iterations in bfloat16 where the
+    device multiplies it natively (the iteration is stable in low precision; modded-nanogpt runs
+    it so), in float32 elsewhere."""
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G.bfloat16() if native_bfloat16(G.device) else G.float()
     wide = X.size(-2) > X.size(-1)
     if wide:
         X = X.mT  # iterate on the smaller Gram matrix

@@ -39,7 +39,7 @@ from .errors import QuillError
 from .fileio import atomic_write_text
 from .generate import generate
 from .model import build_model, count_params
-from .optim import check_optimizer, lr_at, make_optimizer, set_lr  # noqa: F401 - lr_at: part of the API
+from .optim import check_optimizer, lr_at, make_optimizer, native_bfloat16, set_lr  # noqa: F401 - lr_at: part of the API
 from .tokenizers import Tokenizer, load_tokenizer
 
 # metrics.csv as in Core; the rows of `Trainer.metrics` also carry "mfu" (progress bar, TensorBoard)
@@ -93,13 +93,9 @@ def resolve_dtype(dtype: str, device: torch.device, n_embd: int | None = None) -
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu" and (n_embd is None or n_embd >= CPU_BF16_MIN_WIDTH):
-        try:
-            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return "bfloat16"
-        except (AttributeError, RuntimeError):
-            pass
+        return "bfloat16" if native_bfloat16(device) else "float16"
+    if device.type == "cpu" and (n_embd is None or n_embd >= CPU_BF16_MIN_WIDTH) and native_bfloat16(device):
+        return "bfloat16"
     return "float32"
 
 
@@ -335,6 +331,9 @@ class Trainer:
             f"data: {len(self.splits.train):,} train / {len(self.splits.val):,} val tokens, "
             f"vocabulary {self.tokenizer.vocab_size}, device {self.device}, dtype {dtype_note}{ranks}"
         )
+        if self.dtype == "bfloat16" and self.device.type == "cpu" and not native_bfloat16(self.device):
+            self.log("warning: this CPU has no native bfloat16 (AVX-512-BF16 or AMX), so bfloat16 is "
+                     "emulated and far slower than float32; --dtype auto picks float32 here")
         self.train_model = qdist.wrap_model(self.model, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.train_model = self._maybe_compile(self.train_model)

@@ -71,6 +71,18 @@ def test_dtype_auto_picks_bf16_where_the_cpu_has_it():
         load_config(None, {"dtype": "fp8"})
 
 
+def test_bf16_on_a_cpu_without_it_warns(small_text, tmp_path, monkeypatch):
+    import quillgpt.train as train
+
+    monkeypatch.setattr(train, "native_bfloat16", lambda device: False)
+    for dtype, warned in (("bfloat16", True), ("float32", False)):
+        lines: list[str] = []
+        Trainer(cfg_for(small_text, tmp_path / dtype, max_iters=1, dtype=dtype), save=False,
+                progress=False, log=lines.append)
+        assert any("no native bfloat16" in line for line in lines) is warned, lines
+    assert resolve_dtype("auto", torch.device("cpu"), n_embd=1024) == "float32"
+
+
 def test_compile_failure_falls_back_to_eager_with_a_message(small_text, tmp_path, monkeypatch):
     class Broken(torch.nn.Module):
         def __init__(self, module):
