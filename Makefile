@@ -1,5 +1,5 @@
 # The README's two commands.
-#   make demo   install, train the small Shakespeare model on CPU (~1.5 min), print a sample
+#   make demo   install, train the small Shakespeare model on CPU (1-3 min), print a sample
 #   make test   install the dev dependencies and run the test suite
 PYTHON ?= python3
 VENV ?= .venv

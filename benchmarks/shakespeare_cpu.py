@@ -101,7 +101,8 @@ def compare_step_time(rounds: int, steps: int) -> dict:
     ours = GPT(m)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=m.block_size, n_embd=m.n_embd,
                                     n_layer=m.n_layer, n_head=m.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0, attn_implementation="sdpa"))
+                                    attn_pdrop=0.0, bos_token_id=0, eos_token_id=None,
+                                    attn_implementation="sdpa"))
     ours_fwd = lambda model, x, y: model(x, y)[1]
     hf_fwd = lambda model, x, y: model(input_ids=x, labels=y).loss
     results: dict[str, list[float]] = {"quillgpt": [], "transformers GPT2LMHeadModel": []}

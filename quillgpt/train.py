@@ -229,15 +229,16 @@ _CPU_PEAK: dict[str, float] = {}
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
     """The device's peak FLOP/s for `dtype`: a table for GPUs; on a CPU, measured once by timing a
-    matrix multiply (so MFU there is relative to what the CPU's matmul actually reaches)."""
+    matrix multiply (so MFU there is relative to what the CPU's matmul actually reaches); none
+    for a low precision the CPU only emulates."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops if dtype != "float32" else flops / 2  # TF32 runs at half rate
         return None
-    if device.type != "cpu":
-        return None
+    if device.type != "cpu" or (dtype != "float32" and not native_bfloat16(device)):
+        return None  # an emulated low-precision matmul is no peak to measure against
     if dtype not in _CPU_PEAK:
         n = 512
         g = torch.Generator().manual_seed(0)  # leaves the global RNG alone (exact resume)

@@ -81,6 +81,8 @@ def test_bf16_on_a_cpu_without_it_warns(small_text, tmp_path, monkeypatch):
                 progress=False, log=lines.append)
         assert any("no native bfloat16" in line for line in lines) is warned, lines
     assert resolve_dtype("auto", torch.device("cpu"), n_embd=1024) == "float32"
+    assert train.peak_flops(torch.device("cpu"), "bfloat16") is None  # no MFU against an emulated peak
+    assert train.peak_flops(torch.device("cpu"), "float32") > 0
 
 
 def test_compile_failure_falls_back_to_eager_with_a_message(small_text, tmp_path, monkeypatch):
