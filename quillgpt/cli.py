@@ -84,8 +84,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import Trainer, resume_config
+    from .train import Trainer, default_preset, resume_config
 
+    chosen = None  # the preset picked for the user when they gave none
     if args.resume:
         if args.no_save:
             raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
@@ -93,9 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.allow_config_change:
             raise QuillError("--allow-config-change only applies with --resume RUN")
-        cfg = load_config(args.config, config_overrides(args))
+        overrides = config_overrides(args)
+        chosen = default_preset(overrides) if args.config is None else None
+        cfg = load_config(args.config or chosen, overrides)
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
                       progress=not args.no_progress, start_time=START_TIME, resume=args.resume)
+    if chosen and trainer.is_main:
+        eprint(f"no --config on a CPU: the {chosen} preset (nanoGPT's CPU recipe); "
+               "--config shakespeare-char is its larger GPU recipe")
     result = trainer.run()
     if not trainer.is_main:
         return 0

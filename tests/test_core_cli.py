@@ -188,6 +188,31 @@ def test_cli_train_then_sample(small_text, tmp_path):
     assert r1.stdout.startswith("To be") and len(r1.stdout.rstrip("\n")) == len("To be") + 40
 
 
+def test_cli_train_without_config_on_a_cpu_uses_the_cpu_recipe(small_text, tmp_path, capsys):
+    """The defaults are nanoGPT's GPU recipe (10.7M parameters, 200-batch evaluations: hours on
+    2 cores); `quill train --data FILE` on a CPU starts from shakespeare-char-cpu instead."""
+    from quillgpt.config import load_config
+    from quillgpt.train import default_preset
+
+    short = ["--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0",
+             "--no-progress", "--device", "cpu"]
+    assert main(["train", "--data", str(small_text), "--out", str(tmp_path / "a"), *short]) == 0
+    err = capsys.readouterr().err
+    assert "no --config on a CPU: the shakespeare-char-cpu preset" in err
+    cpu = load_config("shakespeare-char-cpu")
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+        assert saved["model"][key] == getattr(cpu.model, key), key
+    assert saved["train"]["batch_size"] == cpu.train.batch_size
+    # a preset or a file given, or fine-tuning (its own model), and nothing is chosen
+    assert main(["train", "--config", "tshark", "--data", str(small_text), "--out", str(tmp_path / "b"),
+                 *short]) == 0
+    assert "no --config" not in capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["model"]["n_embd"] == 64
+    assert default_preset({"device": "cpu", "init_from": "gpt2"}) is None
+    assert default_preset({"device": "cpu"}) == "shakespeare-char-cpu"
+
+
 def run_main(args: list[str], capsys) -> tuple[int, str]:
     code = main(args)
     err = capsys.readouterr().err

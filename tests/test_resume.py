@@ -20,7 +20,7 @@ from quillgpt.checkpoint import pack_state, unpack_state
 from quillgpt.cli import main
 from quillgpt.config import load_config
 from quillgpt.errors import QuillError
-from quillgpt.train import Trainer, resume_config
+from quillgpt.train import Trainer, default_preset, resume_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.
 def tiny_cfg(data: Path, out: Path, **extra):
     values = dict(TINY, data=str(data), out=str(out))
     values.update(extra)
-    return load_config(None, values)
+    return load_config(default_preset(values), values)  # as `quill train` without --config
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
