@@ -71,7 +71,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a text file",
                        description="Train a model. Settings come from defaults, then --config "
                                    "(a preset name or YAML file), then --key-name flags.")
-    p.add_argument("--config", help="preset name (e.g. shakespeare-char-cpu) or YAML file")
+    p.add_argument("--config", help="preset name (e.g. shakespeare-char-cpu) or YAML file; without it: "
+                   "shakespeare-char-cpu on a CPU, the defaults (nanoGPT's GPU recipe) on a GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-save", action="store_true", help="write no run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
