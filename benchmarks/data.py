@@ -189,7 +189,7 @@ def bench_loading(args: argparse.Namespace, shakespeare: Path) -> None:
 
     from quillgpt.config import load_config
     from quillgpt.data import BatchSampler, prepare_training_data
-    from quillgpt.model import build_model
+    from quillgpt.registry import build_model
 
     os.environ["QUILL_CACHE"] = tempfile.mkdtemp(prefix="quill-bench-cache-", dir="/tmp")
     try:

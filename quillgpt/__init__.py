@@ -20,7 +20,7 @@ from .errors import QuillError  # noqa: E402
 
 _LAZY = {
     "GPT": "model",
-    "build_model": "model",
+    "build_model": "registry",
     "Trainer": "train",
     "TrainResult": "train",
     "load_run": "checkpoint",

@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 from .config import Config, config_from_dict
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
-from .model import build_model
+from .registry import build_model
 from .tokenizers import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.yaml"

@@ -29,7 +29,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor 
     """Mean cross-entropy of the next-token predictions, or None without targets."""
     if targets is None:
         return None
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 def check_length(idx: torch.Tensor, cfg: ModelConfig) -> None:

@@ -33,7 +33,8 @@ from .config import Config, parse_duration
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .ladder import RUNGS, bigram_entropy
-from .model import build_model, count_params
+from .model import count_params
+from .registry import build_model
 
 CSV_COLUMNS = ["rung", "params", "train_loss", "val_loss", "tokens_per_s"]
 N_EVALS = 10  # evaluations per rung after the first, for the curves
@@ -74,7 +75,7 @@ def rung_config(cfg: Config, rung: str, steps: int, out: Path) -> Config:
 
 def time_step(cfg: Config, repeats: int = 3) -> float:
     """Seconds per AdamW training step of `cfg`'s model on a random batch of its shape."""
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -275,24 +275,8 @@ class GPT(nn.Module):
             logits = cfg.logit_softcap * torch.tanh(logits.float() / cfg.logit_softcap)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model named by `cfg.kind`: the GPT, or one of the learning ladder's rungs."""
-    if cfg.kind == "gpt":
-        return GPT(cfg)
-    try:
-        from .ladder import LADDER
-    except ImportError:
-        LADDER = {}
-    if cfg.kind in LADDER:
-        return LADDER[cfg.kind](cfg)
-    from .errors import QuillError
-
-    kinds = ["gpt", *LADDER]
-    raise QuillError(f"unknown model kind {cfg.kind!r} (choose from {', '.join(kinds)})")
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,24 +18,11 @@ import torch.nn as nn
 
 from .config import Config
 from .errors import QuillError
+from .runtime import native_bfloat16
 
 # quintic x -> a x + b x^3 + c x^5, tuned (modded-nanogpt) to push every singular value in
 # (0, 1] towards 1 as fast as possible; they end in roughly [0.7, 1.2] rather than exactly 1
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Does this device multiply bfloat16 matrices in hardware? CUDA with bf16 support, or a CPU
-    with AVX-512-BF16 or AMX. Elsewhere bf16 products are emulated: on a 2-core AVX2-only EPYC a
-    512 x 512 product ran at 1.2 GFLOP/s in bf16 against 73 in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:

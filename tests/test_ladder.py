@@ -19,7 +19,8 @@ from quillgpt.data import prepare_training_data
 from quillgpt.errors import QuillError
 from quillgpt.ladder import LADDER, RUNGS, bigram_entropy
 from quillgpt.ladder_run import CSV_COLUMNS, run_ladder, steps_for_time_budget
-from quillgpt.model import build_model, count_params
+from quillgpt.model import count_params
+from quillgpt.registry import build_model
 from quillgpt.train import Trainer
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=8, eval_iters=2, eval_interval=10,

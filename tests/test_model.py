@@ -9,7 +9,8 @@ import torch
 
 from quillgpt.checkpoint import load_weights, save_weights
 from quillgpt.config import ModelConfig
-from quillgpt.model import GPT, build_model
+from quillgpt.model import GPT
+from quillgpt.registry import build_model
 
 
 def tiny_config(**kw) -> ModelConfig:

@@ -72,9 +72,10 @@ def test_dtype_auto_picks_bf16_where_the_cpu_has_it():
 
 
 def test_bf16_on_a_cpu_without_it_warns(small_text, tmp_path, monkeypatch):
+    import quillgpt.runtime as runtime
     import quillgpt.train as train
 
-    monkeypatch.setattr(train, "native_bfloat16", lambda device: False)
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda device: False)
     for dtype, warned in (("bfloat16", True), ("float32", False)):
         lines: list[str] = []
         Trainer(cfg_for(small_text, tmp_path / dtype, max_iters=1, dtype=dtype), save=False,
