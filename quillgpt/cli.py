@@ -100,11 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config or chosen, overrides)
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
                       progress=not args.no_progress, start_time=START_TIME, resume=args.resume)
-    if chosen and trainer.is_main:
+    if chosen and trainer.dist.is_main:
         eprint(f"no --config on a CPU: the {chosen} preset (nanoGPT's CPU recipe); "
                "--config shakespeare-char is its larger GPU recipe")
     result = trainer.run()
-    if not trainer.is_main:
+    if not trainer.dist.is_main:
         return 0
     eprint(
         f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
@@ -171,7 +171,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .checkpoint import BEST_FILE, MODEL_FILE, load_run
     from .generate import check_sampling_args, generate_batch, generate_stream
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     stop = [_unescape(s) for s in args.stop] if args.stop else None
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p,
@@ -290,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
     from .data import read_text
     from .evaluate import evaluate_text, format_result
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if args.batch_size < 1:
         raise QuillError(f"--batch-size must be positive, got {args.batch_size}")
@@ -459,8 +459,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE
+    from .runtime import resolve_device
     from .serve import ServeSettings, serve
-    from .train import resolve_device
 
     if not 0 <= args.port <= 65535:
         raise QuillError(f"--port must be in 0..65535, got {args.port}")

@@ -4,15 +4,20 @@
     batches = BatchSampler(splits.train, block_size, batch_size, seed)
     x, y = batches.next()                               # (batch_size, block_size) each
 
+`TokenData` is what the training loop trains on by default: a tokenizer, the splits, and batch
+sources drawn from them. Other kinds of training data (conversations with loss masks) give the
+loop the same three things: `describe()`, `fingerprint()` and `batches(split, ...)`.
+
 Corpus readers, tokenisation and the token-file format live in `prepare.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import urllib.request  # noqa: F401 - tests patch quillgpt.data.urllib.request.urlopen
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -169,3 +174,68 @@ def prepare_training_data(cfg: Config, progress: bool | None = None) -> tuple[To
     splits = Splits(train, val)
     check_lengths(splits, cfg.model.block_size)
     return tokenizer, splits
+
+
+class BatchSource(Protocol):
+    """Anything the loop draws batches from: inputs and targets (B, T) each, where a target of
+    -1 is not scored; and a state to checkpoint so that a resumed run draws the same batches."""
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state(self) -> torch.Tensor: ...
+
+    def set_state(self, state: torch.Tensor) -> None: ...
+
+
+class TrainingData(Protocol):
+    """What a training run learns from: its tokenizer and batch sources for each split."""
+
+    tokenizer: Tokenizer
+
+    def describe(self) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
+    def batches(self, split: str, batch_size: int, seed: int, device: torch.device,
+                rank: int = 0, world_size: int = 1) -> BatchSource: ...
+
+
+def data_fingerprint(splits: Splits, chunk: int = 1 << 20) -> str:
+    """sha256 of the split sizes and a sample of the tokens (head, tail and 64 strided pieces),
+    to notice a resume on different data without reading a large memory-mapped corpus."""
+    h = hashlib.sha256()
+    for arr in (splits.train, splits.val):
+        arr = np.asarray(arr)
+        h.update(f"{len(arr)}:{arr.dtype}".encode())
+        if len(arr) <= 8 * chunk:
+            h.update(np.ascontiguousarray(arr).tobytes())
+            continue
+        for start in np.linspace(0, len(arr) - chunk // 16, 64).astype(np.int64):
+            h.update(np.ascontiguousarray(arr[start:start + chunk // 16]).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class TokenData:
+    """A tokenized corpus split in two; batches are random windows of `block_size + 1` tokens."""
+
+    tokenizer: Tokenizer
+    splits: Splits
+    block_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TokenData:
+        tokenizer, splits = prepare_training_data(cfg)
+        return cls(tokenizer, splits, cfg.model.block_size)
+
+    def describe(self) -> str:
+        return f"{len(self.splits.train):,} train / {len(self.splits.val):,} val tokens"
+
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.splits)
+
+    def batches(self, split: str, batch_size: int, seed: int, device: torch.device,
+                rank: int = 0, world_size: int = 1) -> BatchSampler:
+        tokens = self.splits.train if split == "train" else self.splits.val
+        return BatchSampler(tokens, self.block_size, batch_size, seed, device, rank=rank,
+                            world_size=world_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -41,6 +42,14 @@ def _series(rows: list[dict[str, str]], column: str) -> tuple[list[int], list[fl
             except ValueError:
                 continue
     return steps, values
+
+
+def plot_or_say(run_dir: str | Path, log: Callable[[str], None]) -> None:
+    """RUN/loss.png, or one line through `log` saying why there is none (no matplotlib, ...)."""
+    try:
+        plot_run(run_dir)
+    except QuillError as e:
+        log(f"no loss.png: {e}")
 
 
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:

@@ -1,0 +1,166 @@
+"""The package's layers: every import inside quillgpt/ points down (or sideways within a
+subpackage), never up, and never in a circle. Lazy imports inside functions count too.
+
+The layers, from the bottom (docs/architecture.md explains each):
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "quillgpt"
+
+# module (or subpackage) -> its layer; a module may import only from lower layers
+LAYERS: dict[str, int] = {
+    # 0: plain Python, no torch: errors, atomic writes, downloads and the cache
+    "errors": 0, "fileio": 0, "download": 0,
+    # 1: settings and the device
+    "config": 1, "runtime": 1,
+    # 2: tokenizers (standard library, regex, optional tiktoken)
+    "tokenizers": 2,
+    # 3: the models, each standing on config alone
+    "model": 3, "ladder": 3,
+    # 4: which model a config names; optimisers
+    "registry": 4, "optim": 4,
+    # 5: corpora -> token files -> batches
+    "readers": 5, "prepared": 6, "prepare": 7, "data": 8,
+    # 9: run directories on disk
+    "checkpoint": 9,
+    # 10: using a model: generation, evaluation, plots, processes
+    "generate": 10, "evaluate": 11, "plot": 10, "distributed": 10,
+    # 12: what a training run is made of
+    "metrics": 12, "resume": 12, "train_control": 12, "hf": 12,
+    # 13: the training loop
+    "train": 13,
+    # 14: what stands on the loop or on a loaded run
+    "ladder_run": 14, "serve": 14,
+    # 15: the command line and the package's front door
+    "cli": 15, "__main__": 16, "__init__": 16,
+}
+
+# narrower rules, on top of the order
+MAY_IMPORT_ONLY = {
+    "model": {"config", "errors"},
+    "ladder": {"config", "errors"},
+    "tokenizers": {"errors", "fileio", "download"},
+}
+
+
+def unit_of(path: Path) -> str:
+    """The layer unit of a source file: its module name, or its subpackage's name."""
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_units(path: Path, root: Path = PACKAGE) -> set[str]:
+    """The quillgpt units a file imports (absolute or relative, at the top or inside functions)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    rel = path.relative_to(root)
+    depth = len(rel.parts) - 1  # 0 for quillgpt/x.py, 1 for quillgpt/sub/x.py
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                names = [node.module or ""]
+            else:
+                up = node.level - 1  # `from .` stays in this file's package
+                base = list(rel.parts[:-1])
+                base = base[: len(base) - up] if up else base
+                if up > depth:
+                    continue
+                module = ".".join(["quillgpt", *base, *(node.module.split(".") if node.module else [])])
+                names = [module]
+                if not node.module:  # `from . import checkpoint`: the names that are modules
+                    here = root.joinpath(*base)
+                    names = [f"{module}.{a.name}" for a in node.names
+                             if (here / f"{a.name}.py").is_file() or (here / a.name).is_dir()]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "quillgpt" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def source_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in source_files():
+        unit = unit_of(path)
+        graph.setdefault(unit, set()).update(u for u in imported_units(path) if u != unit)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({unit_of(p) for p in source_files()} - set(LAYERS))
+    assert not missing, f"give these modules a layer in LAYERS (and docs/architecture.md): {missing}"
+
+
+@pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down(path):
+    unit = unit_of(path)
+    for other in sorted(imported_units(path) - {unit}):
+        assert other in LAYERS, f"{path.name} imports an unknown module quillgpt.{other}"
+        if unit == "__init__":
+            continue  # the package's front door re-exports from anywhere, lazily
+        assert LAYERS[other] < LAYERS[unit], (
+            f"quillgpt/{path.relative_to(PACKAGE)} (layer {LAYERS[unit]}) imports quillgpt.{other} "
+            f"(layer {LAYERS[other]}): imports must point down")
+        if unit in MAY_IMPORT_ONLY:
+            assert other in MAY_IMPORT_ONLY[unit], f"{unit} may import only {sorted(MAY_IMPORT_ONLY[unit])}"
+
+
+def test_nothing_imports_the_cli():
+    for path in source_files():
+        if unit_of(path) not in ("cli", "__main__"):
+            assert "cli" not in imported_units(path), f"{path} imports quillgpt.cli"
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    graph.pop("__init__", None)  # lazy re-exports only
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_check_finds_a_cycle_and_an_upward_import(tmp_path):
+    """The checks above would fail if someone added a cycle: shown on a small graph, and on a
+    real file that imports upwards."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    path = PACKAGE / "tokenizers" / "char.py"
+    src = path.read_text(encoding="utf-8")
+    fake = tmp_path / "quillgpt" / "tokenizers" / "char.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(src + "\n\ndef _f():\n    from ..data import BatchSampler\n", encoding="utf-8")
+    assert "data" in imported_units(fake, root=tmp_path / "quillgpt")
+    assert "data" not in imported_units(path)
