@@ -4,7 +4,8 @@
     batches = BatchSampler(splits.train, block_size, batch_size, seed)
     x, y = batches.next()                               # (batch_size, block_size) each
 
-Corpus readers, tokenisation and the token-file format live in `prepare.py`.
+Corpus readers live in `readers.py`, tokenisation in `prepare.py`, the token-file format and its
+cache in `prepared.py`, downloads and the cache directory in `download.py`.
 """
 
 from __future__ import annotations
@@ -17,21 +18,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .errors import QuillError
-from .prepare import (  # noqa: F401 - public names of this module since the core
+from .download import (  # noqa: F401 - public names of this module since the core
     SHAKESPEARE_NAME,
     SHAKESPEARE_SHA256,
     SHAKESPEARE_URL,
-    ReadOptions,
     cache_dir,
     fetch_cached,
-    is_prepared_dir,
-    load_prepared,
-    prepare,
-    read_text,
     sha256_file,
     shakespeare_path,
 )
+from .errors import QuillError
+from .prepare import prepare
+from .prepared import is_prepared_dir, load_prepared
+from .readers import ReadOptions, read_text  # noqa: F401 - read_text: a public name of this module
 
 if TYPE_CHECKING:
     from .config import Config
