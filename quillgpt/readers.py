@@ -13,11 +13,10 @@ column, or `--column`), an http(s) URL (downloaded once into the cache), or a kn
 Each text file, JSON line or Parquet row is one *document*. Documents are read in pieces of at
 most about `piece_bytes` (the caller's choice), cut where tokenising the pieces one by one gives
 the same tokens as tokenising the whole document, so memory stays bounded whatever the corpus
-size.
-Invalid input (missing file, binary data, bad UTF-8, JSON without the text field) raises
-`QuillError` with the file and offset.
+size. Invalid input (a missing file, binary data, bad UTF-8, a JSON line without the text field)
+raises `QuillError` naming the file and where in it.
 
-This module imports neither torch nor numpy nor the tokenizers.
+This module imports neither torch nor numpy nor the tokenizers (pyarrow only for .parquet).
 """
 
 from __future__ import annotations
