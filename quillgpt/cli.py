@@ -288,8 +288,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
-    from .data import read_text
     from .evaluate import evaluate_text, format_result
+    from .readers import read_text
     from .runtime import resolve_device
 
     if args.batch_size < 1:
@@ -495,7 +495,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import ReadOptions, prepare
+    from .prepare import prepare
+    from .readers import ReadOptions
 
     if args.max_megabytes is not None and args.max_megabytes <= 0:
         raise QuillError(f"max_megabytes must be positive, got {args.max_megabytes}")

@@ -8,7 +8,8 @@
 sources drawn from them. Other kinds of training data (conversations with loss masks) give the
 loop the same three things: `describe()`, `fingerprint()` and `batches(split, ...)`.
 
-Corpus readers, tokenisation and the token-file format live in `prepare.py`.
+Corpus readers live in `readers.py`, tokenisation in `prepare.py`, the token-file format and its
+cache in `prepared.py`, downloads and the cache directory in `download.py`.
 """
 
 from __future__ import annotations
@@ -22,21 +23,19 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from .errors import QuillError
-from .prepare import (  # noqa: F401 - public names of this module since the core
+from .download import (  # noqa: F401 - public names of this module since the core
     SHAKESPEARE_NAME,
     SHAKESPEARE_SHA256,
     SHAKESPEARE_URL,
-    ReadOptions,
     cache_dir,
     fetch_cached,
-    is_prepared_dir,
-    load_prepared,
-    prepare,
-    read_text,
     sha256_file,
     shakespeare_path,
 )
+from .errors import QuillError
+from .prepare import prepare
+from .prepared import is_prepared_dir, load_prepared
+from .readers import ReadOptions, read_text  # noqa: F401 - read_text: a public name of this module
 
 if TYPE_CHECKING:
     from .config import Config

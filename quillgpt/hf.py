@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 
 from . import checkpoint as ckpt
 from .config import Config, ModelConfig, TrainConfig
-from .data import cache_dir
+from .download import cache_dir
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .model import GPT

@@ -29,7 +29,7 @@ EXAMPLE = "Albert Einstein war ein schweizerisch-US-amerikanischer Physiker."
 @pytest.fixture
 def gpt2_cache() -> Path:
     """Copy ../shared/data/gpt2.tiktoken into this test's (empty) $QUILL_CACHE."""
-    from quillgpt.tokenizers.gpt2 import _cache_dir
+    from quillgpt.download import cache_dir as _cache_dir
 
     src = shared_file("gpt2.tiktoken")
     dest = _cache_dir() / GPT2_RANKS_NAME
@@ -82,7 +82,8 @@ def test_gpt2_downloaded_once_with_checksum(monkeypatch, shakespeare_text):
     import io
     import urllib.request
 
-    from quillgpt.tokenizers.gpt2 import GPT2_RANKS_URL, _cache_dir
+    from quillgpt.download import cache_dir as _cache_dir
+    from quillgpt.tokenizers.gpt2 import GPT2_RANKS_URL
 
     payload = shared_file("gpt2.tiktoken").read_bytes()
     calls = []
@@ -102,7 +103,7 @@ def test_gpt2_wrong_checksum_is_an_error(monkeypatch, tmp_path):
     import io
     import urllib.request
 
-    from quillgpt.tokenizers.gpt2 import _cache_dir
+    from quillgpt.download import cache_dir as _cache_dir
 
     corrupt = shared_file("gpt2.tiktoken").read_bytes()[:-100]
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(corrupt))

@@ -22,7 +22,8 @@ TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size
 
 @pytest.fixture
 def gpt2_cache(monkeypatch) -> Path:
-    from quillgpt.tokenizers.gpt2 import GPT2_RANKS_NAME, _cache_dir
+    from quillgpt.download import cache_dir as _cache_dir
+    from quillgpt.tokenizers.gpt2 import GPT2_RANKS_NAME
 
     dest = _cache_dir() / GPT2_RANKS_NAME
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ checked against its sha256. Encoding with them is identical to GPT-2's (and tikt
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..download import fetch_cached
 from ..errors import QuillError
 from .bpe import ENDOFTEXT, GPT2_PATTERN, ByteBPETokenizer, load_tiktoken_ranks
 
@@ -25,19 +25,8 @@ GPT2_RANKS_NAME = "gpt2.tiktoken"
 GPT2_VOCAB_SIZE = 50257
 
 
-def _cache_dir() -> Path:
-    # Same rule as quillgpt.data.cache_dir, without importing data.py (which imports torch):
-    # `quill tokenize --tokenizer gpt2` must start fast.
-    return Path(os.environ.get("QUILL_CACHE") or Path.home() / ".cache" / "quillgpt")
-
-
 def gpt2_ranks_path() -> Path:
     """`gpt2.tiktoken` in the cache directory, downloaded (sha256-checked) when absent."""
-    path = _cache_dir() / GPT2_RANKS_NAME
-    if path.is_file():
-        return path
-    from ..data import fetch_cached
-
     return fetch_cached(GPT2_RANKS_NAME, GPT2_RANKS_URL, GPT2_RANKS_SHA256)
 
 

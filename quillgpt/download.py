@@ -1,0 +1,78 @@
+"""The cache directory and the files downloaded into it, once, checked against a sha256.
+
+    path = fetch_cached("gpt2.tiktoken", url, sha256)   # $QUILL_CACHE/gpt2.tiktoken
+    path = download("https://example.com/corpus.txt")    # $QUILL_CACHE/downloads/<hash>-corpus.txt
+    path = shakespeare_path()                            # tiny-shakespeare
+
+The lowest layer, beside `fileio.py`: it imports only the standard library, `errors` and
+`fileio` (and `urllib.request` only when something is downloaded), so the tokenizers can use it
+and still start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import QuillError
+from .fileio import atomic_write_bytes
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_NAME = "tinyshakespeare.txt"
+
+
+def cache_dir() -> Path:
+    """`$QUILL_CACHE`, or ~/.cache/quillgpt."""
+    return Path(os.environ.get("QUILL_CACHE") or Path.home() / ".cache" / "quillgpt")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_cached(name: str, url: str, sha256: str | None) -> Path:
+    """A file in the cache directory, downloaded once from `url` and checked against `sha256`."""
+    path = cache_dir() / name
+    if path.is_file():
+        return path
+    import urllib.error
+    import urllib.request  # here, not above: importing it takes longer than the tokenizers
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise QuillError(
+            f"cannot download {name} from {url} ({getattr(e, 'reason', e)}); offline? "
+            f"pass a local file with --data FILE, or place it at {path}"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise QuillError(f"downloaded {name} has sha256 {digest}, expected {sha256}; not saved")
+    atomic_write_bytes(path, data)
+    return path
+
+
+def shakespeare_path() -> Path:
+    """tiny-shakespeare from the cache, downloaded on first use."""
+    return fetch_cached(SHAKESPEARE_NAME, SHAKESPEARE_URL, SHAKESPEARE_SHA256)
+
+
+def download(url: str) -> Path:
+    """A URL's content, downloaded once into the cache (no checksum known: trusted as served)."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]) or "data"
+    return fetch_cached(f"downloads/{key}-{base}", url, None)
+
+
+KNOWN_DATASETS: dict[str, Callable[[], Path]] = {"shakespeare": shakespeare_path}
