@@ -15,30 +15,30 @@ PACKAGE = Path(__file__).resolve().parent.parent / "quillgpt"
 
 # module (or subpackage) -> its layer; a module may import only from lower layers
 LAYERS: dict[str, int] = {
-    # 0: plain Python, no torch: errors, atomic writes, downloads and the cache
-    "errors": 0, "fileio": 0, "download": 0,
-    # 1: settings and the device
-    "config": 1, "runtime": 1,
-    # 2: tokenizers (standard library, regex, optional tiktoken)
-    "tokenizers": 2,
-    # 3: the models, each standing on config alone
-    "model": 3, "ladder": 3,
-    # 4: which model a config names; optimisers
-    "registry": 4, "optim": 4,
-    # 5: corpora -> token files -> batches
-    "readers": 5, "prepared": 6, "prepare": 7, "data": 8,
-    # 9: run directories on disk
-    "checkpoint": 9,
-    # 10: using a model: generation, evaluation, plots, processes
-    "generate": 10, "evaluate": 11, "plot": 10, "distributed": 10,
-    # 12: what a training run is made of
-    "metrics": 12, "resume": 12, "train_control": 12, "hf": 12,
-    # 13: the training loop
-    "train": 13,
-    # 14: what stands on the loop or on a loaded run
-    "ladder_run": 14, "serve": 14,
-    # 15: the command line and the package's front door
-    "cli": 15, "__main__": 16, "__init__": 16,
+    # 0-1: plain Python, no torch: the error type, atomic writes; downloads and the file cache
+    "errors": 0, "fileio": 0, "download": 1,
+    # 2: settings and the device
+    "config": 2, "runtime": 2,
+    # 3: tokenizers (standard library, regex, optional tiktoken)
+    "tokenizers": 3,
+    # 4: the models, each standing on config alone
+    "model": 4, "ladder": 4,
+    # 5: which model a config names; optimisers
+    "registry": 5, "optim": 5,
+    # 6-9: corpora -> text pieces -> token files (and their cache) -> batches
+    "readers": 6, "prepared": 7, "prepare": 8, "data": 9,
+    # 10: run directories on disk
+    "checkpoint": 10,
+    # 11-12: using a model: generation, plots, processes; evaluation
+    "generate": 11, "plot": 11, "distributed": 11, "evaluate": 12,
+    # 13: what a training run is made of
+    "metrics": 13, "resume": 13, "train_control": 13, "hf": 13,
+    # 14: the training loop
+    "train": 14,
+    # 15: what stands on the loop or on a loaded run
+    "ladder_run": 15, "serve": 15,
+    # 16-17: the command line and the package's front doors
+    "cli": 16, "__main__": 17, "__init__": 17,
 }
 
 # narrower rules, on top of the order
