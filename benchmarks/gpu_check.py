@@ -926,12 +926,14 @@ ROWS = {"gpt2": rows_gpt2, "shakespeare": rows_shakespeare, "generate": rows_gen
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The report as one markdown table; a part that failed shows its one line of error."""
-    gpus = (report.get("machine") or {}).get("gpus")
-    lines = [f"machine: {'; '.join(gpus) if gpus else (report.get('machine') or {}).get('cpu')}; "
-             f"torch {(report.get('machine') or {}).get('torch')}, CUDA {(report.get('machine') or {}).get('cuda')}"
-             f"{' (--smoke: CPU, tiny shapes)' if report.get('smoke') else ''}", "",
-             "| part | figure | value |", "| --- | --- | --- |"]
-    for name, r in report.get("parts", {}).items():
+    machine = report.get("machine") or {}
+    parts = report.get("parts", {})
+    device = machine.get("gpus") or [next((r["device_name"] for r in parts.values() if "device_name" in r),
+                                          machine.get("cpu"))]
+    smoke = " (--smoke: tiny shapes, figures say nothing about speed)" if report.get("smoke") else ""
+    lines = [f"machine: {'; '.join(map(str, device))}; torch {machine.get('torch')}, CUDA {machine.get('cuda')}"
+             f"{smoke}", "", "| part | figure | value |", "| --- | --- | --- |"]
+    for name, r in parts.items():
         try:
             rows = list(ROWS[name](r))
         except (KeyError, TypeError, ValueError) as e:
@@ -988,7 +990,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table:
-        print(markdown_table(json.loads(Path(args.table).read_text(encoding="utf-8"))))
+        try:
+            report = json.loads(Path(args.table).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            print(f"gpu_check: error: cannot read {args.table}: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(markdown_table(report))
         return 0
     if args.part:
         code = run_part_here(args)
