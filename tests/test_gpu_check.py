@@ -21,7 +21,7 @@ BACKENDS = {"flash", "flash (CPU)", "mem-efficient", "cudnn", "math", "overridea
 def run_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     return proc, json.loads(out.read_text(encoding="utf-8"))
 
 
