@@ -262,7 +262,7 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from .hf import export_hf
 
-    out = export_hf(args.run, args.out, overwrite=args.overwrite)
+    out = export_hf(args.run, args.out, overwrite=args.overwrite, warn=lambda m: eprint(f"warning: {m}"))
     eprint(f"exported {args.run} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 

@@ -24,6 +24,10 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PACKAGED_CONFIGS_DIR = Path(__file__).resolve().parent / "presets"
 
 
+# The model's dropout sites, each a ModelConfig key (see ModelConfig.dropout_at).
+DROPOUT_SITES = ("embd_dropout", "attn_dropout", "attn_out_dropout", "mlp_dropout", "resid_dropout")
+
+
 @dataclass
 class ModelConfig:
     kind: str = "gpt"  # gpt | bigram | single-head | multi-head | block (the learning ladder)
@@ -32,7 +36,13 @@ class ModelConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    dropout: float = 0.0
+    dropout: float = 0.0  # the rate of every dropout site below left empty (null)
+    # Dropout per site (docs/training.md); null: `dropout`.
+    embd_dropout: float | None = None  # on the token + position embeddings
+    attn_dropout: float | None = None  # on the attention weights
+    attn_out_dropout: float | None = None  # on each attention block's output, before it is added
+    mlp_dropout: float | None = None  # on each MLP's output, before it is added
+    resid_dropout: float = 0.0  # on the residual stream after each add ("residual dropout")
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     # Speedrun options (docs/speedrun.md); the defaults are GPT-2's architecture.
     rope: bool = False  # rotary position embeddings instead of learned ones
@@ -52,8 +62,10 @@ class ModelConfig:
             raise QuillError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise QuillError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", *DROPOUT_SITES):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise QuillError(f"{name} must be in [0, 1), got {value}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise QuillError(f"norm must be layernorm or rmsnorm, got {self.norm!r}")
         if self.activation not in ("gelu", "relu2"):
@@ -62,6 +74,11 @@ class ModelConfig:
             raise QuillError(f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
         if self.rope_base <= 1.0 or self.logit_softcap < 0.0:
             raise QuillError("rope_base must be > 1 and logit_softcap >= 0")
+
+    def dropout_at(self, site: str) -> float:
+        """The dropout rate at `site` (one of DROPOUT_SITES): its own key, else `dropout`."""
+        value = getattr(self, site)
+        return self.dropout if value is None else value
 
     def non_gpt2_options(self) -> list[str]:
         """The options set that GPT-2's architecture (and HF's GPT2LMHeadModel) lacks."""

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from . import checkpoint as ckpt
-from .config import Config, ModelConfig, TrainConfig
+from .config import DROPOUT_SITES, Config, ModelConfig, TrainConfig
 from .download import cache_dir
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text
@@ -50,6 +51,8 @@ LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our model uses
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 FINETUNE_LR = 3e-5  # default learning rate when fine-tuning from pretrained weights
+# an imported run starts with ModelConfig's dropout defaults (none), ready for fine-tuning
+USER_DROPOUT_DEFAULTS = {name: getattr(ModelConfig(), name) for name in ("dropout", *DROPOUT_SITES)}
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -86,8 +89,11 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         problems.append("tie_word_embeddings false (ours ties the LM head to the token embedding)")
     if problems:
         raise QuillError(f"{source}: unsupported GPT-2 variant: {'; '.join(problems)}")
+    # GPT-2's dropout: resid_pdrop on both branch outputs, embd_pdrop, attn_pdrop (HF's default 0.1)
     cfg = ModelConfig(kind="gpt", vocab_size=vocab_size, block_size=n_positions, n_layer=n_layer,
-                      n_head=n_head, n_embd=n_embd, dropout=float(hf.get("resid_pdrop", 0.0)), bias=True)
+                      n_head=n_head, n_embd=n_embd, dropout=float(hf.get("resid_pdrop", 0.1)),
+                      embd_dropout=float(hf.get("embd_pdrop", 0.1)),
+                      attn_dropout=float(hf.get("attn_pdrop", 0.1)), bias=True)
     cfg.validate()
     return cfg
 
@@ -102,9 +108,35 @@ def check_exportable(cfg: ModelConfig) -> None:
                          f"(GPT-2 has biases and none of the speedrun options)")
 
 
+def dropout_to_hf(cfg: ModelConfig) -> tuple[dict[str, float], list[str]]:
+    """GPT-2's three dropout fields for our five sites, and what they cannot express.
+
+    HF's GPT-2 drops the embeddings (`embd_pdrop`), the attention weights (`attn_pdrop`) and
+    both branch outputs with one rate (`resid_pdrop`); it has no dropout on the residual stream
+    itself. When `attn_out_dropout` and `mlp_dropout` differ, `resid_pdrop` takes the larger.
+    """
+    attn_out, mlp = cfg.dropout_at("attn_out_dropout"), cfg.dropout_at("mlp_dropout")
+    fields = {"resid_pdrop": max(attn_out, mlp), "embd_pdrop": cfg.dropout_at("embd_dropout"),
+              "attn_pdrop": cfg.dropout_at("attn_dropout")}
+    lost = []
+    if attn_out != mlp:
+        lost.append(f"attn_out_dropout {attn_out:g} and mlp_dropout {mlp:g} differ (GPT-2 has one rate for "
+                    f"both, resid_pdrop, written as the larger, {max(attn_out, mlp):g})")
+    if cfg.resid_dropout:
+        lost.append(f"resid_dropout {cfg.resid_dropout:g} (GPT-2 has no dropout on the residual stream)")
+    return fields, lost
+
+
 def config_to_hf(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
-    """The HF GPT-2 `config.json` for our ModelConfig."""
+    """The HF GPT-2 `config.json` for our ModelConfig.
+
+    Dropout is not part of the weights; its fields are the rates transformers applies if the
+    export is trained further (`dropout_to_hf`). A layout GPT-2 cannot express is also written
+    out exactly under `quill_dropout` (transformers keeps unknown keys as config attributes).
+    """
     check_exportable(cfg)
+    dropout, lost = dropout_to_hf(cfg)
+    extra = {"quill_dropout": {site: cfg.dropout_at(site) for site in DROPOUT_SITES}} if lost else {}
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -116,9 +148,7 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
         "n_head": cfg.n_head,
         "n_inner": None,
         "activation_function": "gelu_new",
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
+        **dropout,
         "layer_norm_epsilon": LAYER_NORM_EPS,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
@@ -129,6 +159,7 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "torch_dtype": "float32",
+        **extra,
     }
 
 
@@ -435,7 +466,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path
     hf = load_hf(src)
     cfg = Config(model=hf.config, train=TrainConfig(tokenizer=str(out / ckpt.TOKENIZER_FILE),
                                                      learning_rate=FINETUNE_LR, min_lr=FINETUNE_LR / 10))
-    cfg.model.dropout = 0.0
+    cfg.model = ModelConfig(**{**vars(cfg.model), **USER_DROPOUT_DEFAULTS})
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_config(cfg, out)
     hf.tokenizer.save(out / ckpt.TOKENIZER_FILE)
@@ -445,9 +476,12 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path
 
 # --- export -----------------------------------------------------------------------------------
 
-def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = False) -> Path:
+def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = False,
+              warn: Callable[[str], None] | None = None) -> Path:
     """Write a run as an HF GPT-2 directory: config.json, generation_config.json,
-    model.safetensors and the tokenizer files (vocab.json, merges.txt, tokenizer_config.json)."""
+    model.safetensors and the tokenizer files (vocab.json, merges.txt, tokenizer_config.json).
+
+    `warn` is told about a dropout layout that config.json's GPT-2 fields cannot express."""
     out = Path(out)
     if not isinstance(run, ckpt.Run):
         run_dir = Path(run)
@@ -458,6 +492,9 @@ def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = Fal
     check_exportable(run.config.model)
     files = tokenizer_to_hf_files(run.tokenizer, run.config.model.block_size)  # refuses non-BPE
     tensors = state_dict_to_hf(run.model)
+    for what in dropout_to_hf(run.config.model)[1]:
+        if warn is not None:
+            warn(f"config.json cannot express {what}; the exact rates are under quill_dropout")
     eot = run.tokenizer.eot_id
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "model.safetensors", st_save(tensors, metadata={"format": "pt"}))
@@ -514,8 +551,9 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     src = run.config.model
     if cfg.model.block_size > src.block_size:
         cfg.model.block_size = src.block_size
-    block_size, dropout = cfg.model.block_size, cfg.model.dropout
-    cfg.model = ModelConfig(**{**vars(src), "block_size": block_size, "dropout": dropout})
+    block_size = cfg.model.block_size
+    user_dropout = {name: getattr(cfg.model, name) for name in ("dropout", *DROPOUT_SITES)}
+    cfg.model = ModelConfig(**{**vars(src), "block_size": block_size, **user_dropout})
     cfg.train.tokenizer = str(run_dir / ckpt.TOKENIZER_FILE)
     defaults = TrainConfig()
     if cfg.train.learning_rate == defaults.learning_rate:

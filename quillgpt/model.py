@@ -103,13 +103,13 @@ class CausalSelfAttention(nn.Module):
         assert cfg.n_embd % cfg.n_head == 0
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
-        self.dropout = cfg.dropout
+        self.attn_dropout = cfg.dropout_at("attn_dropout")  # on the attention weights (inside SDPA)
         self.qk_norm = cfg.qk_norm
         # query, key and value for all heads in one matrix multiply
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         # output projection back into the residual stream
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attn_out_dropout = nn.Dropout(cfg.dropout_at("attn_out_dropout"))
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +137,7 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             # softmax(q k^T / sqrt(hs)) v with a causal mask; flash attention where available
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+                q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
             )  # (B, nh, T, hs)
         else:
             # decoding: the queries of the T new tokens see the cached keys too
@@ -145,7 +145,7 @@ class CausalSelfAttention(nn.Module):
             causal = cache.mask is None and T > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return self.attn_out_dropout(self.c_proj(y))
 
 
 class ReLU2(nn.Module):
@@ -164,14 +164,16 @@ class MLP(nn.Module):
         # GPT-2's GELU (tanh approximation); the attribute keeps its name for every activation
         self.gelu = ReLU2() if cfg.activation == "relu2" else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.mlp_dropout = nn.Dropout(cfg.dropout_at("mlp_dropout"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.mlp_dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    `resid_dropout` (0 unless set) drops elements of the residual stream itself after each add."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -179,11 +181,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
-        x = x + self.mlp(self.ln_2(x))
+        x = self.resid_dropout(x + self.attn(self.ln_1(x), cache, layer, rope))
+        x = self.resid_dropout(x + self.mlp(self.ln_2(x)))
         return x
 
 
@@ -196,7 +199,7 @@ class GPT(nn.Module):
         if not cfg.rope:  # with RoPE, positions enter through the rotation of queries and keys
             modules["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)  # position embedding
         modules.update(
-            drop=nn.Dropout(cfg.dropout),
+            embd_dropout=nn.Dropout(cfg.dropout_at("embd_dropout")),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
             ln_f=make_norm(cfg),
         )
@@ -262,7 +265,7 @@ class GPT(nn.Module):
             rope = (cos[..., None, None, :], sin[..., None, None, :])  # broadcast over q/k and heads
         else:
             x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)
+        x = self.transformer.embd_dropout(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope)
         if cache is not None:

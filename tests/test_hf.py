@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from quillgpt import checkpoint as ckpt
 from quillgpt.cli import main
-from quillgpt.config import Config, ModelConfig, TrainConfig
+from quillgpt.config import DROPOUT_SITES, Config, ModelConfig, TrainConfig
 from quillgpt.data import cache_dir, prepare_training_data
 from quillgpt.errors import QuillError
 from quillgpt.hf import export_hf, import_hf, init_from, load_hf, tokenizer_to_hf_files
@@ -316,12 +316,13 @@ def test_export_refuses_to_overwrite(tmp_path, bpe, capsys):
 
 def test_init_from_adjusts_config(tmp_path, bpe):
     src = save_hf_dir(random_hf_model(2, 2, 32, 64, bpe.vocab_size), tmp_path / "hf", bpe)
-    cfg = Config(model=ModelConfig(block_size=256, n_layer=6, dropout=0.1), train=TrainConfig())
+    cfg = Config(model=ModelConfig(block_size=256, n_layer=6, dropout=0.1, mlp_dropout=0.3), train=TrainConfig())
     tokenizer, state = init_from(str(src), cfg)
     assert same_tokens(tokenizer, bpe)
     m = cfg.model
     assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size) == (2, 2, 32, bpe.vocab_size)
     assert m.block_size == 64 and m.dropout == 0.1  # cropped to the source; dropout is the user's
+    assert m.mlp_dropout == 0.3 and m.embd_dropout is None  # so is every dropout site
     assert cfg.train.learning_rate == 3e-5 and cfg.train.min_lr == 3e-6
     # the hub id / HF directory was imported once into the cache, and is reused
     assert Path(cfg.train.tokenizer).parent.parent == cache_dir() / "hf"
@@ -407,3 +408,42 @@ def test_quill_train_init_from(tmp_path, bpe):
     assert same_tokens(run.tokenizer, bpe) and run.config.model.n_embd == 32
     rows = [r for r in csv.DictReader(open(tmp_path / "ft" / "metrics.csv")) if r["val_loss"]]
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.5
+
+
+# --- dropout in config.json -------------------------------------------------------------------
+
+def test_export_dropout_fields(tmp_path, bpe, capsys):
+    """GPT-2's three dropout fields carry our rates where they can; a layout they cannot express
+    is said so on stderr, kept exactly under quill_dropout, and the export still loads."""
+    shape = dict(block_size=16, n_layer=1, n_head=1, n_embd=16)
+    run_dir = make_run(tmp_path / "run", ModelConfig(**shape, dropout=0.2, attn_dropout=0.05), bpe)
+    assert main(["export-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["embd_pdrop"], cfg["attn_pdrop"], cfg["resid_pdrop"]) == (0.2, 0.05, 0.2)
+    assert "quill_dropout" not in cfg
+    hf = GPT2Config.from_pretrained(tmp_path / "hf")
+    assert (hf.embd_pdrop, hf.attn_pdrop, hf.resid_pdrop) == (0.2, 0.05, 0.2)
+
+    layout = dict(embd_dropout=0.1, attn_dropout=0.0, attn_out_dropout=0.2, mlp_dropout=0.1, resid_dropout=0.1)
+    run_dir = make_run(tmp_path / "run2", ModelConfig(**shape, **layout), bpe)
+    assert main(["export-hf", str(run_dir), str(tmp_path / "hf2")]) == 0
+    err = capsys.readouterr().err
+    assert "attn_out_dropout 0.2 and mlp_dropout 0.1 differ" in err and "resid_dropout 0.1" in err
+    cfg = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert (cfg["embd_pdrop"], cfg["attn_pdrop"], cfg["resid_pdrop"]) == (0.1, 0.0, 0.2)
+    assert cfg["quill_dropout"] == layout
+    hf = GPT2Config.from_pretrained(tmp_path / "hf2")
+    assert hf.quill_dropout == layout
+    GPT2LMHeadModel.from_pretrained(tmp_path / "hf2")
+
+
+def test_import_reads_gpt2_dropout_fields(tmp_path, bpe):
+    model = random_hf_model(1, 2, 32, 32, bpe.vocab_size)
+    model.config.embd_pdrop, model.config.attn_pdrop, model.config.resid_pdrop = 0.05, 0.0, 0.15
+    hf = load_hf(save_hf_dir(model, tmp_path / "hf", bpe))
+    m = hf.config
+    assert [m.dropout_at(s) for s in DROPOUT_SITES] == [0.05, 0.0, 0.15, 0.15, 0.0]
+    # an imported run starts without dropout, ready for fine-tuning
+    run = ckpt.load_run(import_hf(tmp_path / "hf", tmp_path / "run"))
+    assert [run.config.model.dropout_at(s) for s in DROPOUT_SITES] == [0.0] * 5
