@@ -35,18 +35,20 @@ def eprint(*args: Any) -> None:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--key-name VALUE` flag per config key (values are checked by the config)."""
-    from .config import ALL_KEYS, key_type
+    from .config import ALL_KEYS, key_help, key_type
 
-    group = parser.add_argument_group("config keys (override the preset; see README)")
+    group = parser.add_argument_group("config keys (override the preset; the defaults are before any preset)")
     for key in ALL_KEYS:
         flag = "--" + key.replace("_", "-")
         tp, _ = key_type(key)
+        meaning, shown = key_help(key)
+        text = f"{meaning} (default: {shown})".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, dest=f"cfg_{key}", nargs="?", const="true",
-                               default=argparse.SUPPRESS, metavar="BOOL")
+                               default=argparse.SUPPRESS, metavar="BOOL", help=text)
         else:
             group.add_argument(flag, dest=f"cfg_{key}", default=argparse.SUPPRESS,
-                               metavar=tp.__name__.upper())
+                               metavar=tp.__name__.upper(), help=text)
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,35 +24,42 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PACKAGED_CONFIGS_DIR = Path(__file__).resolve().parent / "presets"
 
 
+def key(default: Any, help: str, shown: str | None = None) -> Any:
+    """A config key's default and what it means: the one source of `quill train --help` and of
+    the README's table of keys (`keys_markdown()`); `shown` replaces the default there."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
 # The model's dropout sites, each a ModelConfig key (see ModelConfig.dropout_at).
 DROPOUT_SITES = ("embd_dropout", "attn_dropout", "attn_out_dropout", "mlp_dropout", "resid_dropout")
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "gpt"  # gpt | bigram | single-head | multi-head | block (the learning ladder)
-    vocab_size: int = 0  # set from the tokenizer when 0
-    block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0  # the rate of every dropout site below left empty (null)
-    # Dropout per site (docs/training.md); null: `dropout`.
-    embd_dropout: float | None = None  # on the token + position embeddings
-    attn_dropout: float | None = None  # on the attention weights
-    attn_out_dropout: float | None = None  # on each attention block's output, before it is added
-    mlp_dropout: float | None = None  # on each MLP's output, before it is added
-    resid_dropout: float = 0.0  # on the residual stream after each add ("residual dropout")
-    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    kind: str = key("gpt", "gpt | bigram | single-head | multi-head | block (the learning ladder)")
+    vocab_size: int = key(0, "set from the tokenizer when 0")
+    block_size: int = key(256, "context length in tokens")
+    n_layer: int = key(6, "transformer blocks")
+    n_head: int = key(6, "attention heads")
+    n_embd: int = key(384, "embedding width (divisible by n_head)")
+    dropout: float = key(0.0, "dropout probability of every site below left empty (null)")
+    # Dropout per site (docs/training.md); empty (null): `dropout`.
+    embd_dropout: float | None = key(None, "on the token + position embeddings", shown="None (= dropout)")
+    attn_dropout: float | None = key(None, "on the attention weights", shown="None (= dropout)")
+    attn_out_dropout: float | None = key(None, "on each attention block's output, before it is added",
+                                         shown="None (= dropout)")
+    mlp_dropout: float | None = key(None, "on each MLP's output, before it is added", shown="None (= dropout)")
+    resid_dropout: float = key(0.0, "on the residual stream itself, after each add (docs/training.md)")
+    bias: bool = key(True, "biases in Linear and LayerNorm layers, as GPT-2")
     # Speedrun options (docs/speedrun.md); the defaults are GPT-2's architecture.
-    rope: bool = False  # rotary position embeddings instead of learned ones
-    rope_base: float = 10000.0  # rotary frequencies: base^(-2i/head_size)
-    qk_norm: bool = False  # normalise queries and keys per head (zero mean, unit RMS) before attention
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    activation: str = "gelu"  # gelu (GPT-2's tanh approximation) | relu2 (ReLU squared)
-    tie_embeddings: bool = True  # LM head shares the token embedding's weights
-    zero_init: bool = False  # output projections (and an untied LM head) start at zero
-    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 disables
+    rope: bool = key(False, "rotary position embeddings instead of learned ones")
+    rope_base: float = key(10000.0, "rotary frequencies: base^(-2i/head_size)")
+    qk_norm: bool = key(False, "normalise queries and keys per head (zero mean, unit RMS) before attention")
+    norm: str = key("layernorm", "layernorm | rmsnorm")
+    activation: str = key("gelu", "gelu (GPT-2's tanh approximation) | relu2 (ReLU squared)")
+    tie_embeddings: bool = key(True, "LM head shares the token embedding's weights")
+    zero_init: bool = key(False, "output projections (and an untied LM head) start at zero")
+    logit_softcap: float = key(0.0, "logits = cap * tanh(logits / cap); 0 disables")
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -95,45 +102,45 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # text file, directory, .jsonl, .parquet, URL or prepared dir; None: shakespeare
-    out: str | None = None  # run directory; default runs/<data name>
-    tokenizer: str = "char"
-    init_from: str | None = None  # fine-tune from a run directory, HF GPT-2 directory or hub id
-    max_megabytes: float | None = None  # use only the first N MB of the data
-    val_fraction: float = 0.1  # held out for validation: whole documents, or the tail of one text
-    text_field: str = "text"  # .jsonl data: the field holding the text
-    column: str | None = None  # .parquet data: the text column (default: the first string column)
-    encoding_errors: str = "strict"  # strict: invalid UTF-8 is an error; replace: U+FFFD instead
-    batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 5000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # defaults to max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    lr_schedule: str = "cosine"  # cosine | wsd (warmup, hold, linear cooldown to min_lr)
-    cooldown_frac: float = 0.4  # wsd: the share of the run after warmup spent cooling down
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
-    muon_lr: float = 0.02  # Muon's peak learning rate (follows the same schedule)
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (fastest safe for the device)
-    compile: bool = False
-    sample_tokens: int = 200  # length of the sample printed at the end; 0 disables it
-    checkpoint_interval: int = 0  # steps between train_state/ checkpoints; 0: every eval_interval
-    keep_last: int = 2  # checkpoints kept in train_state/ (plus the one with the best val loss)
-    time_budget: str | None = None  # e.g. 90s, 5m, 1.5h: fit the whole run, LR decay included
-    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state
-    tensorboard: bool = False  # also log to RUN/tensorboard/
+    data: str | None = key(None, "text file, directory, .jsonl, .parquet, URL or prepared dir; None: shakespeare")
+    out: str | None = key(None, "run directory; default runs/<data name>")
+    tokenizer: str = key("char", "char, syllable[:N], bpe[:N], gpt2, or a tokenizer .json")
+    init_from: str | None = key(None, "fine-tune from a run directory, HF GPT-2 directory or hub id")
+    max_megabytes: float | None = key(None, "use only the first N MB of the data")
+    val_fraction: float = key(0.1, "held out for validation: whole documents, or the tail of one text")
+    text_field: str = key("text", ".jsonl data: the field holding the text")
+    column: str | None = key(None, ".parquet data: the text column (default: the first string column)")
+    encoding_errors: str = key("strict", "strict: invalid UTF-8 is an error; replace: U+FFFD instead")
+    batch_size: int = key(64, "sequences per micro-batch")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
+    max_iters: int = key(5000, "optimizer steps")
+    learning_rate: float = key(1e-3, "peak AdamW learning rate")
+    min_lr: float = key(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = key(100, "linear warmup steps")
+    lr_decay_iters: int | None = key(None, "defaults to max_iters")
+    weight_decay: float = key(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.99, "AdamW beta2")
+    grad_clip: float = key(1.0, "0 disables clipping")
+    lr_schedule: str = key("cosine", "cosine | wsd (warmup, hold, linear cooldown to min_lr)")
+    cooldown_frac: float = key(0.4, "wsd: the share of the run after warmup spent cooling down")
+    optimizer: str = key("adamw", "adamw | muon (Muon for hidden matrices, AdamW for the rest)")
+    muon_lr: float = key(0.02, "Muon's peak learning rate (follows the same schedule)")
+    muon_momentum: float = key(0.95, "Muon's momentum (Nesterov)")
+    muon_weight_decay: float = key(0.0, "decoupled weight decay of the Muon matrices")
+    eval_interval: int = key(250, "steps between evaluations")
+    eval_iters: int = key(200, "batches per evaluation (each split)")
+    log_interval: int = key(10, "steps between metrics rows")
+    seed: int = key(1337, "fixes init, batches and the end sample")
+    device: str = key("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = key("float32", "float32 | bfloat16 | float16 | auto (fastest safe for the device)")
+    compile: bool = key(False, "torch.compile the model (falls back with a message)")
+    sample_tokens: int = key(200, "length of the sample printed at the end; 0 disables it")
+    checkpoint_interval: int = key(0, "steps between train_state/ checkpoints; 0: every eval_interval")
+    keep_last: int = key(2, "checkpoints kept in train_state/ (plus the one with the best val loss)")
+    time_budget: str | None = key(None, "e.g. 90s, 5m, 1.5h: fit the whole run, LR decay included")
+    fsdp: bool = key(False, "under torchrun: shard parameters, gradients, optimizer state")
+    tensorboard: bool = key(False, "also log to RUN/tensorboard/")
 
     def validate(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
@@ -220,6 +227,7 @@ ALIASES = {
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
 TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
 ALL_KEYS = MODEL_KEYS + TRAIN_KEYS
+_FIELDS = {f.name: f for f in (*dataclasses.fields(ModelConfig), *dataclasses.fields(TrainConfig))}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
 _FIELD_TYPES.update({f.name: f.type for f in dataclasses.fields(TrainConfig)})
 
@@ -236,6 +244,22 @@ def unknown_key_message(name: str) -> str:
     close = difflib.get_close_matches(name, ALL_KEYS + list(ALIASES), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown config key {name!r}{hint}"
+
+
+def key_help(name: str) -> tuple[str, str]:
+    """(what the key means, its default as shown) for `--help` and the README's table."""
+    f = _FIELDS[name]
+    shown = f.metadata.get("shown") or (f'"{f.default}"' if isinstance(f.default, str) else repr(f.default))
+    return f.metadata.get("help", ""), shown
+
+
+def keys_markdown() -> str:
+    """The README's table of every config key (tests/test_config_help.py keeps the two equal)."""
+    rows = ["| key (flag `--key-name`) | default | meaning |", "| --- | --- | --- |"]
+    for name in ALL_KEYS:
+        meaning, shown = key_help(name)
+        rows.append(f"| `{name}` | `{shown}` | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
 
 
 def key_type(name: str) -> tuple[type, bool]:

@@ -1,0 +1,34 @@
+"""One source for what each config key means: the dataclass fields. `quill train --help`, `quill
+ladder --help` and the README's table all come from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from quillgpt.config import ALL_KEYS, key_help, keys_markdown
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_every_key_has_a_meaning():
+    missing = [k for k in ALL_KEYS if not key_help(k)[0]]
+    assert not missing, f"config keys without a description: {missing}"
+
+
+def test_readme_table_is_the_config_table():
+    assert keys_markdown() in README.read_text(encoding="utf-8"), (
+        "README's config table differs from the config's descriptions; paste quillgpt.config.keys_markdown()")
+
+
+def test_help_shows_every_flag_with_its_meaning_and_default():
+    for command in ("train", "ladder"):
+        out = subprocess.run([sys.executable, "-m", "quillgpt", command, "--help"], capture_output=True,
+                             text=True, env={"COLUMNS": "200", "PATH": ""}, check=True).stdout
+        flat = " ".join(out.split())
+        for key in ALL_KEYS:
+            meaning, shown = key_help(key)
+            flag = "--" + key.replace("_", "-")
+            assert f"{flag} " in flat, (command, flag)
+            assert " ".join(f"{meaning} (default: {shown})".split()) in flat, (command, key)
