@@ -1,0 +1,283 @@
+"""The FastAPI app: the routes, the error handlers, and `create_app` wiring them to an engine.
+
+    GET  /                  the playground (quillgpt/web/: plain HTML, CSS and JS; /static/...)
+    POST /v1/completions    OpenAI's legacy completions API, streamed as Server-Sent Events
+    GET  /v1/models         the one model served (and /v1/models/{id})
+    GET  /v1/model-card     config, parameter count, final losses (metrics.csv), server limits
+    GET  /health            liveness and queue length
+
+Each route is a short method of `Routes`, which holds what they share (the engine, the limits,
+the model's id and card). A route reads the request, lets `schemas` check it, hands a job to
+the `engine` and shapes the engine's events into OpenAI's answer: one JSON body, or an SSE
+stream. Every error, ours or the framework's, is answered as JSON in OpenAI's shape.
+"""
+
+from __future__ import annotations  # the route signatures name fastapi's types, an optional extra
+
+import asyncio
+import contextlib
+import csv
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import METRICS_FILE, MODEL_FILE, Run
+from ..errors import QuillError
+from ..model import count_params
+from .engine import Engine, Job, ServerBusy, load
+from .schemas import APIError, ServeSettings, check_completion, check_model, completion_request_schema, parse_body
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException
+except ImportError:  # without the serve extra the package still imports; create_app says what is missing
+    FastAPI = None
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+# --- the model card -------------------------------------------------------------------------
+
+def final_losses(run_dir: Path) -> dict[str, float | int | None]:
+    """From metrics.csv: the last step, its train loss, the last and the best val loss."""
+    out: dict[str, float | int | None] = {"step": None, "train_loss": None, "val_loss": None,
+                                          "best_val_loss": None}
+    try:
+        with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return out
+    vals = []
+    for row in rows:
+        with contextlib.suppress(TypeError, ValueError):
+            out["step"] = int(row["step"])
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            out["train_loss"] = float(row["train_loss"])
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            vals.append(float(row["val_loss"]))
+    if vals:
+        out["val_loss"], out["best_val_loss"] = vals[-1], min(vals)
+    return out
+
+
+def model_card(run: Run, model_id: str, settings: ServeSettings) -> dict[str, Any]:
+    m, t = run.config.model, run.config.train
+    return {
+        "id": model_id,
+        "path": str(run.path),
+        "parameters": count_params(run.model),
+        "device": str(next(run.model.parameters()).device),
+        "model": {k: getattr(m, k) for k in ("kind", "vocab_size", "block_size", "n_layer", "n_head",
+                                             "n_embd", "dropout", "bias")},
+        "tokenizer": t.tokenizer,
+        "data": t.data,
+        "losses": final_losses(run.path),
+        "limits": {"max_tokens": settings.max_tokens_cap, "max_batch": settings.max_batch,
+                   "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue},
+    }
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def error_response(e: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return error_response(e)
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(APIError(e.status_code, str(e.detail), type=kind))
+
+
+async def server_error(request: Request, e: Exception) -> JSONResponse:
+    return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+
+# --- reading requests, shaping answers ------------------------------------------------------
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or APIError(413) as soon as it is known to exceed `max_bytes`."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_bytes):
+        raise APIError(413, f"request body is larger than {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def usage(prompt_tokens: list[int], tokens: list[int]) -> dict[str, int]:
+    p, c = sum(prompt_tokens), sum(tokens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def complete(request: Request, job: Job, head: dict, echo: list[str],
+                   prompt_tokens: list[int]) -> JSONResponse:
+    """Wait for the whole job; if the client disconnects first, cancel it (frees its slot)."""
+    texts = list(echo)
+    finish, tokens, failed = ["length"] * len(texts), [0] * len(texts), None
+
+    async def collect() -> None:
+        nonlocal finish, tokens, failed
+        while (event := await job.events.get())[0] != "end":
+            if event[0] == "pieces":
+                for b, piece in enumerate(event[1]):
+                    texts[b] += piece
+            elif event[0] == "finish":
+                finish, tokens = event[1], event[2]
+            elif event[0] == "error":
+                failed = event[1]
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collecting = asyncio.ensure_future(collect())
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():  # the client left (or we were cancelled): free the slot
+            job.cancelled.set()
+            collecting.cancel()
+    if not collecting.done() or collecting.cancelled():
+        raise APIError(499, "client closed the request", type="client_closed")
+    if failed:
+        raise APIError(500, failed, type="server_error")
+    choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
+               for i, (t, f) in enumerate(zip(texts, finish))]
+    return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, tokens)})
+
+
+async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
+              include_usage: bool) -> AsyncIterator[str]:
+    """The job's events as Server-Sent Events; a stream closed early cancels the job."""
+    def chunk(choices: list[dict], **extra: Any) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    def choice(i: int, text: str, finish: str | None = None) -> dict:
+        return {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+
+    try:
+        if any(echo):
+            yield chunk([choice(i, e) for i, e in enumerate(echo) if e])
+        while (event := await job.events.get())[0] != "end":
+            if event[0] == "pieces":
+                yield chunk([choice(i, p) for i, p in enumerate(event[1]) if p])
+            elif event[0] == "finish":
+                yield chunk([choice(i, "", f) for i, f in enumerate(event[1])])
+                if include_usage:
+                    yield chunk([], usage=usage(prompt_tokens, event[2]))
+            elif event[0] == "error":
+                yield f"data: {json.dumps(APIError(500, event[1], type='server_error').body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a no-op when finished; stops the worker when the client left
+
+
+# --- the routes -----------------------------------------------------------------------------
+
+async def index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", headers={
+        "Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'"})
+
+
+class Routes:
+    """The API's routes over one engine; their names are the OpenAPI operation names."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings, model_id: str):
+        self.engine, self.settings, self.model_id = engine, settings, model_id
+        self.card = model_card(engine.run, model_id, settings)
+        self.schema = completion_request_schema()
+        self.block_size = engine.run.config.model.block_size
+        self.created = int(time.time())
+
+    async def health(self) -> dict[str, Any]:
+        e = self.engine
+        return {"status": "ok" if e.alive() else "worker stopped", "model": self.model_id,
+                "queue": e.pending, "completed": e.completed, "cancelled": e.cancelled,
+                "batches": e.batches, "tokens_generated": e.tokens}
+
+    def model_object(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "quillgpt"}
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_object()]}
+
+    async def model(self, name: str) -> dict[str, Any]:
+        check_model(name, self.model_id)
+        return self.model_object()
+
+    async def model_card_route(self) -> dict[str, Any]:
+        return self.card
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.engine.submit(job)
+        except ServerBusy as e:
+            raise APIError(503, str(e), type="server_busy") from None
+
+    async def completions(self, request: Request):
+        req = parse_body(await read_body(request, self.settings.max_body_bytes), self.schema)
+        # encoding a long prompt takes a while: not on the event loop
+        checked = await asyncio.to_thread(check_completion, req, self.settings, self.model_id,
+                                          self.engine.tokenizer, self.block_size)
+        job = self.engine.new_job(checked.prompt_ids, checked.n, checked.sampling, checked.seed,
+                                  asyncio.get_running_loop())
+        prompt_tokens = [len(ids) for ids in checked.prompt_ids]
+        echo = [checked.prompts[i // checked.n] if req.echo else "" for i in range(len(job.rows))]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": self.model_id}
+        self.submit(job)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse(job, head, echo, prompt_tokens, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await complete(request, job, head, echo, prompt_tokens)
+
+
+# --- the app --------------------------------------------------------------------------------
+
+def create_app(run: Run | str | Path, settings: ServeSettings | None = None, device: str = "cpu",
+               weights: str = MODEL_FILE, model_id: str | None = None):
+    """The FastAPI app serving `run` (a loaded Run or a run directory)."""
+    if FastAPI is None:
+        raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'")
+    run = load(run, device, weights)
+    settings = settings or ServeSettings()
+    engine = Engine(run, settings.max_queue, settings.max_batch)
+    routes = Routes(engine, settings, model_id or run.path.resolve().name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="quill serve", version="1", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.get("/", include_in_schema=False)(index)
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    app.get("/health")(routes.health)
+    app.get("/v1/models")(routes.models)
+    app.get("/v1/models/{name:path}")(routes.model)
+    app.get("/v1/model-card")(routes.model_card_route)
+    app.post("/v1/completions")(routes.completions)
+    return app
