@@ -10,9 +10,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import conftest
 import pytest
 
-import conftest
 from quillgpt import download
 from quillgpt.cli import main
 from quillgpt.errors import QuillError
