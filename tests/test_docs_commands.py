@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from quillgpt import ladder_run
 from quillgpt.cli import build_parser, main
@@ -198,7 +199,7 @@ def user_files(root: Path, text: str) -> None:
 
 
 @pytest.fixture
-def clone(tmp_path, monkeypatch, shakespeare, gpt2_cache, capsys):
+def clone(tmp_path, monkeypatch, shakespeare, gpt2_cache, capsys, request):
     """A directory like a fresh clone's root, after `make demo`, with a seeded cache."""
     import shutil
 
@@ -210,6 +211,10 @@ def clone(tmp_path, monkeypatch, shakespeare, gpt2_cache, capsys):
     monkeypatch.chdir(root)
     monkeypatch.setattr(ladder_run, "time_step", lambda cfg: 0.01)
     monkeypatch.setattr(sys, "stdin", io.StringIO("ROMEO:\n"))  # `quill sample --interactive`
+    # tiny models: one thread is as fast, and steadier when other jobs share the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     assert main(shrink(DEMO)) == 0, capsys.readouterr().err
     capsys.readouterr()
     return root
