@@ -1,14 +1,16 @@
 # The README's two commands.
 #   make demo   install, train the small Shakespeare model on CPU (1-3 min), print a sample
+#               (make demo DATA=FILE: on FILE instead)
 #   make test   install the dev dependencies and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The tested PyTorch (2.13.0, CPU wheel) is pinned in constraints.txt.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
-# Use a local copy of tiny-shakespeare when one is there; otherwise quill downloads it once.
-SHAKESPEARE := $(wildcard ../shared/data/tinyshakespeare.txt)
-DEMO_DATA := $(if $(SHAKESPEARE),--data $(SHAKESPEARE),)
+# make demo DATA=FILE trains on FILE (offline: a copy of tiny-shakespeare, or any text). Without it,
+# a local copy of tiny-shakespeare in ../shared/data when there is one; else quill downloads it once.
+DATA ?= $(wildcard ../shared/data/tinyshakespeare.txt)
+DEMO_DATA := $(if $(DATA),--data $(DATA),)
 
 .PHONY: demo test install install-dev lint
 

@@ -20,8 +20,23 @@ from .errors import QuillError
 START_TIME = time.time()
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it already or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump) and exit status 2."""
+    """argparse with one-line errors (no usage dump), exit status 2, and defaults in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise QuillError(f"{self.prog}: {message}")
@@ -143,8 +158,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                        description="Continue a prompt with a trained run (KV-cached decoding; "
                                    "see docs/generation.md).")
     p.add_argument("run", help="run directory written by quill train")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--prompt", default="", help="text to continue (default: none, the model starts afresh)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
@@ -159,8 +174,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--interactive", action="store_true",
                    help="a small REPL: each line you type is a prompt to continue")
-    p.add_argument("--seed", type=int, default=None, help="fixes the output")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=None, help="fixes the output (default: a random seed)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
 
 
@@ -280,7 +295,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                         "length gives disjoint windows)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -365,7 +380,8 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
     t = tsub.add_parser("train", help="train a char, syllable or byte-level BPE tokenizer on a text file",
                         description="Train a tokenizer on --data and write it to --out (JSON), for "
                                     "--tokenizer OUT in quill train / tokenize.")
-    t.add_argument("--kind", choices=["bpe", "syllable", "char"], default="bpe")
+    t.add_argument("--kind", choices=["bpe", "syllable", "char"], default="bpe",
+                   help="byte-level BPE, the seed's vowel-cut syllables, or characters")
     t.add_argument("--vocab-size", type=int, default=4096,
                    help="tokens in all, special tokens included (default 4096)")
     t.add_argument("--data", required=True, help="UTF-8 text file to learn from")
@@ -456,7 +472,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's logging: each request is logged at info")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -489,7 +506,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--column", help=".parquet: the text column (default: the first string column)")
     p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace"],
                    help="replace: invalid UTF-8 becomes U+FFFD instead of an error")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held out for validation: whole documents, or the tail of one text")
     p.add_argument("--max-megabytes", type=float, default=None, help="read only the first N MB")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -150,14 +150,16 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """The tqdm bar on stderr (steps, loss, tokens/s, MFU, val); evaluation lines print above it,
-    or through `log` when the bar is off."""
+    """The tqdm bars on stderr: the run's steps (loss, tokens/s, MFU, val, ETA), shown from the
+    start, and under it, while an evaluation runs, its batches (with their own ETA). Evaluation
+    lines print above the bars, or through `log` when progress is off."""
 
     def __init__(self, total: int, initial: int, enabled: bool, log: Callable[[str], None]):
         self.enabled = enabled
         self.log = log
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
+        self.eval_bar: tqdm | None = None
 
     def step(self) -> None:
         self.bar.update(1)
@@ -169,6 +171,21 @@ class ProgressBar:
         if val is not None:
             postfix["val"] = f"{val:.4f}"
         self.bar.set_postfix(postfix)
+
+    def start_eval(self, step: int, batches: int) -> None:
+        """An evaluation of `batches` batches at `step` begins: show its bar (one tick per batch)."""
+        self.end_eval()
+        self.eval_bar = tqdm(total=batches, desc=f"evaluating step {step}", unit="batch", leave=False,
+                             disable=not self.enabled, dynamic_ncols=True, file=sys.stderr)
+
+    def eval_tick(self) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.update(1)
+
+    def end_eval(self) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
 
     def message(self, msg: str) -> None:
         if self.enabled:
@@ -182,6 +199,7 @@ class ProgressBar:
             self.bar.refresh()
 
     def close(self) -> None:
+        self.end_eval()
         self.bar.close()
 
 

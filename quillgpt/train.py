@@ -129,6 +129,10 @@ def out_of_memory_message(cfg: Config) -> str:
             f"{t.gradient_accumulation_steps * 2} (same tokens per step)")
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived during the first evaluation (raised by its `tick`)."""
+
+
 class LossEvaluator:
     """The loss on each split, averaged over `eval_iters` batches drawn from fixed seeds (the same
     batches every time), then the evaluation hooks that are due."""
@@ -137,35 +141,55 @@ class LossEvaluator:
         self.trainer = trainer
         self.hooks = list(hooks)
 
+    @property
+    def batches_per_eval(self) -> int:
+        return 2 * self.trainer.cfg.train.eval_iters
+
     @torch.no_grad()
-    def losses(self) -> dict[str, float]:
+    def losses(self, tick: Callable[[], None] | None = None) -> dict[str, float]:
+        """`tick` is called after every batch (a progress bar; it may raise to stop early)."""
         tr, t = self.trainer, self.trainer.cfg.train
         tr.model.eval()
         out = {}
-        for i, name in enumerate(("train", "val")):
-            batches = tr.data.batches(name, t.batch_size, t.seed + 1 + i, tr.device)
-            total = torch.zeros((), device=tr.device)
-            for _ in range(t.eval_iters):
-                x, y = batches.next()
-                with tr.autocast:
-                    _, loss = tr.compiled("eval", x, y, tr.compile_fell_back)
-                total += loss.float()
-            # the mean over ranks, so that every rank takes the same decisions (best weights)
-            out[name] = qdist.all_reduce_mean(total, tr.dist).item() / t.eval_iters
-        tr.model.train()
+        try:
+            for i, name in enumerate(("train", "val")):
+                batches = tr.data.batches(name, t.batch_size, t.seed + 1 + i, tr.device)
+                total = torch.zeros((), device=tr.device)
+                for _ in range(t.eval_iters):
+                    x, y = batches.next()
+                    with tr.autocast:
+                        _, loss = tr.compiled("eval", x, y, tr.compile_fell_back)
+                    total += loss.float()
+                    if tick is not None:
+                        tick()
+                # the mean over ranks, so that every rank takes the same decisions (best weights)
+                out[name] = qdist.all_reduce_mean(total, tr.dist).item() / t.eval_iters
+        finally:
+            tr.model.train()
         return out
 
-    def evaluate_and_record(self, step: int, lr: float, train_loss: float | None,
-                            tokens_per_s: float | None) -> dict[str, float]:
-        """Evaluate (and run the hooks that are due), then record this step's metrics row."""
+    def evaluate(self, step: int, tick: Callable[[], None] | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+        """The losses and the due hooks' numbers at `step`; their time goes to the time budget."""
         tr = self.trainer
-        t0 = time.time()
-        ev = self.losses()
+        t0 = tr.budget.clock()
+        ev = self.losses(tick)
         extra = self.hook_results(step, final=step == tr.total_iters)
-        tr.budget.eval_seconds = time.time() - t0
+        tr.budget.eval_seconds = tr.budget.clock() - t0
+        return ev, extra
+
+    def record(self, step: int, lr: float, train_loss: float | None, tokens_per_s: float | None,
+               ev: dict[str, float], extra: dict[str, float]) -> None:
         if train_loss is None:  # step 0: no training batches yet, the train split stands in
             train_loss = ev["train"]
-        tr.recorder.record(step, lr, train_loss, ev, tokens_per_s, extra)
+        self.trainer.recorder.record(step, lr, train_loss, ev, tokens_per_s, extra)
+
+    def evaluate_and_record(self, step: int, lr: float, train_loss: float | None,
+                            tokens_per_s: float | None, tick: Callable[[], None] | None = None
+                            ) -> dict[str, float]:
+        """Evaluate (and run the hooks that are due), then record this step's metrics row."""
+        ev, extra = self.evaluate(step, tick)
+        self.record(step, lr, train_loss, tokens_per_s, ev, extra)
         return ev
 
     @torch.no_grad()
@@ -340,19 +364,24 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         t = self.cfg.train
-        self.checkpoints.start(self.cfg, self.tokenizer, fresh=self.resume_dir is None)
-        if self.save and t.tensorboard:
-            self.recorder.metrics.tensorboard = open_tensorboard(self.out, self.log)
-        last_eval = None
-        if self.step == 0:
-            first_lr = t.learning_rate if t.warmup_iters == 0 else lr_at(0, self.cfg)
-            last_eval = self.evaluator.evaluate_and_record(0, first_lr, None, None)
+        # the bar shows from the start: the first evaluation can take minutes on a CPU
         bar = ProgressBar(self.total_iters, self.step, self.progress, self.log)
         pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per log)
-        last_logged, start_step = self.step, self.step
-        window_start = session_start = time.time()
         checkpoint_every = t.checkpoint_interval or t.eval_interval
         with StopSignals() as signals:
+            first = self._first_evaluation(bar, signals) if self.step == 0 else None
+            # nothing is written into the run directory before the first evaluation is done
+            self.checkpoints.start(self.cfg, self.tokenizer, fresh=self.resume_dir is None)
+            if self.save and t.tensorboard:
+                self.recorder.metrics.tensorboard = open_tensorboard(self.out, self.log)
+            last_eval = None
+            if first is not None:
+                first_lr = t.learning_rate if t.warmup_iters == 0 else lr_at(0, self.cfg)
+                self.evaluator.record(0, first_lr, None, None, *first)
+                last_eval = first[0]
+            last_logged, start_step = self.step, self.step
+            window_start = session_start = time.time()
+            self.budget.start_session()
             while self.step < self.total_iters:
                 loss, lr = self.train_step(self.step)
                 pending.append(loss)
@@ -366,8 +395,7 @@ class Trainer:
                     tokens_per_s = (step - last_logged) * self.tokens_per_step / max(time.time() - window_start, 1e-9)
                     last_eval = self._log_step(step, lr, last_logged, tokens_per_s, is_eval, bar) or last_eval
                     last_logged = step
-                    self.total_iters = self.budget.plan(self.cfg, step, self.total_iters, step - start_step,
-                                                        session_start)
+                    self.total_iters = self.budget.plan(self.cfg, step, self.total_iters, step - start_step)
                     bar.set_total(self.total_iters)
                     window_start = time.time()  # evaluation time is not counted in tokens/s
                 if stop:
@@ -378,6 +406,30 @@ class Trainer:
         bar.close()
         train_time = time.time() - session_start
         return self._finish(last_eval, (self.step - start_step) * self.tokens_per_step / max(train_time, 1e-9))
+
+    def _first_evaluation(self, bar: ProgressBar, signals: StopSignals
+                          ) -> tuple[dict[str, float], dict[str, float]]:
+        """The evaluation at step 0, batch by batch on the bar. A stop signal ends it at the next
+        batch; since nothing has been written yet, nothing is left behind."""
+        existed = self.out.exists()
+
+        def tick() -> None:
+            bar.eval_tick()
+            if self._any_rank(signals.signum is not None):
+                raise EvaluationStopped
+
+        bar.start_eval(0, self.evaluator.batches_per_eval)
+        try:
+            return self.evaluator.evaluate(0, tick)
+        except EvaluationStopped:
+            bar.close()
+            where = (f"{self.out} is as it was" if existed else f"{self.out} was not created") if self.save else ""
+            self.log(f"stopped by signal {signals.signum} during the first evaluation, before any training: "
+                     f"nothing was written{' (' + where + ')' if where else ''}; run the same command to "
+                     f"start again")
+            raise TrainingInterrupted("stopped during the first evaluation") from None
+        finally:
+            bar.end_eval()
 
     @property
     def tokens_per_step(self) -> int:
@@ -394,7 +446,9 @@ class Trainer:
         mean_loss = sum(window) / len(window)
         ev = None
         if is_eval:
-            ev = self.evaluator.evaluate_and_record(step, lr, mean_loss, tokens_per_s)
+            bar.start_eval(step, self.evaluator.batches_per_eval)
+            ev = self.evaluator.evaluate_and_record(step, lr, mean_loss, tokens_per_s, bar.eval_tick)
+            bar.end_eval()
             bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
         else:
             self.recorder.record(step, lr, mean_loss, None, tokens_per_s)

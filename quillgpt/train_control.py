@@ -95,21 +95,29 @@ class StopSignals:
 
 class TimeBudget:
     """`time_budget`: fit max_iters (and the LR decay) to the time left, from the average time
-    per step so far (evaluations included), keeping a reserve for the final eval, sample and save."""
+    per step so far (evaluations included), keeping a reserve for the final eval, sample and save.
 
-    def __init__(self, budget: str | None, start_time: float):
+    `clock` (default `time.time`) is where the time comes from: every figure the plan uses is
+    read from it, so a given clock gives a given plan."""
+
+    def __init__(self, budget: str | None, start_time: float, clock: Callable[[], float] = time.time):
         self.seconds = parse_duration(budget) if budget else None
         self.start_time = start_time
+        self.clock = clock
+        self.session_start = start_time
         self.eval_seconds = 0.0
 
-    def plan(self, cfg: Config, step: int, total_iters: int, steps_this_session: int,
-             session_start: float) -> int:
+    def start_session(self) -> None:
+        """The first step of this process is about to run (after the first evaluation)."""
+        self.session_start = self.clock()
+
+    def plan(self, cfg: Config, step: int, total_iters: int, steps_this_session: int) -> int:
         """The new total of steps (unchanged without a budget or before 5 steps of evidence)."""
         if self.seconds is None or steps_this_session < 5:
             return total_iters
         t = cfg.train
-        now = time.time()
-        per_step = (now - session_start) / steps_this_session
+        now = self.clock()
+        per_step = max(now - self.session_start, 1e-9) / steps_this_session
         reserve = 0.03 * self.seconds + 2 * self.eval_seconds
         left = self.seconds - (now - self.start_time) - reserve
         planned = step + max(0, int(left / per_step))  # 0 more: out of time, stop here

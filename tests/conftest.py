@@ -1,26 +1,79 @@
-"""Shared test fixtures. Tests run on CPU, offline, with data from ../shared/data or written here."""
+"""Shared test fixtures. Tests run on CPU, offline, with text they write themselves or the two
+public data files (tiny-shakespeare, GPT-2's ranks), found where quill finds them."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
+from quillgpt.download import (
+    SHAKESPEARE_NAME,
+    SHAKESPEARE_SHA256,
+    SHAKESPEARE_URL,
+    cache_dir,
+    check_cached,
+    fetch_cached,
+)
+from quillgpt.errors import QuillError
+from quillgpt.tokenizers.gpt2 import GPT2_RANKS_NAME, GPT2_RANKS_SHA256, GPT2_RANKS_URL
+
+# The user's cache, read before `_isolated_cache` gives every test an empty one of its own.
+USER_CACHE = cache_dir()
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA_FILES = {SHAKESPEARE_NAME: (SHAKESPEARE_URL, SHAKESPEARE_SHA256),
+              GPT2_RANKS_NAME: (GPT2_RANKS_URL, GPT2_RANKS_SHA256)}
+_located: dict[str, Path | str] = {}  # name -> path, or the reason to skip
 
 
-def shared_file(name: str) -> Path:
-    """A file from ../shared/data, or skip the test with the reason."""
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found (CI has ../shared/data beside the checkout)")
-    return path
+def data_file(name: str) -> Path:
+    """tinyshakespeare.txt or gpt2.tiktoken, where quill finds it: the user's $QUILL_CACHE
+    (default ~/.cache/quillgpt), then ../shared/data beside the checkout; else downloaded into
+    the user's cache as quill downloads it (sha256-checked). Skips, with one line saying so, only
+    when there is no copy and no network."""
+    if name not in _located:
+        _located[name] = _locate(name)
+    found = _located[name]
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
+
+
+def _locate(name: str) -> Path | str:
+    url, sha256 = DATA_FILES[name]
+    if (USER_CACHE / name).is_file():
+        return check_cached(USER_CACHE / name, sha256)  # a corrupt copy fails, saying to delete it
+    if (SHARED_DATA / name).is_file():
+        return SHARED_DATA / name
+    with mock.patch.dict(os.environ, {"QUILL_CACHE": str(USER_CACHE)}):
+        try:
+            return fetch_cached(name, url, sha256)
+        except QuillError as e:
+            return f"{name}: no copy in {USER_CACHE} or {SHARED_DATA}, and no download ({e})"
+
+
+def seed_cache(name: str) -> Path:
+    """Copy a data file into this test's (isolated, empty) $QUILL_CACHE, as a user's first
+    download leaves it."""
+    dest = cache_dir() / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data_file(name), dest)
+    return dest
 
 
 @pytest.fixture
 def shakespeare() -> Path:
-    return shared_file("tinyshakespeare.txt")
+    return data_file(SHAKESPEARE_NAME)
+
+
+@pytest.fixture
+def gpt2_cache() -> Path:
+    """GPT-2's ranks in this test's $QUILL_CACHE (no download)."""
+    return seed_cache(GPT2_RANKS_NAME)
 
 
 @pytest.fixture(autouse=True)

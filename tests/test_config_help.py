@@ -3,10 +3,12 @@ ladder --help` and the README's table all come from it."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
+from quillgpt.cli import build_parser
 from quillgpt.config import ALL_KEYS, key_help, keys_markdown
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -32,3 +34,31 @@ def test_help_shows_every_flag_with_its_meaning_and_default():
             flag = "--" + key.replace("_", "-")
             assert f"{flag} " in flat, (command, flag)
             assert " ".join(f"{meaning} (default: {shown})".split()) in flat, (command, key)
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str = "quill"):
+    """(name, parser) of every command and subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from subcommands(sub, f"{prefix} {name}")
+
+
+def test_every_flag_of_every_command_explains_itself_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    commands = dict(subcommands(build_parser()))
+    expected = ["train", "sample", "eval", "serve", "prepare", "tokenize", "tokenizer train", "import-hf",
+                "export-hf", "plot", "ladder"]
+    assert {f"quill {c}" for c in expected} <= set(commands)
+    for name, parser in commands.items():
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            label = action.option_strings[-1] if action.option_strings else action.dest
+            assert action.help, f"{name} {label} has no help"
+            if action.option_strings and action.default not in (None, False, "", argparse.SUPPRESS):
+                helped = " ".join(action.help.replace("%%", "%").split())
+                after = text[text.index(helped[:30]):][:len(helped) + 60]
+                assert "default" in after, f"{name} {label}: its help does not show its default {action.default!r}"

@@ -26,7 +26,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
 def quill(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `quill` entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "quillgpt", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd)
 
 
 def tiny_cfg(data: Path, out: Path | None, **kw):

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import shared_file
 
 import quillgpt.prepare as prep
 from quillgpt.cli import main
@@ -30,15 +28,6 @@ DOCS = [
 def tokens(out: str | Path) -> tuple[list[int], list[int], dict]:
     _, train, val, meta = load_prepared(out)
     return train.tolist(), val.tolist(), meta
-
-
-@pytest.fixture
-def gpt2_cache():
-    """GPT-2's ranks from ../shared/data in the (isolated) cache, as a user's first download leaves them."""
-    src = shared_file("gpt2.tiktoken")
-    dst = Path(os.environ["QUILL_CACHE"]) / "gpt2.tiktoken"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dst)
 
 
 def write_corpus(tmp_path: Path, docs: list[str]) -> dict[str, Path]:

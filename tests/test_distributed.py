@@ -34,7 +34,7 @@ def torchrun(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "quillgpt", "train", "--no-progress", *flags, *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out.parent)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
 
 
 def single_process_reference(data: Path, out: Path, **extra):

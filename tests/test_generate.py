@@ -363,7 +363,7 @@ def test_cli_greedy_stop_and_controls(run_dir, capsys):
 def test_cli_interactive(run_dir):
     r = subprocess.run([sys.executable, "-m", "quillgpt", "sample", str(run_dir), "--interactive",
                         "--max-new-tokens", "10", "--seed", "0", "--temperature", "0"],
-                       input="To be\nthé\nthe\n", capture_output=True, text=True, timeout=120)
+                       input="To be\nthé\nthe\n", capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("To be") and lines[1].startswith("the")

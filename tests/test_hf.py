@@ -8,12 +8,11 @@ saved to a temporary directory.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_run, shared_file
+from conftest import make_run, seed_cache
 from safetensors.torch import load_file
 
 from quillgpt import checkpoint as ckpt
@@ -46,11 +45,8 @@ def bpe() -> ByteBPETokenizer:
 
 @pytest.fixture
 def gpt2_ranks() -> Path:
-    """GPT-2's ranks from ../shared/data copied into this test's $QUILL_CACHE (no download)."""
-    dest = cache_dir() / "gpt2.tiktoken"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shared_file("gpt2.tiktoken"), dest)
-    return dest
+    """GPT-2's ranks copied into this test's $QUILL_CACHE (no download)."""
+    return seed_cache("gpt2.tiktoken")
 
 
 def random_hf_model(n_layer: int, n_head: int, n_embd: int, n_positions: int, vocab_size: int,

@@ -209,29 +209,31 @@ def env() -> dict[str, str]:
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_identical(small_text, tmp_path):
-    iters = 40
-    ref = Trainer(tiny_cfg(small_text, tmp_path / "ref", max_iters=iters, checkpoint_interval=1000),
-                  progress=False, log=quiet).run()
+    """The run is nowhere near its end when SIGTERM arrives (max_iters 10**6, while the LR
+    schedule ends at step 40 whatever max_iters is), so it stops mid-run on any machine; then it
+    resumes to a few steps past the stop and equals a run trained straight to that step."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(quill_cmd(*tiny_flags(small_text, run, iters), "--checkpoint-interval", "1000",
-                                      "--log-interval", "1"),
+    proc = subprocess.Popen(quill_cmd(*tiny_flags(small_text, run, 10**6), "--lr-decay-iters", "40",
+                                      "--checkpoint-interval", "1000", "--log-interval", "1"),
                             env=env(), stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     # wait for training to be under way, then ask it to stop
     for line in proc.stderr:
         if "step 4:" in line:
             break
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived (machine too fast for this test)")
+    _, err = proc.communicate()
     assert proc.returncode == 130, err
     assert "checkpoint saved" in err and "--resume" in err
-    stopped = ckpt.list_checkpoints(run)[-1]
-    assert 4 <= int(stopped.name.split("-")[1]) < iters
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    stopped = int(ckpt.list_checkpoints(run)[-1].name.split("-")[1])
+    assert stopped >= 4
+    end = stopped + 6
+    assert main(["train", "--resume", str(run), "--no-progress", "--max-iters", str(end),
+                 "--allow-config-change"]) == 0
+    ref = Trainer(tiny_cfg(small_text, tmp_path / "ref", max_iters=end, lr_decay_iters=40,
+                           checkpoint_interval=1000), progress=False, log=quiet).run()
     assert_identical(weights(run), weights(tmp_path / "ref"))
     state = ckpt.load_train_state(run)
-    assert state.state["losses"] == ref.losses
+    assert state.state["losses"] == ref.losses and len(ref.losses) == end
 
 
 def latest_step(run: Path) -> int:
@@ -270,7 +272,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(small_tex
                 for p in ckpt.list_checkpoints(run):
                     assert ckpt.verify_checkpoint(p) is None
                 continue
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        assert proc.wait() == 0, log.read_text()[-3000:]
         break
     assert kills >= 3
     assert latest_step(run) == iters

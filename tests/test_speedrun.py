@@ -493,7 +493,7 @@ def test_resume_with_every_option_and_muon_is_bitwise_identical(verse, tmp_path)
 def quill(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "quillgpt", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          env=env)
 
 
 def test_cli_sample_from_a_run_with_every_option(speedrun_run):

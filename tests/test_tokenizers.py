@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
-from conftest import shared_file
+from conftest import data_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,21 +24,9 @@ from quillgpt.tokenizers.syllable import split_syllables
 EXAMPLE = "Albert Einstein war ein schweizerisch-US-amerikanischer Physiker."
 
 
-@pytest.fixture
-def gpt2_cache() -> Path:
-    """Copy ../shared/data/gpt2.tiktoken into this test's (empty) $QUILL_CACHE."""
-    from quillgpt.download import cache_dir as _cache_dir
-
-    src = shared_file("gpt2.tiktoken")
-    dest = _cache_dir() / GPT2_RANKS_NAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def shakespeare_text() -> str:
-    return shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+    return data_file("tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +71,7 @@ def test_gpt2_downloaded_once_with_checksum(monkeypatch, shakespeare_text):
     from quillgpt.download import cache_dir as _cache_dir
     from quillgpt.tokenizers.gpt2 import GPT2_RANKS_URL
 
-    payload = shared_file("gpt2.tiktoken").read_bytes()
+    payload = data_file("gpt2.tiktoken").read_bytes()
     calls = []
 
     def fake_urlopen(url, timeout=None):
@@ -105,7 +91,7 @@ def test_gpt2_wrong_checksum_is_an_error(monkeypatch, tmp_path):
 
     from quillgpt.download import cache_dir as _cache_dir
 
-    corrupt = shared_file("gpt2.tiktoken").read_bytes()[:-100]
+    corrupt = data_file("gpt2.tiktoken").read_bytes()[:-100]
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(corrupt))
     with pytest.raises(QuillError, match="sha256"):
         gpt2_tokenizer()
@@ -292,7 +278,7 @@ def test_every_tokenizer_kind_builds(gpt2_cache, small_text):
 @settings(max_examples=100, deadline=None)
 @given(text=st.text())
 def test_gpt2_round_trips_any_unicode(text):
-    tok = gpt2_tokenizer(shared_file("gpt2.tiktoken"))
+    tok = gpt2_tokenizer(data_file("gpt2.tiktoken"))
     ids = tok.encode(text)
     assert ids == tok.encode_python(text)
     assert tok.decode(ids) == text

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import shared_file
 
 from quillgpt.cli import main
 from quillgpt.tokenizers import ByteBPETokenizer, SyllableTokenizer, load_tokenizer
@@ -18,17 +15,6 @@ EXAMPLE = "Albert Einstein war ein schweizerisch-US-amerikanischer Physiker."
 TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
               "--batch-size", "4", "--max-iters", "3", "--eval-interval", "3", "--eval-iters", "1",
               "--sample-tokens", "5", "--no-progress", "--device", "cpu"]
-
-
-@pytest.fixture
-def gpt2_cache(monkeypatch) -> Path:
-    from quillgpt.download import cache_dir as _cache_dir
-    from quillgpt.tokenizers.gpt2 import GPT2_RANKS_NAME
-
-    dest = _cache_dir() / GPT2_RANKS_NAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shared_file("gpt2.tiktoken"), dest)
-    return dest
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -108,7 +94,7 @@ def test_tokenizer_commands_do_not_import_torch(gpt2_cache, small_text, tmp_path
         f"main(['tokenize', 'Hello', '--tokenizer', {str(tmp_path / 't.json')!r}])\n"
         "print('torch' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
 

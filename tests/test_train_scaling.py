@@ -112,17 +112,47 @@ def test_parse_duration():
 
 
 def test_time_budget_fits_the_run_and_its_lr_decay(small_text, tmp_path, one_thread):
+    """The budget reads a clock driven by the trainer's own progress (each step costs 50 ms of
+    budget), so the plan, and this test, are the same on any machine under any load."""
+    from quillgpt.train_control import TimeBudget
+
     budget = 8.0
-    cfg = cfg_for(small_text, tmp_path / "r", max_iters=1_000_000, time_budget=f"{budget}s",
-                  log_interval=5, eval_interval=50)
-    result = Trainer(cfg, progress=False, log=quiet).run()
-    assert 5 <= result.steps < 1_000_000
-    assert result.elapsed_s < budget * 1.25
-    # the schedule was fitted to the steps taken: the last step ran at (nearly) min_lr
-    assert cfg.train.max_iters == result.steps == cfg.train.lr_decay_iters
-    t = cfg.train
-    assert lr_at(result.steps - 1, cfg) - t.min_lr < 0.05 * (t.learning_rate - t.min_lr)
-    assert float(metrics(tmp_path / "r")[-1]["lr"]) < t.min_lr + 0.05 * (t.learning_rate - t.min_lr)
+
+    def run(name: str, step_s: float, eval_s: float) -> tuple[int, float, Path]:
+        cfg = cfg_for(small_text, tmp_path / name, max_iters=1_000_000, time_budget=f"{budget}s",
+                      log_interval=5, eval_interval=50)
+        trainer = Trainer(cfg, progress=False, log=quiet)
+        evals: list[int] = []
+        trainer.evaluator.hooks.append(EvalCounter(evals))
+        clock = lambda: step_s * trainer.step + eval_s * len(evals)
+        trainer.budget = TimeBudget(cfg.train.time_budget, 0.0, clock=clock)
+        result = trainer.run()
+        # the schedule was fitted to the steps taken: the last step ran at (nearly) min_lr
+        t = cfg.train
+        assert t.max_iters == result.steps == t.lr_decay_iters
+        assert lr_at(result.steps - 1, cfg) - t.min_lr < 0.05 * (t.learning_rate - t.min_lr)
+        assert float(metrics(tmp_path / name)[-1]["lr"]) < t.min_lr + 0.05 * (t.learning_rate - t.min_lr)
+        return result.steps, clock(), tmp_path / name
+
+    # 8 s less the 3% reserve, at 50 ms a step
+    steps, spent, _ = run("free-evals", 0.05, 0.0)
+    assert abs(steps - int(budget * 0.97 / 0.05)) <= 1 and spent <= budget
+    # evaluations of 1 s each: the plan reserves two of them and counts them in the time per step
+    fewer, spent, _ = run("slow-evals", 0.05, 1.0)
+    assert 50 < fewer < steps - 40 and spent <= budget
+
+
+class EvalCounter:
+    """An evaluation hook that only counts the evaluations (the fake clock charges for them)."""
+
+    interval = 1
+
+    def __init__(self, seen: list[int]):
+        self.seen = seen
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        self.seen.append(step)
+        return {}
 
 
 def test_metrics_have_mfu_and_tensorboard_logs(small_text, tmp_path):

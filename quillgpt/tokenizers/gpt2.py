@@ -15,7 +15,7 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-from ..download import fetch_cached
+from ..download import cache_dir, fetch_cached
 from ..errors import QuillError
 from .bpe import ENDOFTEXT, GPT2_PATTERN, ByteBPETokenizer, load_tiktoken_ranks
 
@@ -27,7 +27,10 @@ GPT2_VOCAB_SIZE = 50257
 
 def gpt2_ranks_path() -> Path:
     """`gpt2.tiktoken` in the cache directory, downloaded (sha256-checked) when absent."""
-    return fetch_cached(GPT2_RANKS_NAME, GPT2_RANKS_URL, GPT2_RANKS_SHA256)
+    path = cache_dir() / GPT2_RANKS_NAME
+    hint = (f"copy GPT-2's ranks (OpenAI's r50k_base.tiktoken, sha256 {GPT2_RANKS_SHA256[:12]}...) "
+            f"to {path}; $QUILL_CACHE sets the directory")
+    return fetch_cached(GPT2_RANKS_NAME, GPT2_RANKS_URL, GPT2_RANKS_SHA256, hint)
 
 
 @lru_cache(maxsize=4)
