@@ -26,12 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, parse_yaml
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from .registry import build_model
@@ -119,12 +118,20 @@ def save_config(cfg: Config, run_dir: str | Path) -> None:
 
 
 def read_run_config(run_dir: str | Path) -> Config:
+    """RUN/config.yaml as a Config, every value checked (a run may come from anyone)."""
     path = Path(run_dir) / CONFIG_FILE
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuillError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise QuillError(f"cannot read {path}: {e}") from None
-    return config_from_dict(values or {})
+    try:
+        cfg = config_from_dict(parse_yaml(text, path))
+        cfg.validate()
+    except QuillError as e:
+        raise QuillError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    return cfg
 
 
 @dataclass

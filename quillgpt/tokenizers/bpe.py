@@ -33,8 +33,8 @@ from typing import Any
 
 import regex
 
-from ..errors import QuillError
-from .base import Tokenizer, register
+from ..errors import QuillError, shown
+from .base import MAX_VOCAB_SIZE, Tokenizer, check_special_tokens, check_vocabulary_size, register
 
 # GPT-2's pre-tokenisation: contractions, words with one leading space, numbers, punctuation
 # runs, whitespace (the last space of a run goes with the next word).
@@ -46,9 +46,11 @@ LINES_PATTERN = r"""\n|[^\n]+"""
 # Patterns whose chunks never cross a point just after "\n" that is followed by a non-space:
 # texts may be cut there and encoded in parallel with the same result.
 SPLITTABLE_PATTERNS = {GPT2_PATTERN, WORDS_PATTERN, LINES_PATTERN}
+# The patterns a tokenizer file may name (by their text), with what they are.
+KNOWN_PATTERNS = {GPT2_PATTERN: "GPT-2's", WORDS_PATTERN: "words without their space",
+                  LINES_PATTERN: "lines"}
 
 ENDOFTEXT = "<|endoftext|>"
-MAX_VOCAB_SIZE = 1 << 20  # above a million tokens is surely a typo
 PARALLEL_MIN_CHARS = 1 << 20  # texts longer than this are encoded on all idle cores
 
 
@@ -87,7 +89,8 @@ def printable_to_token(text: str) -> bytes:
     try:
         return bytes(inverse[c] for c in text)
     except KeyError as e:
-        raise ValueError(f"token {text!r} has a character {e} outside GPT-2's byte alphabet") from None
+        raise ValueError(f"token {shown(text)} has a character {shown(e.args[0])} outside GPT-2's byte "
+                         f"alphabet") from None
 
 
 @lru_cache(maxsize=1)
@@ -185,6 +188,10 @@ class ByteBPETokenizer(Tokenizer):
 
     def _check(self) -> None:
         n_ids = len(self.ranks) + len(self.specials)
+        check_vocabulary_size(n_ids, "the vocabulary")
+        check_special_tokens(self.specials, n_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.ranks.values()):
+            raise ValueError("token ids must be integers")
         if len(self.decoder) != n_ids:
             raise ValueError("two tokens share an id")
         if set(self.decoder) != set(range(n_ids)):
@@ -298,9 +305,10 @@ class ByteBPETokenizer(Tokenizer):
     def from_dict(cls, data: dict[str, Any]) -> ByteBPETokenizer:
         specials = data["special_tokens"]
         tokens = data["tokens"]
-        if not isinstance(specials, dict) or not isinstance(tokens, list):
-            raise ValueError("'special_tokens' must be a mapping and 'tokens' a list")
-        special_ids = set(specials.values())
+        if not isinstance(tokens, list):
+            raise ValueError("'tokens' must be a list")
+        check_vocabulary_size(len(tokens), "'tokens'")
+        special_ids = set(check_special_tokens(specials, len(tokens)).values())
         ranks = {}
         for i, t in enumerate(tokens):
             if i in special_ids:
@@ -311,11 +319,11 @@ class ByteBPETokenizer(Tokenizer):
         if len(ranks) + len(specials) != len(tokens):
             raise ValueError("duplicate tokens or special ids outside the token list")
         pattern = data["pattern"]
-        try:
-            regex.compile(pattern)
-        except (regex.error, TypeError) as e:
-            raise ValueError(f"bad pattern: {e}") from None
-        return cls(ranks, specials, pattern, str(data.get("name", "bpe")))
+        if pattern not in KNOWN_PATTERNS:
+            # a regex from a file could take exponential time on some texts: only ours are run
+            raise ValueError(f"pre-tokenisation pattern {shown(pattern)} is not one of quill's "
+                             f"({', '.join(KNOWN_PATTERNS.values())})")
+        return cls(ranks, specials, pattern, str(data.get("name", "bpe"))[:100])
 
     @classmethod
     def from_hf_files(cls, vocab_json: str | Path, merges_txt: str | Path,
@@ -334,6 +342,8 @@ class ByteBPETokenizer(Tokenizer):
             raise QuillError(f"cannot read {vocab_json} / {merges_txt}: {e}") from None
         except json.JSONDecodeError as e:
             raise QuillError(f"{vocab_json} is corrupt JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise QuillError(f"{vocab_json} is not a vocab.json: its JSON is nested too deeply") from None
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise QuillError(f"{vocab_json} is not a vocab.json (token -> id mapping)")
         table = bytes_to_unicode()
@@ -394,6 +404,10 @@ class ByteBPETokenizer(Tokenizer):
         pair occurs twice. See the module docstring for the algorithm and tie-breaking.
         """
         specials = list(dict.fromkeys(special_tokens))
+        try:
+            check_special_tokens({t: i for i, t in enumerate(specials)}, len(specials))
+        except ValueError as e:
+            raise QuillError(str(e)) from None
         check_vocab_size(vocab_size, 256 + len(specials))
         check_encodable(text)
         pattern = pre_tokenize_pattern(within_words, space_prefix)
