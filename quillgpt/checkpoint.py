@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import Config, config_from_dict, parse_yaml
+from .config import Config, ModelConfig, config_from_dict, parse_yaml
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from .registry import build_model
@@ -78,8 +78,64 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise QuillError(f"{path} is corrupt or not a safetensors file ({e})") from None
 
 
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (names, shapes, offsets) is far smaller
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a safetensors file's header lists; the tensors are not read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+        shapes = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shape = entry["shape"]
+                if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError(f"bad shape for {name}")
+                shapes[name] = tuple(shape)
+        return shapes
+    except FileNotFoundError:
+        raise QuillError(f"weights file not found: {path}") from None
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise QuillError(f"{path} is corrupt or not a safetensors file ({type(e).__name__})") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a weights file for `cfg` holds (tied ones once), found without allocating."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    saved = model.state_dict()
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return {n: tuple(saved[n].shape) for n in names if n in saved}
+
+
+def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
+    """QuillError unless the weights file's header lists exactly the tensors the config's model
+    has, in their shapes: checked before the model is allocated (a config edited to a huge
+    model, or weights of another model, end in one line, not in an allocation failure)."""
+    have, want = safetensors_shapes(path), expected_shapes(cfg)
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise QuillError(f"{path} does not match the model of config.yaml: {'; '.join(parts)}")
+    for name, shape in want.items():
+        if have[name] != shape:
+            raise QuillError(f"{path}: {name} has shape {have[name]}, the model of config.yaml "
+                             f"expects {shape}")
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load weights saved by `save_weights`, checking that every tensor matches."""
+    """Load weights saved by `save_weights`, checking that every tensor matches and is finite."""
     tensors = read_safetensors(path)
     expected = model.state_dict()
     # tied tensors were stored once: fill in the other names from their twin
@@ -105,6 +161,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise QuillError(
                 f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
             )
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QuillError(f"{path}: {name} holds NaN or infinite values; these weights are damaged")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -161,11 +219,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
             f"{run_dir}: config vocab_size {cfg.model.vocab_size} does not match the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
-    cfg.model.validate()
-    model = build_model(cfg.model)
     weights_path = run_dir / weights
     if not weights_path.is_file():
         raise QuillError(f"{run_dir} has no weights ({weights} is missing)")
+    check_weights_fit(weights_path, cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, weights_path)
     model.to(device)
     model.eval()

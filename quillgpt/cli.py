@@ -172,7 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import os
 
     from .checkpoint import BEST_FILE, MODEL_FILE, load_run
-    from .generate import check_sampling_args, generate_batch, generate_stream
+    from .generate import check_sampling_args, check_seed, generate_batch, generate_stream
     from .runtime import resolve_device
 
     stop = [_unescape(s) for s in args.stop] if args.stop else None
@@ -180,6 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         args.repetition_penalty, args.max_new_tokens, stop)
     if args.num_samples < 1:
         raise QuillError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_seed(args.seed, args.num_samples)
     run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -451,6 +452,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "API at /v1/completions (streaming included). See docs/serve.md.")
     p.add_argument("run", help="run directory written by quill train")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names requests may name besides IP addresses, localhost "
+                        "and --host ('*': any; see docs/serve.md)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
@@ -463,12 +467,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE
     from .runtime import resolve_device
     from .serve import ServeSettings, serve
+    from .serve.guard import default_allowed_hosts
 
     if not 0 <= args.port <= 65535:
         raise QuillError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens_cap < 1 or args.max_queue < 1:
         raise QuillError("--max-tokens-cap and --max-queue must be positive")
-    settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue)
+    extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
+                             allowed_hosts=default_allowed_hosts(args.host, extra))
     serve(args.run, args.host, args.port, resolve_device(args.device),
           BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level)
     return 0
