@@ -236,6 +236,9 @@ def add_import_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="local HF directory or hub id")
     p.add_argument("out", help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+    p.add_argument("--tokenizer", metavar="SPEC",
+                   help="gpt2 or a tokenizer .json, for a checkpoint without tokenizer.json (or vocab.json "
+                        "and merges.txt)")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -243,7 +246,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from .hf import import_hf
     from .model import count_params
 
-    out = import_hf(args.src, args.out, overwrite=args.overwrite)
+    out = import_hf(args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
     run = load_run(out)
     m = run.config.model
     eprint(f"imported {args.src}: {count_params(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, "
@@ -386,14 +389,20 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .fileio import check_apart
     from .tokenizers import train_tokenizer
 
     if args.tokenizer_command != "train":
         raise QuillError("quill tokenizer: expected a command: train")
     out = Path(args.out)
+    if out.is_dir():
+        raise QuillError(f"--out {out} is a directory; name the tokenizer file to write (e.g. {out / 'tok.json'})")
+    check_apart(out, [args.data])
     if out.exists() and not args.overwrite:
         raise QuillError(f"{out} exists; pass --overwrite to replace it")
     text = read_utf8(args.data)
+    if not text:
+        raise QuillError(f"{args.data} is empty: there is nothing to learn a tokenizer from")
     start = time.perf_counter()
     specials = [s for s in args.special_tokens.split(",") if s]
     tok = train_tokenizer(args.kind, text, args.vocab_size, special_tokens=specials,
@@ -507,8 +516,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import prepare
     from .readers import ReadOptions
 
-    if args.max_megabytes is not None and args.max_megabytes <= 0:
-        raise QuillError(f"max_megabytes must be positive, got {args.max_megabytes}")
+    if args.max_megabytes is not None and not 0 < args.max_megabytes < float("inf"):
+        raise QuillError(f"max_megabytes must be a positive number, got {args.max_megabytes}")
     opts = ReadOptions(text_field=args.text_field, column=args.column, encoding_errors=args.encoding_errors,
                        max_bytes=None if args.max_megabytes is None else int(args.max_megabytes * 1_000_000))
     result = prepare(args.data, args.tokenizer, out=args.out, opts=opts, val_fraction=args.val_fraction,

@@ -44,3 +44,23 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_apart(out: str | Path, inputs: list[str | Path], what: str = "--out") -> None:
+    """QuillError when the output `out` is one of the `inputs`, lies inside one, or holds one:
+    replacing it would delete (or write into) what is being read. Inputs that do not exist on
+    disk (a URL, a known name) are skipped."""
+    from .errors import QuillError
+
+    target = Path(out).expanduser().resolve()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if target == source:
+            raise QuillError(f"{what} {out} is the input {item}; choose another output")
+        if source.is_relative_to(target):
+            raise QuillError(f"{what} {out} holds the input {item}; writing it would replace the input")
+        if target.is_relative_to(source):
+            raise QuillError(f"{what} {out} is inside the input {item}; choose an output outside it")

@@ -20,6 +20,7 @@ from . import distributed as qdist
 from .config import Config, config_from_dict, load_config
 from .data import BatchSource
 from .errors import QuillError
+from .fileio import check_apart
 from .runtime import set_rng_state
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -57,6 +58,8 @@ def run_dir_for(cfg: Config, resume_dir: Path | None, overwrite: bool, check: bo
         return resume_dir
     out = Path(cfg.train.out) if cfg.train.out else default_out_dir(cfg)
     if check:
+        t = cfg.train
+        check_apart(out, [p for p in (t.data, t.tokenizer, t.init_from) if p and not str(p).startswith("http")])
         check_out_dir(out, overwrite)
     return out
 

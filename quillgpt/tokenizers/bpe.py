@@ -328,50 +328,11 @@ class ByteBPETokenizer(Tokenizer):
     @classmethod
     def from_hf_files(cls, vocab_json: str | Path, merges_txt: str | Path,
                       name: str = "hf") -> ByteBPETokenizer:
-        """A tokenizer from Hugging Face's GPT-2-style `vocab.json` and `merges.txt`.
+        """A tokenizer from Hugging Face's GPT-2-style `vocab.json` and `merges.txt`
+        (see `hf_files`; `hf_files.from_tokenizer_json` reads a `tokenizer.json`)."""
+        from .hf_files import from_vocab_merges
 
-        Tokens in vocab.json that are neither single bytes nor a merge result are specials
-        (GPT-2's `<|endoftext|>`). Merge results must have ids in merge order, as HF writes them.
-        """
-        try:
-            vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-            merge_lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError as e:
-            raise QuillError(f"file not found: {e.filename}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise QuillError(f"cannot read {vocab_json} / {merges_txt}: {e}") from None
-        except json.JSONDecodeError as e:
-            raise QuillError(f"{vocab_json} is corrupt JSON ({e.msg} at line {e.lineno})") from None
-        except RecursionError:
-            raise QuillError(f"{vocab_json} is not a vocab.json: its JSON is nested too deeply") from None
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise QuillError(f"{vocab_json} is not a vocab.json (token -> id mapping)")
-        table = bytes_to_unicode()
-        mergeable = {table[b] for b in range(256)}
-        last_id = -1
-        for n, line in enumerate(merge_lines):
-            if not line.strip() or (n == 0 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise QuillError(f"{merges_txt}: line {n + 1} is not 'left right': {line!r}")
-            merged = parts[0] + parts[1]
-            if merged not in vocab:
-                raise QuillError(f"{merges_txt}: line {n + 1} makes {merged!r}, not in {vocab_json}")
-            if vocab[merged] <= last_id:
-                raise QuillError(f"{vocab_json}: ids of merged tokens are not in merge order "
-                                 f"(at {merged!r}); unsupported")
-            last_id = vocab[merged]
-            mergeable.add(merged)
-        missing = [c for c in (table[b] for b in range(256)) if c not in vocab]
-        if missing:
-            raise QuillError(f"{vocab_json} lacks byte tokens (e.g. {missing[0]!r}); not byte-level BPE")
-        ranks = {printable_to_token(t): vocab[t] for t in mergeable}
-        specials = {t: i for t, i in vocab.items() if t not in mergeable}
-        try:
-            return cls(ranks, specials, GPT2_PATTERN, name)
-        except ValueError as e:
-            raise QuillError(f"{vocab_json}: {e}") from None
+        return from_vocab_merges(vocab_json, merges_txt, name)
 
     def save_hf_files(self, directory: str | Path) -> tuple[Path, Path]:
         """Write Hugging Face's `vocab.json` and `merges.txt` for this tokenizer into `directory`."""
