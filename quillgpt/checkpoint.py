@@ -406,6 +406,38 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
+def peek_train_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint whose state.json matches its manifest, and that JSON as written
+    (tensors left as references): what a resume checks before it loads anything big."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise QuillError(f"{run_dir} has no checkpoint to resume from ({TRAIN_STATE_DIR}/ is empty "
+                         f"or missing)")
+    for path in reversed(checkpoints):
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+            data = (path / STATE_JSON_FILE).read_bytes()
+            if not isinstance(manifest, dict) or _sha256(data) != manifest.get("sha256", {}).get(STATE_JSON_FILE):
+                continue
+            skeleton = json.loads(data)
+        except (OSError, ValueError, RecursionError, AttributeError):
+            continue
+        if isinstance(skeleton, dict):
+            return path, skeleton
+    raise QuillError(f"no intact checkpoint in {Path(run_dir) / TRAIN_STATE_DIR}")
+
+
+def check_tensors_fit(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """QuillError unless `tensors` are exactly the model's (tied ones once), in its shapes."""
+    expected = model.state_dict()
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    want = {n: tuple(expected[n].shape) for n in names if n in expected}
+    have = {n: tuple(t.shape) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if have != want:
+        wrong = sorted(set(want) ^ set(have)) or [n for n in want if have[n] != want[n]]
+        raise QuillError(f"{source} does not fit the model of config.yaml (at {', '.join(wrong[:3])})")
+
+
 @dataclass
 class TrainState:
     path: Path

@@ -90,10 +90,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, default_preset, resume_config
 
     chosen = None  # the preset picked for the user when they gave none
+    resume_data = None  # with --resume, --data says where the run's data is now (never downloaded)
     if args.resume:
         if args.no_save:
             raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
-        cfg = resume_config(args.resume, args.config, config_overrides(args), args.allow_config_change)
+        overrides = config_overrides(args)
+        resume_data = overrides.pop("data", None)
+        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
     else:
         if args.allow_config_change:
             raise QuillError("--allow-config-change only applies with --resume RUN")
@@ -101,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         chosen = default_preset(overrides) if args.config is None else None
         cfg = load_config(args.config or chosen, overrides)
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
-                      progress=not args.no_progress, start_time=START_TIME, resume=args.resume)
+                      progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
+                      resume_data=resume_data)
     if chosen and trainer.dist.is_main:
         eprint(f"no --config on a CPU: the {chosen} preset (nanoGPT's CPU recipe); "
                "--config shakespeare-char is its larger GPU recipe")

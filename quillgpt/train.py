@@ -42,7 +42,8 @@ from .model import count_params
 from .optim import check_optimizer, lr_at, make_optimizer, set_lr
 from .plot import plot_or_say
 from .registry import build_model
-from .resume import Checkpointer, resume_config, run_dir_for  # noqa: F401 - resume_config: API
+from .resume import Checkpointer, check_resume, resume_config, run_dir_for  # noqa: F401 - resume_config: API
+from .resume import resume_data as resume_training_data
 from .runtime import autocast_context, resolve_device, resolve_dtype, rng_state, seed_everything
 from .train_control import CompiledModel, StopSignals, TimeBudget
 
@@ -183,14 +184,17 @@ class LossEvaluator:
 class Trainer:
     """One training run. `Trainer(cfg).run()` does everything `quill train` does.
 
-    `resume=RUN` continues RUN from its newest intact checkpoint (cfg from `resume_config`).
+    `resume=RUN` continues RUN from its newest intact checkpoint (cfg from `resume_config`), on
+    the prepared data in the local cache with the checkpoint's fingerprint, or on `resume_data`
+    (a local corpus, checked against it): a resume never downloads (see `resume.resume_data`).
     `data` replaces the corpus that `cfg.train.data` names (any `data.TrainingData`), and
     `hooks` add evaluations of their own (`EvalHook`)."""
 
     def __init__(self, cfg: Config, overwrite: bool = False, save: bool = True,
                  progress: bool = True, log: Callable[[str], None] | None = None,
                  start_time: float | None = None, resume: str | Path | None = None,
-                 data: TrainingData | None = None, hooks: Sequence[EvalHook] = ()):
+                 data: TrainingData | None = None, hooks: Sequence[EvalHook] = (),
+                 resume_data: str | None = None):
         self.start_time = start_time if start_time is not None else time.time()
         self.cfg = cfg
         cfg.validate()
@@ -202,6 +206,7 @@ class Trainer:
         quiet = (lambda msg: None)
         self.log = (log or (lambda msg: print(msg, file=sys.stderr))) if self.dist.is_main else quiet
         self.resume_dir = Path(resume) if resume is not None else None
+        resumed = check_resume(self.resume_dir, cfg) if self.resume_dir is not None else None
         self.out = run_dir_for(cfg, self.resume_dir, overwrite, save and self.dist.is_main)
         if save or self.resume_dir is not None:
             t.out = str(self.out)
@@ -212,7 +217,14 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         init_state = init_weights(cfg, self.log) if self.resume_dir is None else None
-        self.data = data if data is not None else TokenData.from_config(cfg)
+        if data is not None:
+            self.data = data
+        elif self.resume_dir is not None and resumed is not None:
+            self.data = resume_training_data(self.resume_dir, cfg, resume_data, resumed["data_sha256"])
+            if resume_data is not None:
+                t.data = str(resume_data)  # where the run's data is now
+        else:
+            self.data = TokenData.from_config(cfg)
         self.tokenizer = self.data.tokenizer
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.data_sha256 = self.data.fingerprint()
@@ -222,11 +234,13 @@ class Trainer:
             self.model.load_state_dict(init_state)
         self.model.to(self.device)
         self.n_params = count_params(self.model)
+        self._build_training(hooks)
+        resuming = self._restore() if self.resume_dir is not None else None
+        # said once everything is checked: a run that cannot start says only why
         for line in setup_lines(cfg, self.n_params, self.data, self.device, self.dtype, self.dist):
             self.log(line)
-        self._build_training(hooks)
-        if self.resume_dir is not None:
-            self._restore()
+        if resuming:
+            self.log(resuming)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -282,7 +296,8 @@ class Trainer:
         self.recorder.metrics.write()
         return path
 
-    def _restore(self) -> None:
+    def _restore(self) -> str:
+        """Load the newest intact checkpoint; returns the line that says so."""
         assert self.resume_dir is not None
         ts = self.checkpoints.load(self.resume_dir, self.model, self.optimizer, self.batches,
                                    self.tokenizer, self.data_sha256, self.cfg.train.seed, self.log)
@@ -292,7 +307,7 @@ class Trainer:
         self.recorder.best_val = float(st["best_val_loss"])
         self.recorder.last_val = st.get("val_loss")
         self.step = ts.step
-        self.log(f"resuming {self.resume_dir} from step {ts.step} ({ts.path.name})")
+        return f"resuming {self.resume_dir} from step {ts.step} ({ts.path.name})"
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -445,7 +460,8 @@ class Trainer:
 
 
 def train(cfg: Config, overwrite: bool = False, save: bool = True, progress: bool = True,
-          start_time: float | None = None, resume: str | Path | None = None) -> TrainResult:
+          start_time: float | None = None, resume: str | Path | None = None,
+          resume_data: str | None = None) -> TrainResult:
     """Train a model as `cfg` says; see `Trainer`."""
     return Trainer(cfg, overwrite=overwrite, save=save, progress=progress, start_time=start_time,
-                   resume=resume).run()
+                   resume=resume, resume_data=resume_data).run()
