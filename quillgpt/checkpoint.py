@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from safetensors.torch import save as st_save
 
 from .config import Config, ModelConfig, config_from_dict, parse_yaml
 from .errors import QuillError
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_text, disk_full, fsync_dir, make_temp_dir, sweep_temporaries
 from .registry import build_model
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -41,6 +40,9 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.csv"
+PLOT_FILE = "loss.png"
+# the files a run directory holds, whose temporaries a killed run may have left behind
+RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE, BEST_FILE, METRICS_FILE, PLOT_FILE)
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -316,7 +318,7 @@ def save_train_state(run_dir: str | Path, step: int, weights: dict[str, torch.Te
     root = Path(run_dir) / TRAIN_STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(root, final.name)
     try:
         skeleton, tensors = pack_state(state)
         blobs = {
@@ -333,8 +335,10 @@ def save_train_state(run_dir: str | Path, step: int, weights: dict[str, torch.Te
             remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (full := disk_full(e, final)) is not None:
+            raise full from None
         raise
     prune_checkpoints(root, keep_last)
     return final
@@ -358,11 +362,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Remove leftovers of interrupted saves and all but the newest `keep_last` checkpoints and
-    the best one."""
-    for p in root.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+    """Remove leftovers of interrupted saves (of writers no longer running) and all but the
+    newest `keep_last` checkpoints and the best one."""
+    sweep_temporaries(root)
     checkpoints = list_checkpoints(root.parent)
     keep = set(checkpoints[-max(1, keep_last):])
     best, best_val = None, float("inf")

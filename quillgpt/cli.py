@@ -582,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         eprint("quill: interrupted")
         return 130
+    except OSError as e:  # a full disk wherever it struck: one line, which file, and why
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        eprint(f"quill: error: {where}the disk is full ({e.strerror})")
+        return 2
     except BrokenPipeError:
         return 0
 

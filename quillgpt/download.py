@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import QuillError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, sweep_temporaries
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -45,6 +45,7 @@ def fetch_cached(name: str, url: str, sha256: str | None) -> Path:
     path = cache_dir() / name
     if path.is_file():
         return path
+    sweep_temporaries(path.parent)  # the cache is ours: what killed downloads left
     import urllib.error
     import urllib.request  # here, not above: importing it takes longer than the tokenizers
 

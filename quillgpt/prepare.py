@@ -41,7 +41,7 @@ import numpy as np
 
 from .download import SHAKESPEARE_NAME, cache_dir  # noqa: F401 - importable from here as before
 from .errors import QuillError
-from .fileio import check_apart
+from .fileio import check_apart, reporting_disk_full
 from .prepared import (  # noqa: F401 - is_prepared_dir, load_prepared: importable from here as before
     FORMAT,
     FORMAT_VERSION,
@@ -380,7 +380,7 @@ def prepare(data: str, tokenizer: str = "char", out: str | Path | None = None,
     started = time.time()
     total_bytes = sum(s["bytes"] for s in sources)
     plan = _plan(tokenizer, files, opts, val_fraction, total_bytes, workers)
-    with staging_dir(out) as tmp:
+    with staging_dir(out) as tmp, reporting_disk_full(out):
         counts = _write_tokens(tmp, files, opts, plan, val_fraction, total_bytes, progress)
         if counts.documents == 0:
             raise QuillError(f"data file {files[0]} is empty" if len(files) == 1 and root is None

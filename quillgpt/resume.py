@@ -23,7 +23,7 @@ from .config import Config, config_from_dict, load_config
 from .data import BatchSource, Splits, TokenData, check_lengths, data_fingerprint
 from .download import cache_dir
 from .errors import QuillError, shown
-from .fileio import check_apart
+from .fileio import check_apart, sweep_temporaries
 from .prepared import is_prepared_dir, load_prepared
 from .runtime import set_rng_state
 from .tokenizers import Tokenizer, load_tokenizer
@@ -224,6 +224,7 @@ class Checkpointer:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(self.out, ckpt.RUN_FILES)  # what a killed run left behind
         if fresh:
             shutil.rmtree(self.out / ckpt.TRAIN_STATE_DIR, ignore_errors=True)
         ckpt.save_config(cfg, self.out)
