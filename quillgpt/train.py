@@ -259,7 +259,7 @@ class Trainer:
         self.evaluator = LossEvaluator(self, hooks)
         metrics = MetricsLog(self.out / ckpt.METRICS_FILE if self.save else None, self.start_time)
         self.recorder = RunRecorder(metrics, self.model, self.dist, self.out, self.save, self.device,
-                                    self.dtype, flops_per_token(self.model, self.n_params), self.progress)
+                                    self.dtype, flops_per_token(self.model, self.n_params))
         self.checkpoints = Checkpointer(self.out, self.dist, self.save, t.keep_last)
         self.budget = TimeBudget(t.time_budget, self.start_time)
         self.losses: list[float] = []
@@ -268,7 +268,7 @@ class Trainer:
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
-        """The metrics.csv rows so far (dicts of formatted values; "mfu" too)."""
+        """The metrics.csv rows so far (dicts of formatted values; "flops_per_s" and "mfu" too)."""
         return self.recorder.metrics.rows
 
     @property
@@ -413,7 +413,9 @@ class Trainer:
             bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
         else:
             self.recorder.record(step, lr, mean_loss, None, tokens_per_s)
-        bar.show(window[-1], tokens_per_s, self.recorder.mfu(tokens_per_s), ev["val"] if ev else None)
+        rec = self.recorder
+        bar.show(window[-1], tokens_per_s, rec.flops_per_s(tokens_per_s), rec.mfu(tokens_per_s),
+                 ev["val"] if ev else None)
         return ev
 
     def _flush_losses(self, pending: list[torch.Tensor]) -> list[torch.Tensor]:
