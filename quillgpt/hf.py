@@ -64,6 +64,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         raise QuillError(f"{source}: model_type is {shown(model_type)}; only GPT-2 checkpoints (gpt2) import")
     try:
         return _config_from_hf(hf, source)
+    except QuillError as e:  # ModelConfig's own checks (sizes, dropout): say which file
+        raise QuillError(f"{source}: {e}" if source not in str(e) else str(e)) from None
     except KeyError as e:
         raise QuillError(f"{source} has no {shown(e.args[0])}") from None
     except (TypeError, ValueError, OverflowError) as e:
@@ -501,7 +503,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, tokeniz
     """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights);
     `tokenizer` (gpt2 or a tokenizer file) for a checkpoint without tokenizer files."""
     out = Path(out)
-    check_apart(out, [src] + ([tokenizer] if tokenizer else []))
+    check_apart(out, [src] + ([tokenizer] if tokenizer else []), what="OUT")
     check_out_dir(out, overwrite, "run")
     hf = load_hf(src, tokenizer=tokenizer)
     cfg = Config(model=hf.config, train=TrainConfig(tokenizer=str(out / ckpt.TOKENIZER_FILE),
@@ -525,7 +527,7 @@ def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = Fal
     out = Path(out)
     if not isinstance(run, ckpt.Run):
         run_dir = Path(run)
-        check_apart(out, [run_dir])
+        check_apart(out, [run_dir], what="OUT")
         if ckpt.is_run_dir(run_dir):
             check_exportable(ckpt.read_run_config(run_dir).model)
         run = ckpt.load_run(run_dir)
