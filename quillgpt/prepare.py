@@ -41,7 +41,7 @@ import numpy as np
 
 from .download import SHAKESPEARE_NAME, cache_dir  # noqa: F401 - importable from here as before
 from .errors import QuillError
-from .fileio import check_apart, reporting_disk_full
+from .fileio import check_apart, reporting_disk_full, sweep_temporaries
 from .prepared import (  # noqa: F401 - is_prepared_dir, load_prepared: importable from here as before
     FORMAT,
     FORMAT_VERSION,
@@ -369,6 +369,7 @@ def prepare(data: str, tokenizer: str = "char", out: str | Path | None = None,
     cached = out is None
     if out is None:
         out = cache_path(root or files[0], tokenizer, key)
+        sweep_temporaries(out.parent)  # the cache is ours: what killed runs left there, every start
         hit = find_cached(out, key)
         if hit is not None:
             return hit
