@@ -107,21 +107,23 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise QuillError(f"{path} is corrupt or not a safetensors file ({type(e).__name__})") from None
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors a weights file for `cfg` holds (tied ones once), found without allocating."""
-    with torch.device("meta"):
-        model = build_model(cfg)
+def model_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The shapes of every tensor in the model's state dict, and the names a weights file must
+    hold: tied tensors once (`state_dict_for_saving`), though a file may hold their twins too (a
+    full state dict gathered under FSDP does)."""
     saved = model.state_dict()
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    return {n: tuple(saved[n].shape) for n in names if n in saved}
+    return {n: tuple(t.shape) for n, t in saved.items()}, {n for n in names if n in saved}
 
 
 def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
-    """QuillError unless the weights file's header lists exactly the tensors the config's model
-    has, in their shapes: checked before the model is allocated (a config edited to a huge
-    model, or weights of another model, end in one line, not in an allocation failure)."""
-    have, want = safetensors_shapes(path), expected_shapes(cfg)
-    missing = [k for k in want if k not in have]
+    """QuillError unless the weights file's header lists the tensors the config's model has, in
+    their shapes: checked before the model is allocated (a config edited to a huge model, or
+    weights of another model, end in one line, not in an allocation failure)."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        want, required = model_tensors(build_model(cfg))
+    have = safetensors_shapes(path)
+    missing = [k for k in want if k in required and k not in have]
     unexpected = [k for k in have if k not in want]
     if missing or unexpected:
         parts = []
@@ -131,7 +133,7 @@ def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise QuillError(f"{path} does not match the model of config.yaml: {'; '.join(parts)}")
     for name, shape in want.items():
-        if have[name] != shape:
+        if name in have and have[name] != shape:
             raise QuillError(f"{path}: {name} has shape {have[name]}, the model of config.yaml "
                              f"expects {shape}")
 
@@ -430,13 +432,12 @@ def peek_train_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def check_tensors_fit(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """QuillError unless `tensors` are exactly the model's (tied ones once), in its shapes."""
-    expected = model.state_dict()
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    want = {n: tuple(expected[n].shape) for n in names if n in expected}
+    """QuillError unless `tensors` are the model's (tied ones at least once), in its shapes."""
+    want, required = model_tensors(model)
     have = {n: tuple(t.shape) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if have != want:
-        wrong = sorted(set(want) ^ set(have)) or [n for n in want if have[n] != want[n]]
+    wrong = sorted((required - set(have)) | (set(have) - set(want)) | {n for n in have if n in want and
+                                                                         have[n] != want[n]})
+    if wrong or len(have) != len(tensors):
         raise QuillError(f"{source} does not fit the model of config.yaml (at {', '.join(wrong[:3])})")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -305,7 +306,7 @@ def key_type(name: str) -> tuple[type, bool]:
     return tp, optional
 
 
-SCALARS = (bool, int, float, str)
+SCALARS = (str, numbers.Number)  # numbers: bool, int, float and numpy's scalars
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 

@@ -130,6 +130,18 @@ def out_of_memory_message(cfg: Config) -> str:
             f"{t.gradient_accumulation_steps * 2} (same tokens per step)")
 
 
+def training_data(cfg: Config, resume_dir: Path | None, resumed: dict[str, Any] | None,
+                  resume_data: str | None) -> TrainingData:
+    """The corpus `cfg` names; for a resumed run, the data with the checkpoint's fingerprint
+    (never downloaded: see `resume.resume_data`), and `cfg.train.data` says where it is now."""
+    if resume_dir is None or resumed is None:
+        return TokenData.from_config(cfg)
+    found = resume_training_data(resume_dir, cfg, resume_data, resumed["data_sha256"])
+    if resume_data is not None:
+        cfg.train.data = str(resume_data)
+    return found
+
+
 class LossEvaluator:
     """The loss on each split, averaged over `eval_iters` batches drawn from fixed seeds (the same
     batches every time), then the evaluation hooks that are due."""
@@ -217,14 +229,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         init_state = init_weights(cfg, self.log) if self.resume_dir is None else None
-        if data is not None:
-            self.data = data
-        elif self.resume_dir is not None and resumed is not None:
-            self.data = resume_training_data(self.resume_dir, cfg, resume_data, resumed["data_sha256"])
-            if resume_data is not None:
-                t.data = str(resume_data)  # where the run's data is now
-        else:
-            self.data = TokenData.from_config(cfg)
+        self.data = data if data is not None else training_data(cfg, self.resume_dir, resumed, resume_data)
         self.tokenizer = self.data.tokenizer
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.data_sha256 = self.data.fingerprint()
