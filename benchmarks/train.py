@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
-from quillgpt.train import Trainer, peak_flops  # noqa: E402
+from quillgpt.metrics import format_flops  # noqa: E402
+from quillgpt.train import Trainer  # noqa: E402
 
 VARIANTS = [("float32", False), ("bfloat16", False), ("float32", True), ("bfloat16", True)]
 
@@ -80,16 +81,15 @@ def bench_preset(preset: str, data: str, rounds: int, steps: int, batch: int | N
           f"block {m.block_size}, batch {cfg.train.batch_size}"
           f"{' (preset: ' + str(load_config(preset).train.batch_size) + ')' if batch else ''}, "
           f"{tokens} tokens/step; median of {rounds} x {steps} steps")
-    print("| dtype | compile | ms / step | tokens/s | MFU vs matmul peak | speed-up vs fp32 eager "
+    print("| dtype | compile | ms / step | tokens/s | model FLOP/s | speed-up vs fp32 eager "
           "| first 2 steps (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for key in trainers:
         med = statistics.median(times[key])
         tps = tokens / med
-        peak = peak_flops(torch.device("cpu"), key[0]) or float("nan")
-        mfu = tps * trainers[key].flops_per_token / peak
+        flops = format_flops(tps * trainers[key].recorder.flops_per_token)  # no MFU: a CPU has no documented peak
         print(f"| {key[0]} | {'yes' if key[1] else 'no'} | {1000 * med:.1f} | {tps:,.0f} | "
-              f"{100 * mfu:.1f}% | {base / med:.2f}x | {compile_s[key]:.1f} |")
+              f"{flops} | {base / med:.2f}x | {compile_s[key]:.1f} |")
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import Config, config_from_dict
+from .config import Config, ModelConfig, config_from_dict, parse_yaml
 from .errors import QuillError
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_text, disk_full, fsync_dir, make_temp_dir, sweep_temporaries
 from .registry import build_model
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -42,6 +40,9 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.csv"
+PLOT_FILE = "loss.png"
+# the files a run directory holds, whose temporaries a killed run may have left behind
+RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE, BEST_FILE, METRICS_FILE, PLOT_FILE)
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,8 +80,66 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise QuillError(f"{path} is corrupt or not a safetensors file ({e})") from None
 
 
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (names, shapes, offsets) is far smaller
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a safetensors file's header lists; the tensors are not read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+        shapes = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shape = entry["shape"]
+                if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError(f"bad shape for {name}")
+                shapes[name] = tuple(shape)
+        return shapes
+    except FileNotFoundError:
+        raise QuillError(f"weights file not found: {path}") from None
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise QuillError(f"{path} is corrupt or not a safetensors file ({type(e).__name__})") from None
+
+
+def model_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The shapes of every tensor in the model's state dict, and the names a weights file must
+    hold: tied tensors once (`state_dict_for_saving`), though a file may hold their twins too (a
+    full state dict gathered under FSDP does)."""
+    saved = model.state_dict()
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return {n: tuple(t.shape) for n, t in saved.items()}, {n for n in names if n in saved}
+
+
+def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
+    """QuillError unless the weights file's header lists the tensors the config's model has, in
+    their shapes: checked before the model is allocated (a config edited to a huge model, or
+    weights of another model, end in one line, not in an allocation failure)."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        want, required = model_tensors(build_model(cfg))
+    have = safetensors_shapes(path)
+    missing = [k for k in want if k in required and k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise QuillError(f"{path} does not match the model of config.yaml: {'; '.join(parts)}")
+    for name, shape in want.items():
+        if name in have and have[name] != shape:
+            raise QuillError(f"{path}: {name} has shape {have[name]}, the model of config.yaml "
+                             f"expects {shape}")
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load weights saved by `save_weights`, checking that every tensor matches."""
+    """Load weights saved by `save_weights`, checking that every tensor matches and is finite."""
     tensors = read_safetensors(path)
     expected = model.state_dict()
     # tied tensors were stored once: fill in the other names from their twin
@@ -106,6 +165,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise QuillError(
                 f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
             )
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QuillError(f"{path}: {name} holds NaN or infinite values; these weights are damaged")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -119,12 +180,20 @@ def save_config(cfg: Config, run_dir: str | Path) -> None:
 
 
 def read_run_config(run_dir: str | Path) -> Config:
+    """RUN/config.yaml as a Config, every value checked (a run may come from anyone)."""
     path = Path(run_dir) / CONFIG_FILE
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuillError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise QuillError(f"cannot read {path}: {e}") from None
-    return config_from_dict(values or {})
+    try:
+        cfg = config_from_dict(parse_yaml(text, path))
+        cfg.validate()
+    except QuillError as e:
+        raise QuillError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    return cfg
 
 
 @dataclass
@@ -154,11 +223,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
             f"{run_dir}: config vocab_size {cfg.model.vocab_size} does not match the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
-    cfg.model.validate()
-    model = build_model(cfg.model)
     weights_path = run_dir / weights
     if not weights_path.is_file():
         raise QuillError(f"{run_dir} has no weights ({weights} is missing)")
+    check_weights_fit(weights_path, cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, weights_path)
     model.to(device)
     model.eval()
@@ -251,7 +320,7 @@ def save_train_state(run_dir: str | Path, step: int, weights: dict[str, torch.Te
     root = Path(run_dir) / TRAIN_STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(root, final.name)
     try:
         skeleton, tensors = pack_state(state)
         blobs = {
@@ -268,8 +337,10 @@ def save_train_state(run_dir: str | Path, step: int, weights: dict[str, torch.Te
             remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (full := disk_full(e, final)) is not None:
+            raise full from None
         raise
     prune_checkpoints(root, keep_last)
     return final
@@ -293,11 +364,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Remove leftovers of interrupted saves and all but the newest `keep_last` checkpoints and
-    the best one."""
-    for p in root.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+    """Remove leftovers of interrupted saves (of writers no longer running) and all but the
+    newest `keep_last` checkpoints and the best one."""
+    sweep_temporaries(root)
     checkpoints = list_checkpoints(root.parent)
     keep = set(checkpoints[-max(1, keep_last):])
     best, best_val = None, float("inf")
@@ -339,6 +408,37 @@ def verify_checkpoint(path: Path) -> str | None:
         if _sha256(data) != expected.get(name):
             return f"{name} does not match its checksum"
     return None
+
+
+def peek_train_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint whose state.json matches its manifest, and that JSON as written
+    (tensors left as references): what a resume checks before it loads anything big."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise QuillError(f"{run_dir} has no checkpoint to resume from ({TRAIN_STATE_DIR}/ is empty "
+                         f"or missing)")
+    for path in reversed(checkpoints):
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+            data = (path / STATE_JSON_FILE).read_bytes()
+            if not isinstance(manifest, dict) or _sha256(data) != manifest.get("sha256", {}).get(STATE_JSON_FILE):
+                continue
+            skeleton = json.loads(data)
+        except (OSError, ValueError, RecursionError, AttributeError):
+            continue
+        if isinstance(skeleton, dict):
+            return path, skeleton
+    raise QuillError(f"no intact checkpoint in {Path(run_dir) / TRAIN_STATE_DIR}")
+
+
+def check_tensors_fit(tensors: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """QuillError unless `tensors` are the model's (tied ones at least once), in its shapes."""
+    want, required = model_tensors(model)
+    have = {n: tuple(t.shape) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    wrong = sorted((required - set(have)) | (set(have) - set(want)) | {n for n in have if n in want and
+                                                                         have[n] != want[n]})
+    if wrong or len(have) != len(tensors):
+        raise QuillError(f"{source} does not fit the model of config.yaml (at {', '.join(wrong[:3])})")
 
 
 @dataclass

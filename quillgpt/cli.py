@@ -105,10 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, default_preset, resume_config
 
     chosen = None  # the preset picked for the user when they gave none
+    resume_data = None  # with --resume, --data says where the run's data is now (never downloaded)
     if args.resume:
         if args.no_save:
             raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
-        cfg = resume_config(args.resume, args.config, config_overrides(args), args.allow_config_change)
+        overrides = config_overrides(args)
+        resume_data = overrides.pop("data", None)
+        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
     else:
         if args.allow_config_change:
             raise QuillError("--allow-config-change only applies with --resume RUN")
@@ -116,7 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         chosen = default_preset(overrides) if args.config is None else None
         cfg = load_config(args.config or chosen, overrides)
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
-                      progress=not args.no_progress, start_time=START_TIME, resume=args.resume)
+                      progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
+                      resume_data=resume_data)
     if chosen and trainer.dist.is_main:
         eprint(f"no --config on a CPU: the {chosen} preset (nanoGPT's CPU recipe); "
                "--config shakespeare-char is its larger GPU recipe")
@@ -187,7 +191,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import os
 
     from .checkpoint import BEST_FILE, MODEL_FILE, load_run
-    from .generate import check_sampling_args, generate_batch, generate_stream
+    from .generate import check_sampling_args, check_seed, generate_batch, generate_stream
     from .runtime import resolve_device
 
     stop = [_unescape(s) for s in args.stop] if args.stop else None
@@ -195,6 +199,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         args.repetition_penalty, args.max_new_tokens, stop)
     if args.num_samples < 1:
         raise QuillError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_seed(args.seed, args.num_samples)
     run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -250,6 +255,9 @@ def add_import_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="local HF directory or hub id")
     p.add_argument("out", help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+    p.add_argument("--tokenizer", metavar="SPEC",
+                   help="gpt2 or a tokenizer .json, for a checkpoint without tokenizer.json (or vocab.json "
+                        "and merges.txt)")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -257,7 +265,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from .hf import import_hf
     from .model import count_params
 
-    out = import_hf(args.src, args.out, overwrite=args.overwrite)
+    out = import_hf(args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
     run = load_run(out)
     m = run.config.model
     eprint(f"imported {args.src}: {count_params(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, "
@@ -401,14 +409,20 @@ def add_tokenizer(sub: argparse._SubParsersAction) -> None:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .fileio import check_apart
     from .tokenizers import train_tokenizer
 
     if args.tokenizer_command != "train":
         raise QuillError("quill tokenizer: expected a command: train")
     out = Path(args.out)
+    if out.is_dir():
+        raise QuillError(f"--out {out} is a directory; name the tokenizer file to write (e.g. {out / 'tok.json'})")
+    check_apart(out, [args.data])
     if out.exists() and not args.overwrite:
         raise QuillError(f"{out} exists; pass --overwrite to replace it")
     text = read_utf8(args.data)
+    if not text:
+        raise QuillError(f"{args.data} is empty: there is nothing to learn a tokenizer from")
     start = time.perf_counter()
     specials = [s for s in args.special_tokens.split(",") if s]
     tok = train_tokenizer(args.kind, text, args.vocab_size, special_tokens=specials,
@@ -467,6 +481,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "API at /v1/completions (streaming included). See docs/serve.md.")
     p.add_argument("run", help="run directory written by quill train")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names requests may name besides IP addresses, localhost "
+                        "and --host ('*': any; see docs/serve.md)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
@@ -480,12 +497,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE
     from .runtime import resolve_device
     from .serve import ServeSettings, serve
+    from .serve.guard import default_allowed_hosts
 
     if not 0 <= args.port <= 65535:
         raise QuillError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens_cap < 1 or args.max_queue < 1:
         raise QuillError("--max-tokens-cap and --max-queue must be positive")
-    settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue)
+    extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
+                             allowed_hosts=default_allowed_hosts(args.host, extra))
     serve(args.run, args.host, args.port, resolve_device(args.device),
           BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level)
     return 0
@@ -518,8 +538,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import prepare
     from .readers import ReadOptions
 
-    if args.max_megabytes is not None and args.max_megabytes <= 0:
-        raise QuillError(f"max_megabytes must be positive, got {args.max_megabytes}")
+    if args.max_megabytes is not None and not 0 < args.max_megabytes < float("inf"):
+        raise QuillError(f"max_megabytes must be a positive number, got {args.max_megabytes}")
     opts = ReadOptions(text_field=args.text_field, column=args.column, encoding_errors=args.encoding_errors,
                        max_bytes=None if args.max_megabytes is None else int(args.max_megabytes * 1_000_000))
     result = prepare(args.data, args.tokenizer, out=args.out, opts=opts, val_fraction=args.val_fraction,
@@ -580,6 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         eprint("quill: interrupted")
         return 130
+    except OSError as e:  # a full disk wherever it struck: one line, which file, and why
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"cannot write {e.filename}: " if e.filename else ""
+        eprint(f"quill: error: {where}the disk is full ({e.strerror})")
+        return 2
     except BrokenPipeError:
         return 0
 

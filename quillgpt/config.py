@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import QuillError
+from .errors import QuillError, shown
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PACKAGED_CONFIGS_DIR = Path(__file__).resolve().parent / "presets"
@@ -29,6 +31,12 @@ def key(default: Any, help: str, shown: str | None = None) -> Any:
     the README's table of keys (`keys_markdown()`); `shown` replaces the default there."""
     return field(default=default, metadata={"help": help, "shown": shown})
 
+
+# Upper bounds of the model's sizes: far above any real model, low enough that a typo (or a
+# stranger's config) is refused before anything is allocated.
+MODEL_SIZE_LIMITS = {"block_size": 1 << 20, "n_layer": 1 << 10, "n_head": 1 << 12, "n_embd": 1 << 16}
+MAX_VOCAB_SIZE = 1 << 20  # as the tokenizers' bound
+SEED_LIMIT = 2**63  # seeds are in 0 .. 2**63 - 1 (what torch, numpy and every generator take)
 
 # The model's dropout sites, each a ModelConfig key (see ModelConfig.dropout_at).
 DROPOUT_SITES = ("embd_dropout", "attn_dropout", "attn_out_dropout", "mlp_dropout", "resid_dropout")
@@ -62,9 +70,13 @@ class ModelConfig:
     logit_softcap: float = key(0.0, "logits = cap * tanh(logits / cap); 0 disables")
 
     def validate(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise QuillError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, limit in MODEL_SIZE_LIMITS.items():
+            if not 0 < getattr(self, name) <= limit:
+                raise QuillError(f"{name} must be in 1..{limit:,}, got {shown(getattr(self, name))}")
+        if not 0 <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise QuillError(f"vocab_size must be in 0..{MAX_VOCAB_SIZE:,} (0: the tokenizer's), got "
+                             f"{shown(self.vocab_size)}")
+        check_finite(self, ("dropout", *DROPOUT_SITES, "rope_base", "logit_softcap"))
         if self.n_embd % self.n_head != 0:
             raise QuillError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -74,9 +86,9 @@ class ModelConfig:
             if value is not None and not 0.0 <= value < 1.0:
                 raise QuillError(f"{name} must be in [0, 1), got {value}")
         if self.norm not in ("layernorm", "rmsnorm"):
-            raise QuillError(f"norm must be layernorm or rmsnorm, got {self.norm!r}")
+            raise QuillError(f"norm must be layernorm or rmsnorm, got {shown(self.norm)}")
         if self.activation not in ("gelu", "relu2"):
-            raise QuillError(f"activation must be gelu or relu2, got {self.activation!r}")
+            raise QuillError(f"activation must be gelu or relu2, got {shown(self.activation)}")
         if self.rope and (self.n_embd // self.n_head) % 2:
             raise QuillError(f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
         if self.rope_base <= 1.0 or self.logit_softcap < 0.0:
@@ -143,16 +155,28 @@ class TrainConfig:
     tensorboard: bool = key(False, "also log to RUN/tensorboard/")
 
     def validate(self) -> None:
+        check_finite(self, [f.name for f in dataclasses.fields(self) if key_type(f.name)[0] is float])
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                      "log_interval"):
             if getattr(self, name) <= 0:
                 raise QuillError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_iters < 0:
-            raise QuillError(f"max_iters must be >= 0, got {self.max_iters}")
+        for name in ("max_iters", "warmup_iters", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise QuillError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise QuillError(f"lr_decay_iters must be >= 1 (or empty: max_iters), got {self.lr_decay_iters}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise QuillError(f"seed must be in 0 .. 2**63 - 1, got {shown(self.seed)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise QuillError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "muon_weight_decay", "min_lr", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise QuillError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise QuillError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise QuillError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+            raise QuillError(f"dtype must be float32, bfloat16, float16 or auto, got {shown(self.dtype)}")
         if self.checkpoint_interval < 0 or self.keep_last < 1:
             raise QuillError("checkpoint_interval must be >= 0 and keep_last >= 1")
         if self.time_budget is not None:
@@ -160,15 +184,15 @@ class TrainConfig:
         if self.max_megabytes is not None and self.max_megabytes <= 0:
             raise QuillError(f"max_megabytes must be positive, got {self.max_megabytes}")
         if self.lr_schedule not in ("cosine", "wsd"):
-            raise QuillError(f"lr_schedule must be cosine or wsd, got {self.lr_schedule!r}")
+            raise QuillError(f"lr_schedule must be cosine or wsd, got {shown(self.lr_schedule)}")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise QuillError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         if self.optimizer not in ("adamw", "muon"):
-            raise QuillError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+            raise QuillError(f"optimizer must be adamw or muon, got {shown(self.optimizer)}")
         if self.learning_rate <= 0 or self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise QuillError("learning_rate and muon_lr must be positive, muon_momentum in [0, 1)")
         if self.encoding_errors not in ("strict", "replace"):
-            raise QuillError(f"encoding_errors must be strict or replace, got {self.encoding_errors!r}")
+            raise QuillError(f"encoding_errors must be strict or replace, got {shown(self.encoding_errors)}")
 
 
 def parse_duration(text: str) -> float:
@@ -181,9 +205,17 @@ def parse_duration(text: str) -> float:
         seconds = float(number) * (scale or 1)
     except ValueError:
         seconds = -1
-    if not seconds > 0:
-        raise QuillError(f"time_budget must be a duration such as 90s, 5m or 1.5h, got {text!r}")
+    if not 0 < seconds < math.inf:
+        raise QuillError(f"time_budget must be a duration such as 90s, 5m or 1.5h, got {shown(text)}")
     return seconds
+
+
+def check_finite(section: Any, names: Any) -> None:
+    """Every float key named must be a finite number (NaN and infinity pass most range checks)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not math.isfinite(value):
+            raise QuillError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -241,9 +273,9 @@ def _section_of(name: str) -> str:
 
 
 def unknown_key_message(name: str) -> str:
-    close = difflib.get_close_matches(name, ALL_KEYS + list(ALIASES), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name[:100], ALL_KEYS + list(ALIASES), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key {name!r}{hint}"
+    return f"unknown config key {shown(name)}{hint}"
 
 
 def key_help(name: str) -> tuple[str, str]:
@@ -274,8 +306,16 @@ def key_type(name: str) -> tuple[type, bool]:
     return tp, optional
 
 
+SCALARS = (str, numbers.Number)  # numbers: bool, int, float and numpy's scalars
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def coerce(name: str, value: Any) -> Any:
+    """`value` as key `name`'s type; anything but a scalar (a list, a mapping) is refused before
+    it is looked at further."""
     tp, optional = key_type(name)
+    if value is not None and not isinstance(value, SCALARS):
+        raise QuillError(f"{name} must be {TYPE_NAMES[tp]}, got a {type(value).__name__}")
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -304,12 +344,10 @@ def coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return float(value)
         if tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
-    raise QuillError(f"{name} must be {'a ' + tp.__name__}, got {value!r}")
+    raise QuillError(f"{name} must be {TYPE_NAMES[tp]}, got {shown(value)}")
 
 
 def flatten(values: dict[str, Any]) -> dict[str, Any]:
@@ -320,10 +358,16 @@ def flatten(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key in ("model", "train") and isinstance(value, dict):
             for k, v in value.items():
-                flat[str(k)] = v
+                flat[_key_name(k)] = v
         else:
-            flat[str(key)] = value
+            flat[_key_name(key)] = value
     return flat
+
+
+def _key_name(key: Any) -> str:
+    if not isinstance(key, (str, int, float, bool)) and key is not None:
+        raise QuillError(f"config keys must be names, got a {type(key).__name__}")
+    return str(key)
 
 
 def preset_path(name: str) -> Path | None:
@@ -350,11 +394,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise QuillError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise QuillError(f"cannot read config file {path}: {e}") from None
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, path: str | Path) -> Any:
+    """YAML (safe: no tags run code) or QuillError with the problem and its place, in one line."""
     try:
         values = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise QuillError(f"{path} is not valid YAML: {e.problem or e.context or 'syntax error'}{where}") from None
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "syntax error"
         raise QuillError(f"{path} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise QuillError(f"{path} is not a config: it is nested too deeply") from None
     return values or {}
 
 
@@ -366,10 +421,10 @@ def load_config(config: str | Path | None = None, overrides: dict[str, Any] | No
         if not path.is_file() and not str(config).endswith((".yaml", ".yml")):
             found = preset_path(str(config))
             if found is None:
-                close = difflib.get_close_matches(str(config), list_presets(), n=3, cutoff=0.4)
+                close = difflib.get_close_matches(str(config)[:100], list_presets(), n=3, cutoff=0.4)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise QuillError(
-                    f"unknown preset {str(config)!r} (presets: {', '.join(list_presets())}){hint}"
+                    f"unknown preset {shown(str(config))} (presets: {', '.join(list_presets())}){hint}"
                 )
             path = found
         cfg.update(read_yaml(path))

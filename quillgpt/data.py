@@ -166,6 +166,7 @@ def prepare_training_data(cfg: Config, progress: bool | None = None) -> tuple[To
                 f"{t.tokenizer}; pass --tokenizer {made}, or prepare the data again with "
                 f"--tokenizer {t.tokenizer}"
             )
+        check_token_ids(Splits(train, val), tokenizer.vocab_size, data)
     else:
         prepared = prepare(data, t.tokenizer, opts=read_options(cfg), val_fraction=t.val_fraction,
                            progress=progress)
@@ -173,6 +174,17 @@ def prepare_training_data(cfg: Config, progress: bool | None = None) -> tuple[To
     splits = Splits(train, val)
     check_lengths(splits, cfg.model.block_size)
     return tokenizer, splits
+
+
+def check_token_ids(splits: Splits, vocab_size: int, source: str, chunk: int = 1 << 24) -> None:
+    """Every token id of a prepared directory someone else made is below the vocabulary size
+    (an id past it would fail deep inside the model's embedding, mid-run)."""
+    for name, arr in (("train.bin", splits.train), ("val.bin", splits.val)):
+        for start in range(0, len(arr), chunk):
+            top = int(np.max(arr[start:start + chunk]))
+            if top >= vocab_size:
+                raise QuillError(f"{source}/{name} holds token id {top}, outside the tokenizer's vocabulary of "
+                                 f"{vocab_size}; prepare the data again with its tokenizer")
 
 
 class BatchSource(Protocol):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import QuillError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, sweep_temporaries
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -66,6 +66,7 @@ def fetch_cached(name: str, url: str, sha256: str | None, offline_hint: str = ""
     path = cache_dir() / name
     if path.is_file():
         return check_cached(path, sha256) if sha256 is not None else path
+    sweep_temporaries(path.parent)  # the cache is ours: what killed downloads left
     data = _download(name, url, path, offline_hint)
     digest = hashlib.sha256(data).hexdigest()
     if sha256 is not None and digest != sha256:

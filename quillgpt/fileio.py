@@ -1,30 +1,113 @@
 """Atomic file writes: write a temporary file beside the target, fsync, rename.
 
 A crash at any instant leaves either the old file or the new one, never a half-written one.
+Files get the permissions any program's files get (0644 under the usual umask 022), not the
+0600 of a bare temporary file.
+
+A temporary's name carries its writer's process id (`.NAME.PID.XXXXXXXX.tmp`), so that
+`sweep_temporaries` can remove what a killed writer (SIGKILL, power loss) left behind on the
+next start, and never touch the file of a writer that is still running. A full disk is one
+`QuillError` naming the file (`disk_full`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import QuillError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+STALE_AFTER_S = 60.0  # a dead writer's temporary is removed once this old (clock skew, shared disks)
+LEGACY_STALE_AFTER_S = 3600.0  # temporaries named without a process id: removed when this old
+# .NAME.PID.XXXXXXXX.tmp (a file or checkpoint directory), .NAME.PID.removed.tmp (a checkpoint
+# being deleted), .NAME.tmp-PID / .NAME.old-PID (a prepared directory being staged or replaced)
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+LEGACY_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _initial_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_START = _initial_umask()
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where the system shows it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_START
+
+
+class DiskFull(QuillError):
+    """The disk (or the user's quota) filled up while writing `path`."""
+
+    def __init__(self, path: str | Path, reason: str = os.strerror(errno.ENOSPC)):
+        super().__init__(f"cannot write {path}: the disk is full ({reason})")
+        self.path, self.reason = path, reason
+
+
+def disk_full(e: OSError, path: str | Path) -> QuillError | None:
+    """The one-line error for a full disk (or quota) while writing `path`; None for other errors."""
+    if e.errno in DISK_FULL:
+        return DiskFull(path, os.strerror(e.errno))
+    return None
+
+
+@contextmanager
+def reporting_disk_full(path: str | Path) -> Iterator[None]:
+    """Inside: a full disk becomes `disk_full`'s one-line error naming `path`."""
+    try:
+        yield
+    except DiskFull as e:  # a file inside `path` (a temporary name the user never chose)
+        raise DiskFull(path, e.reason) from None
+    except OSError as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from None
+
+
+def temp_prefix(path: Path) -> str:
+    """The start of a temporary's name for `path`: hidden, the target's name, this process's id."""
+    return f".{path.name}.{os.getpid()}."
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 -> what the umask gives any new file
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and (full := disk_full(e, path)) is not None:
+            raise full from None
         raise
     fsync_dir(path.parent)
 
@@ -44,3 +127,84 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A fresh directory `.NAME.PID.XXXXXXXX.tmp` in `parent`, with the umask's permissions."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (True when that cannot be told)."""
+    if os.name != "posix":
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def sweep_temporaries(directory: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporaries that killed writers left in `directory`; returns what was removed.
+
+    Only our own temporary names are considered (optionally only for the targets in `names`),
+    and one is removed only when its writer's process is gone and it has not changed for
+    STALE_AFTER_S (names without a process id, from older versions: LEGACY_STALE_AFTER_S), so a
+    write in progress is never disturbed."""
+    wanted = set(names) if names is not None else None
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        m = TEMP_NAME.match(entry.name) or STAGING_NAME.match(entry.name)
+        legacy = None if m else LEGACY_TEMP_NAME.match(entry.name)
+        match = m or legacy
+        if match is None or (wanted is not None and match.group("name") not in wanted):
+            continue
+        if m is not None and process_alive(int(m.group("pid"))):
+            continue
+        try:
+            age = now - entry.lstat().st_mtime
+        except OSError:
+            continue
+        if age < (STALE_AFTER_S if m is not None else LEGACY_STALE_AFTER_S):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            try:
+                entry.unlink()
+            except OSError:
+                continue
+        removed.append(entry)
+    return removed
+
+
+def check_apart(out: str | Path, inputs: list[str | Path], what: str = "--out") -> None:
+    """QuillError when the output `out` is one of the `inputs`, lies inside one, or holds one:
+    replacing it would delete (or write into) what is being read. Inputs that do not exist on
+    disk (a URL, a known name) are skipped."""
+    target = Path(out).expanduser().resolve()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if target == source:
+            raise QuillError(f"{what} {out} is the input {item}; choose another output")
+        if source.is_relative_to(target):
+            raise QuillError(f"{what} {out} holds the input {item}; writing it would replace the input")
+        if target.is_relative_to(source):
+            raise QuillError(f"{what} {out} is inside the input {item}; choose an output outside it")

@@ -21,6 +21,7 @@ The pieces, bottom up:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -28,11 +29,16 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .errors import QuillError
+from .errors import QuillError, shown
 from .model import KVCache
 from .tokenizers import Tokenizer
 
 OVERFLOW_STRATEGIES = ("shift", "slide")
+FLOAT_MAX = torch.finfo(torch.float32).max
+# Stop strings are checked at every token: their number and length bound that work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SEED_LIMIT = 2**63  # seeds are in 0 .. 2**63 - 1
 
 
 # --- sampling one token -----------------------------------------------------------------------
@@ -52,10 +58,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
+        # an extreme penalty overflows to infinity: stay finite, keep the order
+        logits = torch.where(seen, penalized, logits).clamp(-FLOAT_MAX, FLOAT_MAX)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # the most likely token at 0 before dividing: a tiny temperature sends the others to -inf,
+    # never the best one to +inf (inf - inf would be NaN)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,6 +73,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # drop a token when the ones before it already reach top_p (the first always stays)
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False  # even when top_p is below float32's smallest number
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
@@ -205,11 +215,25 @@ def check_sampling_args(temperature: float = 1.0, top_k: int | None = None,
         raise QuillError(f"min_p must be in [0, 1], got {min_p}")
     if not repetition_penalty > 0:
         raise QuillError(f"repetition_penalty must be > 0 (1 = none), got {repetition_penalty}")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty)):
+        if value is not None and not math.isfinite(value):
+            raise QuillError(f"{name} must be a finite number, got {value}")
     if stop is not None:
         if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
             raise QuillError("stop must be a list of strings")
         if any(s == "" for s in stop):
             raise QuillError("stop strings must not be empty")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise QuillError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise QuillError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
+
+
+def check_seed(seed: int | None, rows: int = 1) -> None:
+    """QuillError unless `seed` (of the first of `rows` rows; row i uses seed + i) is in range."""
+    if seed is not None and not 0 <= seed <= SEED_LIMIT - rows:
+        raise QuillError(f"seed must be in 0 .. 2**63 - {rows}, got {shown(seed)}")
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
@@ -320,6 +344,7 @@ def _stream_rows(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], max
     """Yield, each step, the new text piece of every row, until every row is done."""
     ids = _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                    repetition_penalty, stop)
+    check_seed(seed, len(prompts))
     device = next(model.parameters()).device
     base = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
     generators = [_seed_generator(device, base + b) for b in range(len(prompts))]

@@ -36,8 +36,8 @@ from safetensors.torch import save as st_save
 from . import checkpoint as ckpt
 from .config import DROPOUT_SITES, Config, ModelConfig, TrainConfig
 from .download import cache_dir
-from .errors import QuillError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .errors import QuillError, shown
+from .fileio import atomic_write_bytes, atomic_write_text, check_apart
 from .model import GPT
 from .tokenizers import Tokenizer
 
@@ -61,21 +61,30 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     """Our ModelConfig for an HF GPT-2 `config.json`; refuses what our GPT cannot represent."""
     model_type = hf.get("model_type")
     if model_type != "gpt2":
-        raise QuillError(f"{source}: model_type is {model_type!r}; only GPT-2 checkpoints (gpt2) import")
+        raise QuillError(f"{source}: model_type is {shown(model_type)}; only GPT-2 checkpoints (gpt2) import")
     try:
-        n_embd, n_layer, n_head = int(hf["n_embd"]), int(hf["n_layer"]), int(hf["n_head"])
-        vocab_size, n_positions = int(hf["vocab_size"]), int(hf["n_positions"])
+        return _config_from_hf(hf, source)
+    except QuillError as e:  # ModelConfig's own checks (sizes, dropout): say which file
+        raise QuillError(f"{source}: {e}" if source not in str(e) else str(e)) from None
     except KeyError as e:
-        raise QuillError(f"{source} has no {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise QuillError(f"{source}: {e}") from None
+        raise QuillError(f"{source} has no {shown(e.args[0])}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise QuillError(f"{source}: a value is not a number of the right kind ({shown(str(e), 120)})") from None
+
+
+def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
+    for key in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"):
+        if not isinstance(hf.get(key, 0), int) or isinstance(hf.get(key), bool):
+            raise QuillError(f"{source}: {key} must be an integer, got {shown(hf.get(key))}")
+    n_embd, n_layer, n_head = int(hf["n_embd"]), int(hf["n_layer"]), int(hf["n_head"])
+    vocab_size, n_positions = int(hf["vocab_size"]), int(hf["n_positions"])
     problems = []
     n_inner = hf.get("n_inner")
     if n_inner is not None and int(n_inner) != 4 * n_embd:
         problems.append(f"n_inner {n_inner} (ours is 4 x n_embd = {4 * n_embd})")
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU_TANH:
-        problems.append(f"activation_function {act!r} (ours is the tanh GELU, gelu_new)")
+        problems.append(f"activation_function {shown(act)} (ours is the tanh GELU, gelu_new)")
     eps = float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS))
     if not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
         problems.append(f"layer_norm_epsilon {eps} (ours is {LAYER_NORM_EPS})")
@@ -102,10 +111,10 @@ def check_exportable(cfg: ModelConfig) -> None:
     """Refuse, with the reason, a model that the HF GPT-2 layout cannot hold."""
     if cfg.kind != "gpt":
         raise QuillError(f"model kind {cfg.kind!r} cannot be written as HF GPT-2; only kind gpt can")
-    options = cfg.non_gpt2_options()
+    options = [o for o in cfg.non_gpt2_options() if o != "bias false"]  # no bias = a zero bias
     if options:
         raise QuillError(f"a model with {', '.join(options)} cannot be written as HF GPT-2 "
-                         f"(GPT-2 has biases and none of the speedrun options)")
+                         f"(GPT-2 has none of the speedrun options)")
 
 
 def dropout_to_hf(cfg: ModelConfig) -> tuple[dict[str, float], list[str]]:
@@ -233,6 +242,12 @@ def state_dict_to_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if name.endswith(CONV1D_SUFFIXES):
             t = t.t()
         out[name] = t.contiguous()
+    # a Linear or LayerNorm without bias (bias: false) is GPT-2's with a zero bias
+    with torch.device("meta"):
+        gpt2 = GPT(ModelConfig(**{**vars(model.config), "bias": True})).state_dict()
+    for name, t in gpt2.items():
+        if name not in out and name != "lm_head.weight":
+            out[name] = torch.zeros(t.shape, dtype=torch.float32)
     return out
 
 
@@ -244,11 +259,7 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise QuillError(f"{index} is not a safetensors index ({e})") from None
-        files = [directory / f for f in sorted(set(weight_map.values()))]
+        files = [directory / f for f in index_files(index, directory)]
     else:
         files = []
     if files:
@@ -276,11 +287,32 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     raise QuillError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
+def index_files(index: Path, directory: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names: plain names of files inside
+    `directory` only (a `../` or absolute path in a stranger's index would read anything)."""
+    data = read_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise QuillError(f"{index} is not a safetensors index (no weight_map of tensor names to files)")
+    root = directory.resolve()
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        target = (directory / name).resolve()
+        if Path(name).is_absolute() or ".." in Path(name).parts or not target.is_relative_to(root):
+            raise QuillError(f"{index} names {shown(name)}, outside {directory}; only files inside the "
+                             f"checkpoint directory are read")
+    return names
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > 100 << 20:
+            raise QuillError(f"{path} is too large for a JSON settings file")
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise QuillError(f"{path} not found") from None
+    except RecursionError:
+        raise QuillError(f"cannot read {path}: it is nested too deeply") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise QuillError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
@@ -314,7 +346,7 @@ def download_from_hub(repo_id: str) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuillError(
             f"cannot get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
-            f"offline? on a machine with network run `huggingface-cli download {repo_id} "
+            f"offline? on a machine with network run `hf download {repo_id} "
             f"--local-dir {repo_id.split('/')[-1]}` and pass that local directory instead"
         ) from None
     return path
@@ -337,19 +369,26 @@ def resolve_source(src: str | Path) -> Path:
 
 # --- tokenizer --------------------------------------------------------------------------------
 
-def tokenizer_from_hf_dir(directory: Path, vocab_size: int, name: str = "hf") -> Tokenizer:
-    """The checkpoint's tokenizer: its vocab.json + merges.txt, else GPT-2's own when the
-    vocabulary is GPT-2's 50,257 tokens."""
-    from .tokenizers.bpe import ByteBPETokenizer
-    from .tokenizers.gpt2 import GPT2_VOCAB_SIZE, gpt2_tokenizer
+def tokenizer_from_hf_dir(directory: Path, name: str = "hf", tokenizer: str | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer: `tokenizer` when given (gpt2, or a tokenizer file), else its
+    tokenizer.json (what transformers' save_pretrained writes), else vocab.json + merges.txt.
+    None of them is an error: a 50,257-token model need not use GPT-2's vocabulary, so the
+    user says so with `--tokenizer gpt2`."""
+    from .tokenizers import named_tokenizer
+    from .tokenizers.hf_files import from_tokenizer_json, from_vocab_merges
 
+    if tokenizer is not None:
+        found = named_tokenizer(tokenizer)
+        if found is None:
+            raise QuillError(f"--tokenizer {shown(tokenizer)}: use gpt2 or a tokenizer .json file")
+        return found
+    if (directory / "tokenizer.json").is_file():
+        return from_tokenizer_json(directory / "tokenizer.json", name=name)
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     if vocab.is_file() and merges.is_file():
-        return ByteBPETokenizer.from_hf_files(vocab, merges, name=name)
-    if vocab_size == GPT2_VOCAB_SIZE:
-        return gpt2_tokenizer()
-    raise QuillError(f"{directory} has no tokenizer files (vocab.json and merges.txt), and its "
-                     f"vocab_size {vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}")
+        return from_vocab_merges(vocab, merges, name=name)
+    raise QuillError(f"{directory} has no tokenizer (tokenizer.json, or vocab.json and merges.txt); if the "
+                     f"model uses GPT-2's, say so: quill import-hf {directory} OUT --tokenizer gpt2")
 
 
 def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -433,8 +472,9 @@ class HFModel:
     tokenizer: Tokenizer
 
 
-def load_hf(src: str | Path, with_tokenizer: bool = True) -> HFModel:
-    """Load an HF GPT-2 checkpoint (directory or hub id) as our GPT in eval mode."""
+def load_hf(src: str | Path, with_tokenizer: bool = True, tokenizer: str | None = None) -> HFModel:
+    """Load an HF GPT-2 checkpoint (directory or hub id) as our GPT in eval mode; `tokenizer`
+    (gpt2 or a tokenizer file) replaces the checkpoint's own (see `tokenizer_from_hf_dir`)."""
     directory = resolve_source(src)
     cfg = config_from_hf(read_json(directory / "config.json"), str(directory / "config.json"))
     state = state_dict_from_hf(read_hf_tensors(directory), cfg, str(directory))
@@ -445,11 +485,11 @@ def load_hf(src: str | Path, with_tokenizer: bool = True) -> HFModel:
     model.load_state_dict(state)
     model.eval()
     name = Path(str(src)).name or "hf"
-    tokenizer = tokenizer_from_hf_dir(directory, cfg.vocab_size, name) if with_tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
-        raise QuillError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+    tok = tokenizer_from_hf_dir(directory, name, tokenizer) if with_tokenizer else None
+    if tok is not None and tok.vocab_size != cfg.vocab_size:
+        raise QuillError(f"{directory}: the tokenizer has {tok.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.vocab_size}")
-    return HFModel(directory, cfg, model, tokenizer)  # type: ignore[arg-type]
+    return HFModel(directory, cfg, model, tok)  # type: ignore[arg-type]
 
 
 def check_out_dir(out: Path, overwrite: bool, what: str) -> None:
@@ -459,11 +499,13 @@ def check_out_dir(out: Path, overwrite: bool, what: str) -> None:
         raise QuillError(f"{out} is not empty; pass --overwrite to replace the {what} in it")
 
 
-def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights)."""
+def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, tokenizer: str | None = None) -> Path:
+    """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights);
+    `tokenizer` (gpt2 or a tokenizer file) for a checkpoint without tokenizer files."""
     out = Path(out)
+    check_apart(out, [src] + ([tokenizer] if tokenizer else []), what="OUT")
     check_out_dir(out, overwrite, "run")
-    hf = load_hf(src)
+    hf = load_hf(src, tokenizer=tokenizer)
     cfg = Config(model=hf.config, train=TrainConfig(tokenizer=str(out / ckpt.TOKENIZER_FILE),
                                                      learning_rate=FINETUNE_LR, min_lr=FINETUNE_LR / 10))
     cfg.model = ModelConfig(**{**vars(cfg.model), **USER_DROPOUT_DEFAULTS})
@@ -485,6 +527,7 @@ def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = Fal
     out = Path(out)
     if not isinstance(run, ckpt.Run):
         run_dir = Path(run)
+        check_apart(out, [run_dir], what="OUT")
         if ckpt.is_run_dir(run_dir):
             check_exportable(ckpt.read_run_config(run_dir).model)
         run = ckpt.load_run(run_dir)

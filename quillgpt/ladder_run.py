@@ -31,7 +31,7 @@ import torch
 
 from .config import Config, parse_duration
 from .errors import QuillError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, check_apart
 from .ladder import RUNGS, bigram_entropy
 from .model import count_params
 from .registry import build_model
@@ -120,7 +120,8 @@ def steps_for_time_budget(step_seconds: dict[str, float], seconds: float, eval_i
     return steps
 
 
-def check_ladder_out(out: Path, overwrite: bool) -> None:
+def check_ladder_out(out: Path, overwrite: bool, data: str | None = None) -> None:
+    check_apart(out, [data] if data else [])
     if out.exists() and not out.is_dir():
         raise QuillError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -151,7 +152,7 @@ def run_ladder(cfg: Config, out: str | Path, steps: int | None = None, time_budg
     if time_budget is not None and not time_budget > 0:
         raise QuillError(f"the time budget must be positive seconds, got {time_budget}")
     cfg.validate()
-    check_ladder_out(out, overwrite)
+    check_ladder_out(out, overwrite, cfg.train.data)
     if plot:
         require_matplotlib()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -24,13 +25,13 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as qdist
-from . import runtime
 from .errors import QuillError
 from .fileio import atomic_write_text
 
-# metrics.csv as in Core; rows also carry "mfu" (progress bar, TensorBoard), never written to the csv
+# metrics.csv as in Core; rows also carry "flops_per_s" (the model FLOP/s achieved) and, against a
+# documented GPU peak, "mfu" (progress bar, TensorBoard), never written to the csv
 METRICS_COLUMNS = ["step", "elapsed_s", "lr", "train_loss", "val_loss", "tokens_per_s"]
-NOT_IN_CSV = {"mfu"}
+NOT_IN_CSV = {"flops_per_s", "mfu"}
 
 
 def flops_per_token(model: nn.Module, n_params: int) -> float:
@@ -43,37 +44,32 @@ def flops_per_token(model: nn.Module, n_params: int) -> float:
     return 6 * n_params + extra
 
 
-# Dense peak FLOP/s of some GPUs for bf16/fp16 tensor cores (vendor data sheets, SXM parts).
+# Dense peak FLOP/s of GPUs for bf16/fp16 tensor cores, from the vendors' data sheets (SXM parts
+# where there are several), by the model name nvidia-smi shows ("NVIDIA H100 80GB HBM3": H100).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                   "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-_CPU_PEAK: dict[str, float] = {}
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The device's peak FLOP/s for `dtype`: a table for GPUs; on a CPU, measured once by timing a
-    matrix multiply (so MFU there is relative to what the CPU's matmul actually reaches); none
-    for a low precision the CPU only emulates."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype != "float32" else flops / 2  # TF32 runs at half rate
+    """The documented peak FLOP/s of `device` for `dtype` (GPU_PEAK_FLOPS, TF32 at half the
+    bf16 rate), or None: a CPU, or a GPU the table does not name, has no peak we can vouch for
+    (a matmul timed at start-up is no peak: on a busy machine the "MFU" read 900%)."""
+    if device.type != "cuda":
         return None
-    if device.type != "cpu" or (dtype != "float32" and not runtime.native_bfloat16(device)):
-        return None  # an emulated low-precision matmul is no peak to measure against
-    if dtype not in _CPU_PEAK:
-        n = 512
-        g = torch.Generator().manual_seed(0)  # leaves the global RNG alone (exact resume)
-        a = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
-        b = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
-        for _ in range(3):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.1:
-            a @ b
-            reps += 1
-        _CPU_PEAK[dtype] = 2 * n**3 * reps / (time.perf_counter() - t0)
-    return _CPU_PEAK[dtype]
+    words = re.split(r"[\s_-]+", torch.cuda.get_device_name(device).upper())
+    for key, flops in GPU_PEAK_FLOPS.items():
+        if key in words:
+            return flops if dtype != "float32" else flops / 2
+    return None
+
+
+def format_flops(flops_per_s: float) -> str:
+    """Achieved FLOP/s for people: "812 GFLOP/s", "143.2 TFLOP/s"."""
+    if flops_per_s >= 1e12:
+        return f"{flops_per_s / 1e12:.1f} TFLOP/s"
+    if flops_per_s >= 1e9:
+        return f"{flops_per_s / 1e9:.0f} GFLOP/s"
+    return f"{flops_per_s / 1e6:.0f} MFLOP/s"
 
 
 def open_tensorboard(run_dir: Path, log: Callable[[str], None]) -> Any:
@@ -98,7 +94,7 @@ class MetricsLog:
 
     def record(self, step: int, lr: float, train_loss: float, val_loss: float | None,
                tokens_per_s: float | None, mfu: float | None = None,
-               extra: dict[str, float] | None = None) -> dict[str, Any]:
+               extra: dict[str, float] | None = None, flops_per_s: float | None = None) -> dict[str, Any]:
         row = {
             "step": step,
             "elapsed_s": round(time.time() - self.start_time, 3),
@@ -106,23 +102,26 @@ class MetricsLog:
             "train_loss": f"{train_loss:.6f}",
             "val_loss": f"{val_loss:.6f}" if val_loss is not None else None,
             "tokens_per_s": f"{tokens_per_s:.1f}" if tokens_per_s is not None else None,
+            "flops_per_s": f"{flops_per_s:.4g}" if flops_per_s is not None else None,
             "mfu": f"{mfu:.4f}" if mfu is not None else None,
         }
         row.update({k: f"{v:.6g}" for k, v in (extra or {}).items()})
         self.rows.append(row)
         if self.tensorboard is not None:
-            self._to_tensorboard(step, lr, train_loss, val_loss, tokens_per_s, extra or {})
+            speed = {"tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s, "mfu": mfu}
+            self._to_tensorboard(step, lr, train_loss, val_loss, speed, extra or {})
         return row
 
     def _to_tensorboard(self, step: int, lr: float, train_loss: float, val_loss: float | None,
-                        tokens_per_s: float | None, extra: dict[str, float]) -> None:
+                        speed: dict[str, float | None], extra: dict[str, float]) -> None:
         tb = self.tensorboard
         tb.add_scalar("loss/train", train_loss, step)
         tb.add_scalar("lr", lr, step)
         if val_loss is not None:
             tb.add_scalar("loss/val", val_loss, step)
-        if tokens_per_s:
-            tb.add_scalar("tokens_per_s", tokens_per_s, step)
+        for key, value in speed.items():
+            if value:
+                tb.add_scalar(key, value, step)
         for key, value in extra.items():
             tb.add_scalar(f"eval/{key}", value, step)
 
@@ -150,9 +149,10 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """The tqdm bars on stderr: the run's steps (loss, tokens/s, MFU, val, ETA), shown from the
-    start, and under it, while an evaluation runs, its batches (with their own ETA). Evaluation
-    lines print above the bars, or through `log` when progress is off."""
+    """The tqdm bars on stderr: the run's steps (loss, tokens/s, model FLOP/s, MFU against a
+    documented GPU peak, val, ETA), shown from the start, and under it, while an evaluation runs,
+    its batches (with their own ETA). Evaluation lines print above the bars, or through `log` when
+    progress is off."""
 
     def __init__(self, total: int, initial: int, enabled: bool, log: Callable[[str], None]):
         self.enabled = enabled
@@ -164,8 +164,11 @@ class ProgressBar:
     def step(self) -> None:
         self.bar.update(1)
 
-    def show(self, loss: float, tokens_per_s: float, mfu: float | None, val: float | None) -> None:
+    def show(self, loss: float, tokens_per_s: float, flops_per_s: float | None, mfu: float | None,
+             val: float | None) -> None:
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if flops_per_s:
+            postfix["model"] = format_flops(flops_per_s)
         if mfu is not None:
             postfix["mfu"] = f"{100 * mfu:.1f}%"
         if val is not None:
@@ -205,10 +208,11 @@ class ProgressBar:
 
 class RunRecorder:
     """What each logged step leaves behind: its metrics row (written on evaluation steps), the
-    best weights so far (RUN/best.safetensors, by val loss) and the MFU shown beside tokens/s."""
+    best weights so far (RUN/best.safetensors, by val loss) and the model FLOP/s (and MFU, where
+    the device has a documented peak) shown beside tokens/s."""
 
     def __init__(self, metrics: MetricsLog, model: nn.Module, dist: qdist.DistInfo, out: Path, save: bool,
-                 device: torch.device, dtype: str, flops_per_token: float, show_mfu: bool):
+                 device: torch.device, dtype: str, flops_per_token: float):
         self.metrics = metrics
         self.model = model
         self.dist = dist
@@ -217,23 +221,29 @@ class RunRecorder:
         self.device = device
         self.dtype = dtype
         self.flops_per_token = flops_per_token
-        self.show_mfu = show_mfu or save
+        self.peak = peak_flops(device, dtype)  # per device; None: no documented peak
         self.best_val = float("inf")
         self.last_val: float | None = None
 
+    def flops_per_s(self, tokens_per_s: float | None) -> float | None:
+        """The model FLOP/s achieved (all ranks together): tokens/s x training FLOPs per token."""
+        return None if tokens_per_s is None else tokens_per_s * self.flops_per_token
+
     def mfu(self, tokens_per_s: float | None) -> float | None:
-        if tokens_per_s is None or not (self.show_mfu or self.metrics.tensorboard is not None):
+        """Achieved / documented peak FLOP/s; None without a peak, or when the figure would pass
+        100% (then the table does not fit this device, and no percentage is better than a wrong one)."""
+        flops = self.flops_per_s(tokens_per_s)
+        if flops is None or not self.peak:
             return None
-        peak = peak_flops(self.device, self.dtype)
-        if not peak:
-            return None
-        return tokens_per_s * self.flops_per_token / (peak * self.dist.world_size)
+        mfu = flops / (self.peak * self.dist.world_size)
+        return mfu if mfu <= 1.0 else None
 
     def record(self, step: int, lr: float, train_loss: float, ev: dict[str, float] | None,
                tokens_per_s: float | None, extra: dict[str, float] | None = None) -> None:
         """`ev`: the evaluation's losses ("train", "val") on evaluation steps, else None."""
         val = ev["val"] if ev else None
-        self.metrics.record(step, lr, train_loss, val, tokens_per_s, self.mfu(tokens_per_s), extra)
+        self.metrics.record(step, lr, train_loss, val, tokens_per_s, self.mfu(tokens_per_s), extra,
+                            self.flops_per_s(tokens_per_s))
         if val is None:
             return
         self.last_val = val

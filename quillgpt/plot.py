@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,10 +38,12 @@ def _series(rows: list[dict[str, str]], column: str) -> tuple[list[int], list[fl
         value = row.get(column) or ""
         if value.strip():
             try:
-                steps.append(int(row["step"]))
-                values.append(float(value))
-            except ValueError:
-                continue
+                step, number = int(row["step"] or ""), float(value)
+            except (ValueError, TypeError):
+                continue  # a malformed row is skipped, not plotted half
+            if math.isfinite(number) and abs(step) < 2**53:
+                steps.append(step)
+                values.append(number)
     return steps, values
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from .download import SHAKESPEARE_NAME, cache_dir  # noqa: F401 - importable from here as before
 from .errors import QuillError
+from .fileio import check_apart, reporting_disk_full, sweep_temporaries
 from .prepared import (  # noqa: F401 - is_prepared_dir, load_prepared: importable from here as before
     FORMAT,
     FORMAT_VERSION,
@@ -280,7 +281,9 @@ class _Counts:
     input_bytes: int = 0
 
 
-def _check_settings(opts: ReadOptions, val_fraction: float) -> None:
+def _check_settings(opts: ReadOptions, val_fraction: float, workers: int | None) -> None:
+    if workers is not None and not 1 <= workers <= 1024:
+        raise QuillError(f"workers must be in 1..1024 (or empty: every core), got {workers}")
     if opts.encoding_errors not in ("strict", "replace"):
         raise QuillError(f"encoding_errors must be strict or replace, got {opts.encoding_errors!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -359,24 +362,26 @@ def prepare(data: str, tokenizer: str = "char", out: str | Path | None = None,
     `progress=None` shows a bar only when stderr is a terminal.
     """
     opts = opts or ReadOptions()
-    _check_settings(opts, val_fraction)
+    _check_settings(opts, val_fraction, workers)
     files, root = resolve_inputs(data)
     sources = describe_sources(files, root)
     key = cache_key(tokenizer, opts, val_fraction, sources)
     cached = out is None
     if out is None:
         out = cache_path(root or files[0], tokenizer, key)
+        sweep_temporaries(out.parent)  # the cache is ours: what killed runs left there, every start
         hit = find_cached(out, key)
         if hit is not None:
             return hit
         overwrite = True  # a half-written or stale cache entry is replaced
     out = Path(out)
+    check_apart(out, [root or files[0], *([tokenizer] if Path(tokenizer).exists() else [])])
     check_out_dir(out, overwrite)
 
     started = time.time()
     total_bytes = sum(s["bytes"] for s in sources)
     plan = _plan(tokenizer, files, opts, val_fraction, total_bytes, workers)
-    with staging_dir(out) as tmp:
+    with staging_dir(out) as tmp, reporting_disk_full(out):
         counts = _write_tokens(tmp, files, opts, plan, val_fraction, total_bytes, progress)
         if counts.documents == 0:
             raise QuillError(f"data file {files[0]} is empty" if len(files) == 1 and root is None

@@ -35,7 +35,7 @@ import numpy as np
 
 from .download import cache_dir, sha256_file
 from .errors import QuillError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, sweep_temporaries
 from .readers import ReadOptions
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_dict
 
@@ -122,6 +122,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 def staging_dir(out: Path) -> Iterator[Path]:
     """A fresh empty directory beside `out` to write into; removed on leaving unless installed."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    # what killed runs left: any in the cache (ours), only this output's beside a user's --out
+    in_cache = out.parent.resolve() == (cache_dir() / "prepared").resolve()
+    sweep_temporaries(out.parent, None if in_cache else [out.name])
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

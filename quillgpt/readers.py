@@ -25,13 +25,14 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .download import KNOWN_DATASETS, download
-from .errors import QuillError
+from .errors import QuillError, shown
 
 
 @dataclass
@@ -234,8 +235,10 @@ def _jsonl_pieces(path: Path, opts: ReadOptions, budget: _Budget, piece_bytes: i
                 obj = json.loads(text_line)
             except json.JSONDecodeError as e:
                 raise QuillError(f"{path} line {lineno} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise QuillError(f"{path} line {lineno} is nested too deeply to be a document") from None
             if not isinstance(obj, dict) or opts.text_field not in obj:
-                fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+                fields = shown(", ".join(map(str, obj)))[1:-1] if isinstance(obj, dict) else type(obj).__name__
                 raise QuillError(
                     f"{path} line {lineno} has no field {opts.text_field!r} (it has: {fields}); "
                     f"choose one with --text-field"
@@ -296,6 +299,16 @@ def _parquet_pieces(path: Path, opts: ReadOptions, budget: _Budget, piece_bytes:
 READERS = {"text": _text_pieces, "jsonl": _jsonl_pieces, "parquet": _parquet_pieces}
 
 
+def _checked(pieces: Iterator[Any], path: Path) -> Iterator[Any]:
+    """`pieces`, with a damaged .gz or a failing read turned into one QuillError naming `path`."""
+    try:
+        yield from pieces
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise QuillError(f"data file {path} is not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise QuillError(f"cannot read data file {path}: {e.strerror or e}") from None
+
+
 def iter_pieces(files: list[Path], opts: ReadOptions, piece_bytes: int) -> Iterator[Piece]:
     """Every document of every file, in order, as pieces of at most about `piece_bytes`.
 
@@ -304,7 +317,7 @@ def iter_pieces(files: list[Path], opts: ReadOptions, piece_bytes: int) -> Itera
     budget = _Budget(opts.max_bytes)
     prev: Piece | None = None
     for path in files:
-        for piece in READERS[_kind(path)](path, opts, budget, piece_bytes):
+        for piece in _checked(READERS[_kind(path)](path, opts, budget, piece_bytes), path):
             if prev is not None:
                 prev.ends_doc = piece.starts_doc
                 yield prev
@@ -316,6 +329,11 @@ def iter_pieces(files: list[Path], opts: ReadOptions, piece_bytes: int) -> Itera
         yield prev
 
 
+def _lines(path: Path) -> Iterator[bytes]:
+    with _open(path) as f:
+        yield from f
+
+
 def count_documents(files: list[Path], opts: ReadOptions, stop_at: int) -> int:
     """How many documents the files hold, counting no further than `stop_at` (cheap)."""
     n = 0
@@ -324,11 +342,10 @@ def count_documents(files: list[Path], opts: ReadOptions, stop_at: int) -> int:
         if kind == "text":
             n += os.path.getsize(path) > 0
         elif kind == "jsonl":
-            with _open(path) as f:
-                for line in f:
-                    n += bool(line.strip())
-                    if n >= stop_at:
-                        break
+            for line in _checked(_lines(path), path):
+                n += bool(line.strip())
+                if n >= stop_at:
+                    break
         else:
             pf, _ = _parquet_column(path, opts)
             n += pf.metadata.num_rows

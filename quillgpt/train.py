@@ -42,7 +42,8 @@ from .model import count_params
 from .optim import check_optimizer, lr_at, make_optimizer, set_lr
 from .plot import plot_or_say
 from .registry import build_model
-from .resume import Checkpointer, resume_config, run_dir_for  # noqa: F401 - resume_config: API
+from .resume import Checkpointer, check_resume, resume_config, run_dir_for  # noqa: F401 - resume_config: API
+from .resume import resume_data as resume_training_data
 from .runtime import autocast_context, resolve_device, resolve_dtype, rng_state, seed_everything
 from .train_control import CompiledModel, StopSignals, TimeBudget
 
@@ -133,6 +134,18 @@ class EvaluationStopped(Exception):
     """A stop signal arrived during the first evaluation (raised by its `tick`)."""
 
 
+def training_data(cfg: Config, resume_dir: Path | None, resumed: dict[str, Any] | None,
+                  resume_data: str | None) -> TrainingData:
+    """The corpus `cfg` names; for a resumed run, the data with the checkpoint's fingerprint
+    (never downloaded: see `resume.resume_data`), and `cfg.train.data` says where it is now."""
+    if resume_dir is None or resumed is None:
+        return TokenData.from_config(cfg)
+    found = resume_training_data(resume_dir, cfg, resume_data, resumed["data_sha256"])
+    if resume_data is not None:
+        cfg.train.data = str(resume_data)
+    return found
+
+
 class LossEvaluator:
     """The loss on each split, averaged over `eval_iters` batches drawn from fixed seeds (the same
     batches every time), then the evaluation hooks that are due."""
@@ -207,14 +220,17 @@ class LossEvaluator:
 class Trainer:
     """One training run. `Trainer(cfg).run()` does everything `quill train` does.
 
-    `resume=RUN` continues RUN from its newest intact checkpoint (cfg from `resume_config`).
+    `resume=RUN` continues RUN from its newest intact checkpoint (cfg from `resume_config`), on
+    the prepared data in the local cache with the checkpoint's fingerprint, or on `resume_data`
+    (a local corpus, checked against it): a resume never downloads (see `resume.resume_data`).
     `data` replaces the corpus that `cfg.train.data` names (any `data.TrainingData`), and
     `hooks` add evaluations of their own (`EvalHook`)."""
 
     def __init__(self, cfg: Config, overwrite: bool = False, save: bool = True,
                  progress: bool = True, log: Callable[[str], None] | None = None,
                  start_time: float | None = None, resume: str | Path | None = None,
-                 data: TrainingData | None = None, hooks: Sequence[EvalHook] = ()):
+                 data: TrainingData | None = None, hooks: Sequence[EvalHook] = (),
+                 resume_data: str | None = None):
         self.start_time = start_time if start_time is not None else time.time()
         self.cfg = cfg
         cfg.validate()
@@ -226,6 +242,7 @@ class Trainer:
         quiet = (lambda msg: None)
         self.log = (log or (lambda msg: print(msg, file=sys.stderr))) if self.dist.is_main else quiet
         self.resume_dir = Path(resume) if resume is not None else None
+        resumed = check_resume(self.resume_dir, cfg) if self.resume_dir is not None else None
         self.out = run_dir_for(cfg, self.resume_dir, overwrite, save and self.dist.is_main)
         if save or self.resume_dir is not None:
             t.out = str(self.out)
@@ -236,7 +253,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         init_state = init_weights(cfg, self.log) if self.resume_dir is None else None
-        self.data = data if data is not None else TokenData.from_config(cfg)
+        self.data = data if data is not None else training_data(cfg, self.resume_dir, resumed, resume_data)
         self.tokenizer = self.data.tokenizer
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.data_sha256 = self.data.fingerprint()
@@ -246,11 +263,13 @@ class Trainer:
             self.model.load_state_dict(init_state)
         self.model.to(self.device)
         self.n_params = count_params(self.model)
+        self._build_training(hooks)
+        resuming = self._restore() if self.resume_dir is not None else None
+        # said once everything is checked: a run that cannot start says only why
         for line in setup_lines(cfg, self.n_params, self.data, self.device, self.dtype, self.dist):
             self.log(line)
-        self._build_training(hooks)
-        if self.resume_dir is not None:
-            self._restore()
+        if resuming:
+            self.log(resuming)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -269,7 +288,7 @@ class Trainer:
         self.evaluator = LossEvaluator(self, hooks)
         metrics = MetricsLog(self.out / ckpt.METRICS_FILE if self.save else None, self.start_time)
         self.recorder = RunRecorder(metrics, self.model, self.dist, self.out, self.save, self.device,
-                                    self.dtype, flops_per_token(self.model, self.n_params), self.progress)
+                                    self.dtype, flops_per_token(self.model, self.n_params))
         self.checkpoints = Checkpointer(self.out, self.dist, self.save, t.keep_last)
         self.budget = TimeBudget(t.time_budget, self.start_time)
         self.losses: list[float] = []
@@ -278,7 +297,7 @@ class Trainer:
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
-        """The metrics.csv rows so far (dicts of formatted values; "mfu" too)."""
+        """The metrics.csv rows so far (dicts of formatted values; "flops_per_s" and "mfu" too)."""
         return self.recorder.metrics.rows
 
     @property
@@ -306,7 +325,8 @@ class Trainer:
         self.recorder.metrics.write()
         return path
 
-    def _restore(self) -> None:
+    def _restore(self) -> str:
+        """Load the newest intact checkpoint; returns the line that says so."""
         assert self.resume_dir is not None
         ts = self.checkpoints.load(self.resume_dir, self.model, self.optimizer, self.batches,
                                    self.tokenizer, self.data_sha256, self.cfg.train.seed, self.log)
@@ -316,7 +336,7 @@ class Trainer:
         self.recorder.best_val = float(st["best_val_loss"])
         self.recorder.last_val = st.get("val_loss")
         self.step = ts.step
-        self.log(f"resuming {self.resume_dir} from step {ts.step} ({ts.path.name})")
+        return f"resuming {self.resume_dir} from step {ts.step} ({ts.path.name})"
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -452,7 +472,9 @@ class Trainer:
             bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
         else:
             self.recorder.record(step, lr, mean_loss, None, tokens_per_s)
-        bar.show(window[-1], tokens_per_s, self.recorder.mfu(tokens_per_s), ev["val"] if ev else None)
+        rec = self.recorder
+        bar.show(window[-1], tokens_per_s, rec.flops_per_s(tokens_per_s), rec.mfu(tokens_per_s),
+                 ev["val"] if ev else None)
         return ev
 
     def _flush_losses(self, pending: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -499,7 +521,8 @@ class Trainer:
 
 
 def train(cfg: Config, overwrite: bool = False, save: bool = True, progress: bool = True,
-          start_time: float | None = None, resume: str | Path | None = None) -> TrainResult:
+          start_time: float | None = None, resume: str | Path | None = None,
+          resume_data: str | None = None) -> TrainResult:
     """Train a model as `cfg` says; see `Trainer`."""
     return Trainer(cfg, overwrite=overwrite, save=save, progress=progress, start_time=start_time,
-                   resume=resume).run()
+                   resume=resume, resume_data=resume_data).run()

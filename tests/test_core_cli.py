@@ -76,7 +76,7 @@ def test_schedule_warmup_then_cosine():
     [
         ({"n_embd": 30, "n_head": 4}, "n_embd (30) must be divisible by n_head (4)"),
         ({"n_layr": 2}, "did you mean n_layer"),
-        ({"block_size": "big"}, "block_size must be a int"),
+        ({"block_size": "big"}, "block_size must be an integer"),
         ({"dropout": 1.5}, "dropout must be in"),
         ({"dtype": "float8"}, "dtype must be"),
     ],
@@ -262,7 +262,7 @@ def test_bad_config_on_the_command_line(small_text, capsys):
     code, err = run_main(["train", "--config", "no-such-preset"], capsys)
     assert_one_line_error(code, err, "unknown preset")
     code, err = run_main(["train", "--max-iters", "many"], capsys)
-    assert_one_line_error(code, err, "max_iters must be a int")
+    assert_one_line_error(code, err, "max_iters must be an integer")
 
 
 def test_existing_run_is_not_overwritten(small_text, tmp_path, capsys):

@@ -201,6 +201,30 @@ def test_min_p_and_top_p_one_and_repetition_penalty():
     assert int(sample_next(logits, 0, repetition_penalty=1.2, seen=seen)) == 0  # 2.0 / 1.2 > 1.5
 
 
+def test_extreme_finite_settings_sample_without_nan():
+    """Values at the ends of float range: the sampler stays finite (a tiny temperature is greedy,
+    a tiny top_p keeps the top token) instead of failing on NaN probabilities."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, -3.0, 0.5], [0.0, 4.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    for kw in ({"temperature": 1e-45}, {"top_p": 1e-300}, {"top_p": 1e-300, "temperature": 1e-45},
+               {"temperature": 1e-45, "repetition_penalty": 1e-45, "seen": seen}):
+        assert sample_next(logits, generator=g, **kw)[:, 0].tolist() == [0, 1], kw
+    for kw in ({"repetition_penalty": 1e-45, "seen": seen}, {"repetition_penalty": 1e38, "seen": seen},
+               {"temperature": 1e300}, {"min_p": 1e-300}):
+        ids = sample_next(logits, generator=g, **kw)[:, 0].tolist()
+        assert all(0 <= i < 4 for i in ids), kw
+
+
+def test_non_finite_settings_seeds_and_stop_lists_are_refused(tok):
+    model = random_model()
+    for kw, message in (({"temperature": float("inf")}, "finite"), ({"seed": -1}, "seed"),
+                        ({"seed": 2**64}, "seed"), ({"stop": ["x"] * 17}, "at most 16"),
+                        ({"stop": ["x" * 257]}, "at most 256")):
+        with pytest.raises(QuillError, match=message):
+            generate(model, tok, "To", 5, **kw)
+
+
 # --- seeds, stop strings, streaming ---------------------------------------------------------
 
 def test_seed_fixes_the_output(tok):

@@ -124,13 +124,65 @@ def test_import_cli_and_pytorch_bin_with_old_key_names(tmp_path, bpe, capsys):
     assert capsys.readouterr().out.startswith("To be")
 
 
-def test_import_without_tokenizer_files_uses_gpt2(tmp_path, gpt2_ranks):
+def test_import_without_tokenizer_files_needs_tokenizer_gpt2(tmp_path, gpt2_ranks, capsys):
+    """A 50,257-token model need not use GPT-2's vocabulary: without tokenizer files the user says so."""
     hf = random_hf_model(1, 2, 8, 16, vocab_size=50257)
     src = tmp_path / "hf"
     hf.save_pretrained(src)
-    run = ckpt.load_run(import_hf(src, tmp_path / "run"))
+    err = cli_error(capsys, ["import-hf", str(src), str(tmp_path / "run")])
+    assert "has no tokenizer" in err and "--tokenizer gpt2" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["import-hf", str(src), str(tmp_path / "run"), "--tokenizer", "gpt2"]) == 0
+    run = ckpt.load_run(tmp_path / "run")
     assert run.tokenizer.kind == "bpe" and run.tokenizer.vocab_size == 50257
     assert run.tokenizer.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("pattern_kwargs", [{}, {"within_words": False}])
+def test_import_reads_tokenizer_json_as_transformers_saves_it(tmp_path, pattern_kwargs):
+    """transformers' save_pretrained writes tokenizer.json and no vocab.json / merges.txt."""
+    text = "the cat sat on the mat\nthe dog sat on the log\n" * 30
+    tok = ByteBPETokenizer.train(text, 300, **pattern_kwargs)
+    hf = random_hf_model(1, 2, 16, 32, tok.vocab_size, seed=5)
+    exported = save_hf_dir(hf, tmp_path / "exported", tok)
+    src = tmp_path / "saved"
+    hf.save_pretrained(src)
+    AutoTokenizer.from_pretrained(exported).save_pretrained(src)
+    assert (src / "tokenizer.json").is_file() and not (src / "vocab.json").exists()
+    run = ckpt.load_run(import_hf(src, tmp_path / "run"))
+    assert same_tokens(run.tokenizer, tok)
+    for sample in (text[:100], TRICKY):
+        assert run.tokenizer.encode(sample) == tok.encode(sample)
+
+
+def test_import_reads_only_files_inside_the_checkpoint(tmp_path, bpe, capsys):
+    """A stranger's index naming ../ or an absolute path must not make import read it."""
+    src = save_hf_dir(random_hf_model(1, 1, 16, 16, bpe.vocab_size), tmp_path / "hf", bpe)
+    (src / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = src / "model.safetensors.index.json"
+    for target in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        index.write_text(json.dumps({"weight_map": {"transformer.wte.weight": target}}))
+        err = cli_error(capsys, ["import-hf", str(src), str(tmp_path / "run")])
+        assert "outside" in err and "only files inside" in err
+    for bad in ("[1, 2]", '{"weight_map": [1]}', '{"weight_map": {"a": 5}}', "[" * 100_000):
+        index.write_text(bad)
+        err = cli_error(capsys, ["import-hf", str(src), str(tmp_path / "run")])
+        assert str(index) in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change", [
+    {"n_embd": "wide"}, {"n_layer": 2.5}, {"n_head": [1]}, {"n_positions": None}, {"vocab_size": True},
+    {"resid_pdrop": "x"}, {"n_inner": "x"}, {"layer_norm_epsilon": {}}, {"n_embd": 10**12},
+    {"embd_pdrop": float("nan")},
+])
+def test_import_bad_config_values_are_one_line(tmp_path, bpe, capsys, change):
+    src = save_hf_dir(random_hf_model(1, 1, 16, 16, bpe.vocab_size), tmp_path / "hf", bpe)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    cli_error(capsys, ["import-hf", str(src), str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_import_refuses_pickled_code(tmp_path, bpe, capsys):
@@ -190,6 +242,7 @@ def test_import_bad_sources(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     err = cli_error(capsys, ["import-hf", "gpt2", str(tmp_path / "run")])
     assert "cannot get 'gpt2' from the Hugging Face hub" in err and "local directory" in err
+    assert "`hf download gpt2 --local-dir gpt2`" in err  # huggingface_hub's command today
     # a local path that does not exist, a directory without config.json, a plain file
     err = cli_error(capsys, ["import-hf", str(tmp_path / "nope"), str(tmp_path / "run")])
     assert "not found" in err
@@ -279,11 +332,36 @@ def test_import_export_import_is_lossless(tmp_path, bpe):
         assert torch.equal(v, original[k]), k
 
 
-def test_export_refuses_what_gpt2_cannot_hold(tmp_path, bpe, capsys):
-    no_bias = make_run(tmp_path / "nobias", ModelConfig(block_size=16, n_layer=1, n_head=1, n_embd=16,
+def test_export_without_biases_writes_zeros_with_equal_logits(tmp_path, bpe, capsys):
+    """bias: false (the CPU preset's default) is GPT-2 with zero biases: train, then export works."""
+    no_bias = make_run(tmp_path / "nobias", ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=16,
                                                         bias=False), bpe)
-    err = cli_error(capsys, ["export-hf", str(no_bias), str(tmp_path / "out")])
-    assert "bias false" in err
+    assert main(["export-hf", str(no_bias), str(tmp_path / "out")]) == 0
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert not tensors["transformer.h.1.attn.c_attn.bias"].any() and not tensors["transformer.ln_f.bias"].any()
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    run = ckpt.load_run(no_bias)
+    x = torch.randint(0, bpe.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, run.model(x)[0], atol=1e-5, rtol=0)
+    # and back: an ordinary GPT-2 run with zero biases, the same logits
+    back = ckpt.load_run(import_hf(tmp_path / "out", tmp_path / "back"))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(x)[0], run.model(x)[0], atol=1e-5, rtol=0)
+
+
+def test_export_and_import_refuse_to_replace_their_input(tmp_path, bpe, capsys):
+    run_dir = make_run(tmp_path / "run", ModelConfig(block_size=16, n_layer=1, n_head=1, n_embd=16), bpe)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for argv in (["export-hf", str(run_dir), str(run_dir), "--overwrite"],
+                 ["export-hf", str(run_dir), str(run_dir / "hf"), "--overwrite"],
+                 ["import-hf", str(run_dir), str(run_dir), "--overwrite"]):
+        err = cli_error(capsys, argv)
+        assert "input" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_export_refuses_what_gpt2_cannot_hold(tmp_path, bpe, capsys):
     char = make_run(tmp_path / "char", ModelConfig(block_size=16, n_layer=1, n_head=1, n_embd=16),
                     CharTokenizer.train("hello world"))
     err = cli_error(capsys, ["export-hf", str(char), str(tmp_path / "out")])

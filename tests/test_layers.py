@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "quillgpt"
 
 # module (or subpackage) -> its layer; a module may import only from lower layers
 LAYERS: dict[str, int] = {
-    # 0-1: plain Python, no torch: the error type, atomic writes; downloads and the file cache
-    "errors": 0, "fileio": 0, "download": 1,
+    # 0-2: plain Python, no torch: the error type; atomic writes (which raise it); downloads and
+    # the file cache
+    "errors": 0, "fileio": 1, "download": 2,
     # 2: settings and the device
     "config": 2, "runtime": 2,
     # 3: tokenizers (standard library, regex, optional tiktoken)

@@ -184,6 +184,87 @@ def test_resume_refuses_other_data(small_text, tmp_path, capsys):
     assert "data" in capsys.readouterr().err
 
 
+def files_of(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_never_downloads_nor_reads_the_data_its_config_names(small_text, tmp_path, capsys, monkeypatch):
+    """A run directory may come from a stranger: its config.yaml's data (a URL, any local file) is
+    never fetched or read on resume. The data comes from this machine's cache (by fingerprint)
+    or from --data, checked against the checkpoint."""
+    run = tmp_path / "r"
+    Trainer(tiny_cfg(small_text, run, max_iters=4), progress=False, log=quiet).run()
+    cfg_text = (run / ckpt.CONFIG_FILE).read_text()
+    secret = tmp_path / "secret.txt"
+    secret.write_text(small_text.read_text(), encoding="utf-8")
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("resume tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("QUILL_CACHE", str(tmp_path / "empty-cache"))  # another machine
+    for data in ("https://example.com/corpus.txt", str(secret)):
+        (run / ckpt.CONFIG_FILE).write_text(cfg_text.replace(f"data: {small_text}", f"data: {data}"))
+        assert ckpt.read_run_config(run).train.data == data
+        before = files_of(run)
+        assert main(["train", "--resume", str(run), "--max-iters", "6", "--allow-config-change",
+                     "--no-progress"]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert "not in this machine's cache" in line and "--data" in line
+        assert files_of(run) == before
+        assert not (tmp_path / "empty-cache" / "prepared").exists()  # secret.txt was never read
+    assert main(["train", "--resume", str(run), "--data", "https://example.com/corpus.txt"]) == 2
+    assert "never downloads" in capsys.readouterr().err
+    # the user points at the data: checked against the checkpoint, then the run goes on
+    assert main(["train", "--resume", str(run), "--data", str(small_text), "--max-iters", "6",
+                 "--allow-config-change", "--no-progress"]) == 0
+    assert ckpt.list_checkpoints(run)[-1].name == "step-00000006"
+    assert ckpt.read_run_config(run).train.data == str(small_text)
+
+
+def test_resume_checks_config_yaml_and_state_json_before_writing_anything(small_text, tmp_path, capsys):
+    run = tmp_path / "r"
+    Trainer(tiny_cfg(small_text, run, max_iters=4), progress=False, log=quiet).run()
+    cfg_text = (run / ckpt.CONFIG_FILE).read_text()
+    latest = ckpt.list_checkpoints(run)[-1]
+    state_text = (latest / ckpt.STATE_JSON_FILE).read_text()
+    manifest_text = (latest / ckpt.MANIFEST_FILE).read_text()
+
+    def tamper(change) -> None:  # rewrite state.json and its checksum, as a careful forger would
+        import hashlib
+
+        st = json.loads(state_text)
+        change(st)
+        data = json.dumps(st).encode()
+        (latest / ckpt.STATE_JSON_FILE).write_bytes(data)
+        manifest = json.loads(manifest_text)
+        manifest["sha256"][ckpt.STATE_JSON_FILE] = hashlib.sha256(data).hexdigest()
+        (latest / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    cases = [
+        (lambda: (run / ckpt.CONFIG_FILE).write_text(cfg_text.replace("n_embd: 32", "n_embd: 64")),
+         "n_embd 32 -> 64"),
+        (lambda: (run / ckpt.CONFIG_FILE).write_text(cfg_text.replace("n_layer: 2", "n_layer: 2000")),
+         "n_layer"),
+        (lambda: tamper(lambda st: st.update(losses="many")), "malformed losses"),
+        (lambda: tamper(lambda st: st.update(metrics=[1, 2])), "malformed metrics"),
+        (lambda: tamper(lambda st: st.update(step="4")), "step count"),
+        (lambda: tamper(lambda st: st["rng"].update(python=[3, [1], None])), "does not fit"),
+        (lambda: tamper(lambda st: st.update(optimizer={"state": {}, "param_groups": []})), "does not fit"),
+    ]
+    for damage, fragment in cases:
+        (run / ckpt.CONFIG_FILE).write_text(cfg_text)
+        (latest / ckpt.STATE_JSON_FILE).write_text(state_text)
+        (latest / ckpt.MANIFEST_FILE).write_text(manifest_text)
+        damage()
+        before = files_of(run)
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("quill: error:") and fragment in err[0], err
+        assert files_of(run) == before  # config.yaml is not rewritten before the checks pass
+
+
 def test_resume_of_a_missing_or_empty_run_is_an_error(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err

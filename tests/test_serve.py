@@ -64,7 +64,7 @@ def run(run_dir):
 
 @pytest.fixture(scope="module")
 def client(run):
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url=LOCAL) as c:
         yield c
 
 
@@ -78,6 +78,8 @@ def server(run):
 
 
 LONG = 1_000_000
+LOCAL = "http://localhost:8000"  # the server answers to localhost and IP addresses (not "testserver")
+JSON = {"content-type": "application/json"}
 
 
 def expected(run, prompt: str, **kw) -> str:
@@ -161,6 +163,36 @@ def test_models_health_and_model_card(client, run, run_dir):
     assert card["losses"]["step"] == int(last[0]) == 10
     assert card["losses"]["train_loss"] == pytest.approx(float(last[3]))
     assert card["losses"]["val_loss"] == pytest.approx(float(last[4]))
+    # names, never where things are on this machine
+    assert "path" not in card and card["data"] == "verse.txt" and card["tokenizer"] == "char"
+    assert str(run_dir.parent) not in json.dumps(card)
+
+
+def test_foreign_hosts_and_non_json_posts_are_refused(client, run):
+    """A web page the user visits must not drive the server: not through DNS rebinding (its own
+    host name in Host) nor through a cross-origin text/plain POST (no CORS preflight)."""
+    ok = {"prompt": "To", "max_tokens": 2}
+    r = client.post("/v1/completions", json=ok, headers={"host": "attacker.example"})
+    assert r.status_code == 400 and "Host 'attacker.example'" in r.json()["error"]["message"]
+    assert client.get("/v1/model-card", headers={"host": "attacker.example:8000"}).status_code == 400
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = client.post("/v1/completions", content=json.dumps(ok).encode(), headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "10.1.2.3"):
+        assert client.post("/v1/completions", json=ok, headers={"host": host}).status_code == 200
+    with TestClient(create_app(run, ServeSettings(allowed_hosts=("gpu-box",))), base_url="http://gpu-box") as c:
+        assert c.post("/v1/completions", json=ok).status_code == 200
+        assert c.get("/health", headers={"host": "localhost"}).status_code == 400
+
+
+def test_extreme_but_finite_sampling_values_are_answered(client):
+    for extreme in ({"temperature": 1e-45}, {"repetition_penalty": 1e-45}, {"repetition_penalty": 1e38},
+                    {"top_p": 1e-300}, {"min_p": 1e-300}, {"temperature": 1e300},
+                    {"temperature": 1e-45, "repetition_penalty": 1e-45, "top_p": 1e-300}):
+        r = client.post("/v1/completions", json={"prompt": "To", "max_tokens": 4, "seed": 1, **extreme})
+        assert r.status_code == 200, (extreme, r.text)
+        assert r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_playground_page_is_self_contained(client):
@@ -215,6 +247,11 @@ BAD_REQUESTS = [
     (b'{"prompt": "To", "stream": "yes"}', 400, "stream", None),
     (b'{"prompt": "To", "stop": 5}', 400, "stop", None),
     (b'{"prompt": "To", "stop": [""]}', 400, "stop", "empty"),
+    (b'{"prompt": "To", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", "at most 4"),
+    (b'{"prompt": "To", "stop": ["' + b"x" * 300 + b'"]}', 400, "stop", "at most 256"),
+    (b'{"prompt": "To", "stop": ' + json.dumps([f"s{i}" for i in range(15000)]).encode() + b"}", 400, "stop",
+     "at most 4"),
+    (b'{"prompt": "To", "model": "' + b"m" * 100_000 + b'"}', 404, "model", "not found"),
     (b'{"prompt": "To", "logprobs": 2}', 400, "logprobs", "not supported"),
     (b'{"prompt": "To \\u20ac"}', 400, "prompt", "vocabulary"),
     (b'{"prompt": "' + b"a" * 33 + b'"}', 400, "prompt", "context of 32"),
@@ -235,14 +272,14 @@ def test_bad_requests_get_json_errors(client, body, status, param, fragment):
 
 def test_body_too_large_is_413_with_or_without_content_length(client):
     big = b'{"prompt": "' + b"a" * (1 << 20) + b'"}'
-    r = client.post("/v1/completions", content=big)
+    r = client.post("/v1/completions", content=big, headers=JSON)
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
 
     def chunked():  # no Content-Length: the server counts as it reads
         for i in range(0, len(big), 65536):
             yield big[i : i + 65536]
 
-    r = client.post("/v1/completions", content=chunked())
+    r = client.post("/v1/completions", content=chunked(), headers=JSON)
     assert r.status_code == 413 and "error" in r.json()
 
 
@@ -255,7 +292,7 @@ def test_unknown_routes_and_methods_are_json_errors(client):
 
 def test_small_limits_are_enforced(run):
     settings = ServeSettings(max_tokens_cap=8, max_batch=2, max_body_bytes=100)
-    with TestClient(create_app(run, settings)) as c:
+    with TestClient(create_app(run, settings), base_url=LOCAL) as c:
         assert c.post("/v1/completions", json={"prompt": "To", "max_tokens": 9}).status_code == 400
         assert c.post("/v1/completions", json={"prompt": "To", "max_tokens": 8}).status_code == 200
         assert c.post("/v1/completions", json={"prompt": ["To", "Or"], "n": 2}).status_code == 400
@@ -379,7 +416,7 @@ def test_non_streaming_client_that_leaves_is_cancelled(server):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "To", "max_tokens": LONG}).encode()
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
         wait_until(lambda: engine.pending == 1 and engine.tokens > tokens)
     wait_until(lambda: engine.pending == 0)

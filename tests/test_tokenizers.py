@@ -235,6 +235,8 @@ def test_lone_surrogate_is_an_error(trained_bpe):
     '{"kind": "syllable", "chunks": [1, 2]}',
     '{"kind": "unknown"}',
     '[1, 2]',
+    "[" * 100_000 + "]" * 100_000,  # nested too deeply for the JSON parser
+    '{"kind": "char", "chars": ["a", "a"]}',
 ])
 def test_corrupt_tokenizer_json(tmp_path, content):
     path = tmp_path / "tok.json"
@@ -304,3 +306,22 @@ def test_parallel_split_never_changes_the_tokens(gpt2_cache):
         pieces = split_for_parallel(text, n_parts)
         assert "".join(pieces) == text
         assert [t for piece in pieces for t in tok.encode_python(piece)] == whole
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"special_tokens": {"": 259}}, "non-empty"),  # would match everywhere: tiktoken loops forever
+    ({"special_tokens": {"<|endoftext|>": 259.0}}, "integers"),
+    ({"special_tokens": {"<|endoftext|>": True}}, "integers"),
+    ({"special_tokens": {"<|endoftext|>": 9999}}, "integers in 0..259"),
+    ({"special_tokens": {"<|endoftext|>": 259, "<|x|>": 259}}, "share an id"),
+    ({"special_tokens": {"x" * 1000: 259}}, "longer than"),
+    ({"pattern": "(a+)+$"}, "pattern"),  # a regex from a file could backtrack for ever
+    ({"tokens": ["a"] * (2 << 20)}, "more than any tokenizer"),
+])
+def test_hostile_bpe_files_are_refused_on_load(tmp_path, change, message):
+    tok = ByteBPETokenizer.train("hello world hello world", 260)
+    data = {**tok.to_dict(), **change}
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(QuillError, match=message):
+        load_tokenizer(path)

@@ -10,6 +10,7 @@ import torch
 
 from quillgpt.cli import main
 from quillgpt.config import load_config, parse_duration
+from quillgpt.distributed import DistInfo
 from quillgpt.errors import QuillError
 from quillgpt.train import Trainer, lr_at, resolve_dtype
 
@@ -82,8 +83,8 @@ def test_bf16_on_a_cpu_without_it_warns(small_text, tmp_path, monkeypatch):
                 progress=False, log=lines.append)
         assert any("no native bfloat16" in line for line in lines) is warned, lines
     assert resolve_dtype("auto", torch.device("cpu"), n_embd=1024) == "float32"
-    assert train.peak_flops(torch.device("cpu"), "bfloat16") is None  # no MFU against an emulated peak
-    assert train.peak_flops(torch.device("cpu"), "float32") > 0
+    for dtype in ("bfloat16", "float32"):  # a CPU has no documented peak: FLOP/s, no MFU
+        assert train.peak_flops(torch.device("cpu"), dtype) is None
 
 
 def test_compile_failure_falls_back_to_eager_with_a_message(small_text, tmp_path, monkeypatch):
@@ -155,13 +156,42 @@ class EvalCounter:
         return {}
 
 
-def test_metrics_have_mfu_and_tensorboard_logs(small_text, tmp_path):
+def test_metrics_have_model_flops_and_tensorboard_logs(small_text, tmp_path):
+    """Achieved model FLOP/s on every timed row; no MFU on a CPU (no documented peak to divide by,
+    so no percentage that a busy machine could push past 100%)."""
     run = tmp_path / "r"
     trainer = Trainer(cfg_for(small_text, run, max_iters=20, tensorboard=True), progress=False, log=quiet)
     trainer.run()
     assert [r["step"] for r in metrics(run)] == ["0", "10", "20"]
-    assert all(0 < float(r["mfu"]) < 1 for r in trainer.metrics[1:])
+    for row in trainer.metrics[1:]:
+        flops = float(row["flops_per_s"])
+        assert flops == pytest.approx(float(row["tokens_per_s"]) * trainer.recorder.flops_per_token, rel=1e-3)
+        assert row["mfu"] is None
+    assert "flops_per_s" not in metrics(run)[0]  # metrics.csv keeps its columns
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_mfu_only_against_a_documented_gpu_peak_and_never_above_100_percent(monkeypatch):
+    from quillgpt.metrics import GPU_PEAK_FLOPS, RunRecorder, format_flops, peak_flops
+
+    cuda = torch.device("cuda")
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("Tesla V100-SXM2-16GB", 125e12), ("NVIDIA GeForce RTX 4090", 165e12),
+                       ("NVIDIA A10G", None), ("NVIDIA L40", None), ("AMD Instinct MI300X", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops(cuda, "bfloat16") == peak, name
+        if peak:
+            assert peak_flops(cuda, "float32") == peak / 2  # TF32
+    assert GPU_PEAK_FLOPS["H200"] == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+
+    class Log:
+        tensorboard = None
+
+    rec = RunRecorder(Log(), None, DistInfo(), Path("."), False, cuda, "bfloat16", flops_per_token=1e9)
+    assert rec.mfu(100_000.0) == pytest.approx(1e14 / 989e12)
+    assert rec.mfu(2_000_000.0) is None  # 2e15 FLOP/s would be 202%: the table does not fit, say nothing
+    assert format_flops(2e15) == "2000.0 TFLOP/s" and format_flops(8.12e11) == "812 GFLOP/s"
 
 
 def test_loss_png_written_at_the_end_and_by_quill_plot(small_text, tmp_path, capsys):

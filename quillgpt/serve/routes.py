@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from ..checkpoint import METRICS_FILE, MODEL_FILE, Run
 from ..errors import QuillError
 from ..model import count_params
 from .engine import Engine, Job, ServerBusy, load
+from .guard import RequestGuard
 from .schemas import APIError, ServeSettings, check_completion, check_model, completion_request_schema, parse_body
 
 try:
@@ -35,6 +37,7 @@ try:
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError:  # without the serve extra the package still imports; create_app says what is missing
     FastAPI = None
 
@@ -69,17 +72,24 @@ def model_card(run: Run, model_id: str, settings: ServeSettings) -> dict[str, An
     m, t = run.config.model, run.config.train
     return {
         "id": model_id,
-        "path": str(run.path),
         "parameters": count_params(run.model),
         "device": str(next(run.model.parameters()).device),
         "model": {k: getattr(m, k) for k in ("kind", "vocab_size", "block_size", "n_layer", "n_head",
                                              "n_embd", "dropout", "bias")},
-        "tokenizer": t.tokenizer,
-        "data": t.data,
+        "tokenizer": name_only(t.tokenizer),
+        "data": name_only(t.data),
         "losses": final_losses(run.path),
         "limits": {"max_tokens": settings.max_tokens_cap, "max_batch": settings.max_batch,
-                   "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue},
+                   "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue,
+                   "max_stop": settings.max_stop},
     }
+
+
+def name_only(value: str | None) -> str | None:
+    """A file, directory or URL by its last name: the card never shows where things are on disk."""
+    if value is None:
+        return None
+    return value.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].split("?", 1)[0] or value
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -110,11 +120,16 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if length is not None and (not length.isdigit() or int(length) > max_bytes):
         raise APIError(413, f"request body is larger than {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body is larger than {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise APIError(413, f"request body is larger than {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left mid-upload: one line in the log, nobody to answer
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logging.getLogger("uvicorn.error").info("%s closed the connection during its upload", peer)
+        raise APIError(499, "client closed the request", type="client_closed") from None
     return b"".join(chunks)
 
 
@@ -270,6 +285,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
     app = FastAPI(title="quill serve", version="1", lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QuillError
+from ..errors import QuillError, shown
 from ..generate import check_sampling_args, encode_prompt
 from ..tokenizers import Tokenizer
 
@@ -27,6 +27,10 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_queue: int = 256  # requests waiting or running; more get 503
     default_max_tokens: int = 16  # OpenAI's default for max_tokens
+    max_stop: int = 4  # stop strings per request (OpenAI's limit): each is checked at every token
+    max_stop_chars: int = 256  # characters per stop string
+    # Host headers answered besides IP addresses ("*": any); see guard.py
+    allowed_hosts: tuple[str, ...] = ("localhost",)
 
 
 class APIError(Exception):
@@ -109,8 +113,8 @@ def completion_request_schema() -> Any:
 def _validation_message(err: Any) -> APIError:
     """The first pydantic error as one readable line, naming the parameter."""
     e = err.errors()[0]
-    param = str(e["loc"][0]) if e["loc"] else None
-    msg = e["msg"]
+    param = str(e["loc"][0])[:100] if e["loc"] else None
+    msg = e["msg"][:200]
     if e["type"] == "missing":
         msg = "is required"
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
@@ -143,7 +147,7 @@ def parse_body(raw: bytes, schema: Any) -> Any:
 def check_model(name: str | None, model_id: str) -> None:
     """APIError(404) unless `name` is the served model (or not given)."""
     if name not in (None, model_id):
-        raise APIError(404, f"model {name!r} not found; this server serves {model_id!r}",
+        raise APIError(404, f"model {shown(name)} not found; this server serves {model_id!r}",
                        param="model", type="not_found_error", code="model_not_found")
 
 
@@ -167,6 +171,11 @@ def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer
         raise APIError(400, f"n x prompts is {n * len(prompts)}, at most {settings.max_batch} "
                             "on this server", param="n")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    if stop and len(stop) > settings.max_stop:
+        raise APIError(400, f"stop: at most {settings.max_stop} stop strings, got {len(stop)}", param="stop")
+    if stop and any(len(s) > settings.max_stop_chars for s in stop):
+        raise APIError(400, f"stop: at most {settings.max_stop_chars} characters per stop string",
+                       param="stop")
     sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
                         req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
                         stop or None)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import MODEL_FILE
-from ..errors import QuillError
+from ..errors import QuillError, shown
 from ..model import count_params
+from .guard import default_allowed_hosts
 from .routes import create_app
 from .schemas import ServeSettings
 
@@ -21,7 +22,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise QuillError(f"cannot resolve host {host!r}: {e.strerror}") from None
+        raise QuillError(f"cannot resolve host {shown(host)}: {e.strerror}") from None
+    except (UnicodeError, ValueError) as e:  # a name no resolver takes (an empty label, ...)
+        raise QuillError(f"--host {shown(host)} is not a host name or address ({e})") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,12 +47,15 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     except ImportError:
         raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'") from None
     sock = bind_socket(host, port)
+    settings = settings or ServeSettings()
+    if settings.allowed_hosts == ServeSettings().allowed_hosts:  # not chosen: this server's names
+        settings.allowed_hosts = default_allowed_hosts(host)
     app = create_app(run_dir, settings, device, weights)
     card = app.state.engine.run
     actual_port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
+    where = f"[{host}]" if ":" in host else host
     log(f"serving {Path(run_dir)} ({count_params(card.model) / 1e6:.2f}M parameters) on "
-        f"http://{shown}:{actual_port}/  (API: /v1/completions; Ctrl-C stops)")
+        f"http://{where}:{actual_port}/  (API: /v1/completions; Ctrl-C stops)")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -7,8 +7,14 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import QuillError
+from ..errors import QuillError, shown
 from ..fileio import atomic_write_text
+
+# Bounds on what a tokenizer file may hold: far above any real tokenizer (GPT-2's file is about
+# 1 MB), low enough that a hostile file is refused before it costs memory or time.
+MAX_VOCAB_SIZE = 1 << 20
+MAX_FILE_BYTES = 256 << 20
+MAX_SPECIAL_CHARS = 256
 
 
 class Tokenizer(ABC):
@@ -66,31 +72,62 @@ def register(cls: type[Tokenizer]) -> type[Tokenizer]:
     return cls
 
 
+def check_special_tokens(specials: Any, n_ids: int) -> dict[str, int]:
+    """Special tokens as a file gives them: a mapping of non-empty strings (at most
+    MAX_SPECIAL_CHARS characters) to distinct integer ids in 0..n_ids-1. ValueError otherwise:
+    an empty one would match everywhere, and tiktoken would loop on it forever."""
+    if not isinstance(specials, dict):
+        raise ValueError("'special_tokens' must be a mapping of text to id")
+    for text, i in specials.items():
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"special token {shown(text)} must be a non-empty string")
+        if len(text) > MAX_SPECIAL_CHARS:
+            raise ValueError(f"special token {shown(text)} is longer than {MAX_SPECIAL_CHARS} characters")
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_ids:
+            raise ValueError(f"special token {shown(text)} has id {shown(i)}; ids are integers in 0..{n_ids - 1}")
+    if len(set(specials.values())) != len(specials):
+        raise ValueError("two special tokens share an id")
+    return dict(specials)
+
+
+def check_vocabulary_size(n: int, what: str) -> None:
+    if n > MAX_VOCAB_SIZE:
+        raise ValueError(f"{what} has {n:,} entries, more than any tokenizer ({MAX_VOCAB_SIZE:,})")
+
+
 def tokenizer_from_dict(data: Any, source: str = "tokenizer") -> Tokenizer:
     if not isinstance(data, dict) or "kind" not in data:
         raise QuillError(f"{source} is not a quill tokenizer file (no 'kind')")
     kind = data["kind"]
-    if kind not in TOKENIZER_KINDS:
-        raise QuillError(f"{source}: unknown tokenizer kind {kind!r}")
+    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
+        raise QuillError(f"{source}: unknown tokenizer kind {shown(kind)}")
     try:
         return TOKENIZER_KINDS[kind].from_dict(data)
     except QuillError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise QuillError(f"{source} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
+        reason = str(e)
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise QuillError(f"{source} is corrupt or truncated ({type(e).__name__}: {reason})") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved with `Tokenizer.save` (any kind)."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise QuillError(f"{path} is larger than any tokenizer file ({MAX_FILE_BYTES >> 20} MB)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise QuillError(f"tokenizer file not found: {path}") from None
+    except IsADirectoryError:
+        raise QuillError(f"tokenizer file {path} is a directory") from None
     except (OSError, UnicodeDecodeError) as e:
         raise QuillError(f"cannot read tokenizer file {path}: {e}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise QuillError(f"{path} is corrupt or truncated JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise QuillError(f"{path} is not a tokenizer file: its JSON is nested too deeply") from None
     return tokenizer_from_dict(data, str(path))

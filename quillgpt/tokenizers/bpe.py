@@ -33,8 +33,8 @@ from typing import Any
 
 import regex
 
-from ..errors import QuillError
-from .base import Tokenizer, register
+from ..errors import QuillError, shown
+from .base import MAX_VOCAB_SIZE, Tokenizer, check_special_tokens, check_vocabulary_size, register
 
 # GPT-2's pre-tokenisation: contractions, words with one leading space, numbers, punctuation
 # runs, whitespace (the last space of a run goes with the next word).
@@ -46,9 +46,11 @@ LINES_PATTERN = r"""\n|[^\n]+"""
 # Patterns whose chunks never cross a point just after "\n" that is followed by a non-space:
 # texts may be cut there and encoded in parallel with the same result.
 SPLITTABLE_PATTERNS = {GPT2_PATTERN, WORDS_PATTERN, LINES_PATTERN}
+# The patterns a tokenizer file may name (by their text), with what they are.
+KNOWN_PATTERNS = {GPT2_PATTERN: "GPT-2's", WORDS_PATTERN: "words without their space",
+                  LINES_PATTERN: "lines"}
 
 ENDOFTEXT = "<|endoftext|>"
-MAX_VOCAB_SIZE = 1 << 20  # above a million tokens is surely a typo
 PARALLEL_MIN_CHARS = 1 << 20  # texts longer than this are encoded on all idle cores
 
 
@@ -87,7 +89,8 @@ def printable_to_token(text: str) -> bytes:
     try:
         return bytes(inverse[c] for c in text)
     except KeyError as e:
-        raise ValueError(f"token {text!r} has a character {e} outside GPT-2's byte alphabet") from None
+        raise ValueError(f"token {shown(text)} has a character {shown(e.args[0])} outside GPT-2's byte "
+                         f"alphabet") from None
 
 
 @lru_cache(maxsize=1)
@@ -185,6 +188,10 @@ class ByteBPETokenizer(Tokenizer):
 
     def _check(self) -> None:
         n_ids = len(self.ranks) + len(self.specials)
+        check_vocabulary_size(n_ids, "the vocabulary")
+        check_special_tokens(self.specials, n_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.ranks.values()):
+            raise ValueError("token ids must be integers")
         if len(self.decoder) != n_ids:
             raise ValueError("two tokens share an id")
         if set(self.decoder) != set(range(n_ids)):
@@ -298,9 +305,10 @@ class ByteBPETokenizer(Tokenizer):
     def from_dict(cls, data: dict[str, Any]) -> ByteBPETokenizer:
         specials = data["special_tokens"]
         tokens = data["tokens"]
-        if not isinstance(specials, dict) or not isinstance(tokens, list):
-            raise ValueError("'special_tokens' must be a mapping and 'tokens' a list")
-        special_ids = set(specials.values())
+        if not isinstance(tokens, list):
+            raise ValueError("'tokens' must be a list")
+        check_vocabulary_size(len(tokens), "'tokens'")
+        special_ids = set(check_special_tokens(specials, len(tokens)).values())
         ranks = {}
         for i, t in enumerate(tokens):
             if i in special_ids:
@@ -311,57 +319,20 @@ class ByteBPETokenizer(Tokenizer):
         if len(ranks) + len(specials) != len(tokens):
             raise ValueError("duplicate tokens or special ids outside the token list")
         pattern = data["pattern"]
-        try:
-            regex.compile(pattern)
-        except (regex.error, TypeError) as e:
-            raise ValueError(f"bad pattern: {e}") from None
-        return cls(ranks, specials, pattern, str(data.get("name", "bpe")))
+        if pattern not in KNOWN_PATTERNS:
+            # a regex from a file could take exponential time on some texts: only ours are run
+            raise ValueError(f"pre-tokenisation pattern {shown(pattern)} is not one of quill's "
+                             f"({', '.join(KNOWN_PATTERNS.values())})")
+        return cls(ranks, specials, pattern, str(data.get("name", "bpe"))[:100])
 
     @classmethod
     def from_hf_files(cls, vocab_json: str | Path, merges_txt: str | Path,
                       name: str = "hf") -> ByteBPETokenizer:
-        """A tokenizer from Hugging Face's GPT-2-style `vocab.json` and `merges.txt`.
+        """A tokenizer from Hugging Face's GPT-2-style `vocab.json` and `merges.txt`
+        (see `hf_files`; `hf_files.from_tokenizer_json` reads a `tokenizer.json`)."""
+        from .hf_files import from_vocab_merges
 
-        Tokens in vocab.json that are neither single bytes nor a merge result are specials
-        (GPT-2's `<|endoftext|>`). Merge results must have ids in merge order, as HF writes them.
-        """
-        try:
-            vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-            merge_lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError as e:
-            raise QuillError(f"file not found: {e.filename}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise QuillError(f"cannot read {vocab_json} / {merges_txt}: {e}") from None
-        except json.JSONDecodeError as e:
-            raise QuillError(f"{vocab_json} is corrupt JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise QuillError(f"{vocab_json} is not a vocab.json (token -> id mapping)")
-        table = bytes_to_unicode()
-        mergeable = {table[b] for b in range(256)}
-        last_id = -1
-        for n, line in enumerate(merge_lines):
-            if not line.strip() or (n == 0 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise QuillError(f"{merges_txt}: line {n + 1} is not 'left right': {line!r}")
-            merged = parts[0] + parts[1]
-            if merged not in vocab:
-                raise QuillError(f"{merges_txt}: line {n + 1} makes {merged!r}, not in {vocab_json}")
-            if vocab[merged] <= last_id:
-                raise QuillError(f"{vocab_json}: ids of merged tokens are not in merge order "
-                                 f"(at {merged!r}); unsupported")
-            last_id = vocab[merged]
-            mergeable.add(merged)
-        missing = [c for c in (table[b] for b in range(256)) if c not in vocab]
-        if missing:
-            raise QuillError(f"{vocab_json} lacks byte tokens (e.g. {missing[0]!r}); not byte-level BPE")
-        ranks = {printable_to_token(t): vocab[t] for t in mergeable}
-        specials = {t: i for t, i in vocab.items() if t not in mergeable}
-        try:
-            return cls(ranks, specials, GPT2_PATTERN, name)
-        except ValueError as e:
-            raise QuillError(f"{vocab_json}: {e}") from None
+        return from_vocab_merges(vocab_json, merges_txt, name)
 
     def save_hf_files(self, directory: str | Path) -> tuple[Path, Path]:
         """Write Hugging Face's `vocab.json` and `merges.txt` for this tokenizer into `directory`."""
@@ -394,6 +365,10 @@ class ByteBPETokenizer(Tokenizer):
         pair occurs twice. See the module docstring for the algorithm and tie-breaking.
         """
         specials = list(dict.fromkeys(special_tokens))
+        try:
+            check_special_tokens({t: i for i, t in enumerate(specials)}, len(specials))
+        except ValueError as e:
+            raise QuillError(str(e)) from None
         check_vocab_size(vocab_size, 256 + len(specials))
         check_encodable(text)
         pattern = pre_tokenize_pattern(within_words, space_prefix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import QuillError
-from .base import Tokenizer, register
+from .base import Tokenizer, check_vocabulary_size, register
 
 
 @register
@@ -47,6 +47,8 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
         chars = data["chars"]
+        if isinstance(chars, list):
+            check_vocabulary_size(len(chars), "'chars'")
         if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
             raise ValueError("'chars' must be a list of single characters")
         if len(set(chars)) != len(chars):

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from ..errors import QuillError
-from .base import Tokenizer, register
+from .base import Tokenizer, check_vocabulary_size, register
 
 VOWELS = frozenset("aeiouäöü")
 SEPARATORS = frozenset(string.punctuation)  # plus every whitespace character
@@ -95,9 +95,13 @@ class SyllableTokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SyllableTokenizer:
         chunks = data["chunks"]
+        if isinstance(chunks, list):
+            check_vocabulary_size(len(chunks), "'chunks'")
         if not isinstance(chunks, list) or not all(isinstance(c, str) and c for c in chunks):
             raise ValueError("'chunks' must be a list of non-empty strings")
         if len(set(chunks)) != len(chunks):
             raise ValueError("'chunks' has duplicates")
         coverage = data.get("coverage")
+        if coverage is not None and (not isinstance(coverage, (int, float)) or not 0 <= coverage <= 1):
+            raise ValueError("'coverage' must be a number in [0, 1]")
         return cls(chunks, float(coverage) if coverage is not None else None)

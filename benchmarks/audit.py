@@ -1,0 +1,791 @@
+"""The reliability audit: every entry point fed hostile and careless input, as an adversarial
+user would, through the real command line (`quillgpt.cli.main`, stderr captured) and a real server.
+
+    python benchmarks/audit.py            # prints the table (docs/reliability.md), exit 1 if a case broke
+    python benchmarks/audit.py --cases    # and every case, one line each
+
+A case holds when:
+
+- an error case ends in exit status 2 with exactly one line on stderr (`quill: error: ...`; a
+  case marked `started` may print the run's own lines first, the error still last and alone),
+  no traceback, and no file under the audit's directory changed (sha256 of every file before
+  and after, the cache excepted);
+- an accepted case (finite but extreme sampling values, ...) ends in exit status 0 with no
+  traceback, and changes no file;
+- an HTTP case is answered with its 4xx status and an error body in OpenAI's JSON shape (or, for
+  accepted ones, 200), never 500, the server logs no traceback, and a normal request right after
+  it completes (its latency is in the table: under 2 s is the promise).
+
+Cases that could hang a process or eat its memory if they regressed (a tokenizer whose empty
+special token made tiktoken loop forever, a YAML "billion laughs") run in a subprocess with a
+time limit and a 8 GB address-space limit. tests/test_audit.py runs the same cases under pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VERSE = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+    "And by opposing end them. To die: to sleep;",
+]
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 4, "max_iters": 4,
+        "eval_interval": 2, "eval_iters": 2, "log_interval": 2, "warmup_iters": 1, "sample_tokens": 0,
+        "device": "cpu", "bias": True}
+TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "device"] + ["--no-progress"]
+CACHE = "cache"  # under the audit's directory, excluded from the "no file changed" check
+
+
+# --- the files the cases use ------------------------------------------------------------------
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def billion_laughs() -> str:
+    """Nine levels of nine aliases: a few hundred bytes of YAML that stand for 9**9 strings."""
+    items = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        items.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    items.append("[" + ",".join(["*i"] * 9) + "]")
+    return "n_layer: [" + ", ".join(items) + "]\n"
+
+
+def hostile_tokenizers(root: Path, bpe: Any) -> None:
+    """bpe.json and its hostile variants: what a stranger's tokenizer file may say."""
+    good = bpe.to_dict()
+    eot = good["special_tokens"]["<|endoftext|>"]
+    variants = {
+        "empty_special": {"special_tokens": {"": eot}},
+        "float_special": {"special_tokens": {"<|endoftext|>": float(eot)}},
+        "dup_special": {"special_tokens": {"<|endoftext|>": eot, "<|x|>": eot}},
+        "range_special": {"special_tokens": {"<|endoftext|>": 10**9}},
+        "redos_pattern": {"pattern": "(a+)+$"},
+    }
+    write(root / "tok" / "bpe.json", json.dumps(good))
+    for name, change in variants.items():
+        write(root / "tok" / f"{name}.json", json.dumps({**good, **change}))
+    write(root / "tok" / "deep.json", "[" * 100_000 + "]" * 100_000)
+    write(root / "tok" / "huge.json", json.dumps({"kind": "char", "chars": [chr(0x4E00 + i % 20000) for i in
+                                                                              range(1 << 21)]}))
+
+
+def build_fixtures(root: Path) -> None:
+    """Everything the cases read: texts, a trained run, a BPE run and its HF export, hostile files."""
+    from quillgpt import checkpoint as ckpt
+    from quillgpt.config import Config, ModelConfig, TrainConfig, load_config
+    from quillgpt.hf import export_hf
+    from quillgpt.model import GPT
+    from quillgpt.tokenizers import ByteBPETokenizer
+    from quillgpt.train import Trainer
+
+    text = "\n".join(VERSE * 40) + "\n"
+    write(root / "verse.txt", text)
+    write(root / "other.txt", text[::-1])
+    write(root / "empty.txt", "")
+    write(root / "datadir" / "verse.txt", text)
+    write(root / "laughs.yaml", billion_laughs())
+    write(root / "syntax.yaml", "model:\n  n_layer: [1\n  n_head: 2\n")
+    write(root / "deep.yaml", "n_layer: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    write(root / "tag.yaml", "n_layer: !!python/object/apply:os.system ['echo pwned']\n")
+    write(root / "deep.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    packed = gzip.compress(text.encode())
+    write(root / "corrupt.txt.gz", packed[: len(packed) // 2] + b"garbage" * 10 + packed[len(packed) // 2:])
+    write(root / "truncated.txt.gz", packed[: len(packed) // 2])
+    write(root / "notgzip.txt.gz", b"plain text, not gzip")
+    cfg = load_config(None, {**TINY, "data": str(root / "verse.txt"), "out": str(root / "run")})
+    with env(QUILL_CACHE=str(root / CACHE)):
+        Trainer(cfg, progress=False, log=lambda m: None).run()
+    bpe = ByteBPETokenizer.train(text, 300)
+    hostile_tokenizers(root, bpe)
+    model_cfg = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, vocab_size=bpe.vocab_size)
+    bpe_run = root / "bpe_run"
+    bpe_run.mkdir()
+    ckpt.save_config(Config(model=model_cfg, train=TrainConfig(tokenizer="bpe")), bpe_run)
+    bpe.save(bpe_run / ckpt.TOKENIZER_FILE)
+    ckpt.save_weights(GPT(model_cfg), bpe_run / ckpt.MODEL_FILE)
+    export_hf(bpe_run, root / "hf")
+    prepared = root / "prepared_bad"
+    write(prepared / "train.bin", bytes(range(256)) * 20)  # uint16 ids up to 65,535: far past 58 chars
+    write(prepared / "val.bin", bytes(range(256)) * 4)
+    shutil.copy(root / "run" / ckpt.TOKENIZER_FILE, prepared / "tokenizer.json")
+
+
+@contextlib.contextmanager
+def env(**values: str) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- what a case does to the files before it runs ----------------------------------------------
+
+def copy_run(root: Path, name: str) -> Path:
+    dest = root / name
+    if not dest.exists():
+        shutil.copytree(root / "run", dest)
+    return dest
+
+
+def edit_file(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    if old not in text and new in text:
+        return  # done by an earlier case
+    if old not in text:
+        raise RuntimeError(f"{path}: {old!r} not found")
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def forge_state(run: Path, change: Callable[[dict], None]) -> None:
+    """Rewrite the newest checkpoint's state.json and its checksum, as a careful forger would."""
+    from quillgpt import checkpoint as ckpt
+
+    latest = ckpt.list_checkpoints(run)[-1]
+    st = json.loads((latest / ckpt.STATE_JSON_FILE).read_text())
+    change(st)
+    data = json.dumps(st).encode()
+    (latest / ckpt.STATE_JSON_FILE).write_bytes(data)
+    manifest = json.loads((latest / ckpt.MANIFEST_FILE).read_text())
+    manifest["sha256"][ckpt.STATE_JSON_FILE] = hashlib.sha256(data).hexdigest()
+    (latest / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def nan_weights(run: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(run / "model.safetensors")
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.dim() == 2)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, run / "model.safetensors")
+
+
+def setups(root: Path) -> dict[str, Callable[[], Any]]:
+    """Named preparations; each makes a copy of what it damages, so cases stay independent."""
+    def run_edit(name: str, old: str, new: str) -> Callable[[], None]:
+        return lambda: edit_file(copy_run(root, name) / "config.yaml", old, new)
+
+    def run_tokenizer(name: str, source: str) -> Callable[[], None]:
+        return lambda: shutil.copy(root / "tok" / source, copy_run(root, name) / "tokenizer.json")
+
+    def stranger(name: str, data: str) -> Callable[[], None]:
+        return run_edit(name, f"data: {root / 'verse.txt'}", f"data: {data}")
+
+    def hf_edit(name: str, change: Callable[[Path], None]) -> Callable[[], None]:
+        def go() -> None:
+            dest = root / name
+            if not dest.exists():  # (a later case reuses the damaged copy as it is)
+                shutil.copytree(root / "hf", dest)
+                change(dest)
+        return go
+
+    def shard_index(target: str) -> Callable[[Path], None]:
+        def go(d: Path) -> None:
+            (d / "model.safetensors").rename(d.parent / f"{d.name}-outside.safetensors")
+            write(d / "model.safetensors.index.json", json.dumps({"weight_map": {"transformer.wte.weight": target}}))
+        return go
+
+    def config_value(key: str, value: Any) -> Callable[[Path], None]:
+        def go(d: Path) -> None:
+            cfg = json.loads((d / "config.json").read_text())
+            cfg[key] = value
+            (d / "config.json").write_text(json.dumps(cfg))
+        return go
+
+    def no_tokenizer(d: Path) -> None:
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+            (d / name).unlink()
+
+    def metrics(name: str, data: bytes) -> Callable[[], None]:
+        return lambda: write(copy_run(root, name) / "metrics.csv", data)
+
+    return {
+        "shape_edited": run_edit("run_shape", "n_embd: 16", "n_embd: 32"),
+        "shape_huge": run_edit("run_huge", "n_embd: 16", "n_embd: 60000"),
+        "vocab_edited": run_edit("run_vocab", "vocab_size: ", "vocab_size: 1"),
+        "config_laughs": lambda: write(copy_run(root, "run_laughs") / "config.yaml", billion_laughs()),
+        "config_syntax": lambda: shutil.copy(root / "syntax.yaml", copy_run(root, "run_syntax") / "config.yaml"),
+        "config_tag": lambda: shutil.copy(root / "tag.yaml", copy_run(root, "run_tag") / "config.yaml"),
+        "nan_weights": lambda: nan_weights(copy_run(root, "run_nan")),
+        "tok_empty_special": run_tokenizer("run_tok_empty", "empty_special.json"),
+        "tok_float_special": run_tokenizer("run_tok_float", "float_special.json"),
+        "tok_deep": run_tokenizer("run_tok_deep", "deep.json"),
+        "state_losses": lambda: forge_state(copy_run(root, "run_losses"), lambda st: st.update(losses="many")),
+        "state_metrics": lambda: forge_state(copy_run(root, "run_metrics"), lambda st: st.update(metrics=[1])),
+        "state_rng": lambda: forge_state(copy_run(root, "run_rng"),
+                                         lambda st: st["rng"].update(python=[3, [1], None])),
+        "state_optimizer": lambda: forge_state(copy_run(root, "run_optim"),
+                                               lambda st: st.update(optimizer={"state": {}, "param_groups": []})),
+        "stranger_url": stranger("run_url", "https://example.com/corpus.txt"),
+        "stranger_file": stranger("run_file", str(root / "other.txt")),
+        "metrics_binary": metrics("run_mbin", b"\x00\x01\x02\xff"),
+        "metrics_header": metrics("run_mhead", b"a,b\n1,2\n"),
+        "metrics_bad_rows": metrics("run_mrows", b"step,train_loss,val_loss\n1,x,\nten,2.5,\n2,2.4,2.6\n3,nan,inf\n"),
+        "metrics_huge_field": metrics("run_mhuge", b"step,train_loss\n1," + b"9" * 200_000 + b"\n"),
+        "hf_index_up": hf_edit("hf_up", shard_index("../hf_up-outside.safetensors")),
+        "hf_index_abs": hf_edit("hf_abs", shard_index(str(root / "hf_abs-outside.safetensors"))),
+        "hf_index_list": hf_edit("hf_list", lambda d: (d / "model.safetensors").unlink() or write(
+            d / "model.safetensors.index.json", "[1, 2]")),
+        "hf_config_str": hf_edit("hf_cstr", config_value("n_embd", "wide")),
+        "hf_config_huge": hf_edit("hf_chuge", config_value("n_embd", 10**12)),
+        "hf_config_dropout": hf_edit("hf_cdrop", config_value("resid_pdrop", "high")),
+        "hf_config_deep": hf_edit("hf_cdeep", lambda d: write(d / "config.json", "[" * 100_000 + "]" * 100_000)),
+        "hf_no_tokenizer": hf_edit("hf_notok", no_tokenizer),
+        "hf_pickle": hf_edit("hf_pickle", pickled_code),
+    }
+
+
+def pickled_code(d: Path) -> None:
+    import torch
+
+    (d / "model.safetensors").unlink()
+    torch.save({"weights": torch.zeros(1), "payload": print}, d / "pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def disk_full() -> Iterator[None]:
+    """Every fsync fails as on a full disk (ENOSPC)."""
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = os.fsync
+    os.fsync = no_space
+    try:
+        yield
+    finally:
+        os.fsync = real
+
+
+# --- the cases --------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One command line. `argv` may name {root}; `setup` is a key of `setups()`."""
+
+    entry: str
+    what: str
+    argv: list[str]
+    setup: str | None = None
+    ok: bool = False  # accepted input: exit 0 (else: an error, exit 2)
+    fragment: str | None = None  # the error line says this
+    started: bool = False  # the run's own lines may come first (the error happens mid-run)
+    isolated: bool = False  # in a subprocess with time and memory limits
+    full_disk: bool = False
+    other_machine: bool = False  # an empty cache: the run's data was never prepared here
+
+    @property
+    def id(self) -> str:
+        return f"{self.entry}: {self.what}"
+
+
+def cli_cases() -> list[Case]:
+    T = ["train", "--data", "{root}/verse.txt", "--out", "{root}/out", *TINY_FLAGS]
+    S = ["sample", "{root}/run", "--max-new-tokens", "5", "--seed", "1"]
+    C = Case
+    return [
+        # quill train: flags, config files, data, resume
+        C("train", "learning rate NaN", [*T, "--learning-rate", "nan"], fragment="finite"),
+        C("train", "beta1 5", [*T, "--beta1", "5"], fragment="beta1"),
+        C("train", "weight decay -1", [*T, "--weight-decay", "-1"], fragment="weight_decay"),
+        C("train", "warmup -5", [*T, "--warmup-iters", "-5"], fragment="warmup_iters"),
+        C("train", "lr_decay_iters 0", [*T, "--lr-decay-iters", "0"], fragment="lr_decay_iters"),
+        C("train", "seed -1", [*T, "--seed", "-1"], fragment="seed"),
+        C("train", "seed over 64 bits", [*T, "--seed", str(2**70)], fragment="seed"),
+        C("train", "n_embd 10^8", [*T, "--n-embd", "100000000"], fragment="n_embd"),
+        C("train", "n_layer 1e999", [*T, "--n-layer", "1e999"], fragment="n_layer"),
+        C("train", "dropout NaN", [*T, "--dropout", "nan"], fragment="dropout"),
+        C("train", "time budget inf", [*T, "--time-budget", "inf"], fragment="time_budget"),
+        C("train", "YAML billion laughs", ["train", "--config", "{root}/laughs.yaml"], isolated=True,
+          fragment="n_layer"),
+        C("train", "YAML syntax error", ["train", "--config", "{root}/syntax.yaml"], fragment="line 3"),
+        C("train", "YAML nested 50,000 deep", ["train", "--config", "{root}/deep.yaml"]),
+        C("train", "YAML python tag", ["train", "--config", "{root}/tag.yaml"], fragment="YAML"),
+        C("train", "--data: .jsonl nested 100,000 deep", [*T, "--data", "{root}/deep.jsonl"], fragment="deeply"),
+        C("train", "--data: corrupt .gz", [*T, "--data", "{root}/corrupt.txt.gz"], fragment="gzip"),
+        C("train", "--data: truncated .gz", [*T, "--data", "{root}/truncated.txt.gz"], fragment="gzip"),
+        C("train", "--data: prepared ids past the vocabulary",
+          [*T, "--data", "{root}/prepared_bad", "--tokenizer", "{root}/prepared_bad/tokenizer.json"],
+          fragment="outside the tokenizer's vocabulary"),
+        C("train", "--out is the data directory", [*T, "--data", "{root}/datadir", "--out", "{root}/datadir",
+                                                   "--overwrite"], fragment="input"),
+        C("train", "--tokenizer with an empty special token", [*T, "--tokenizer", "{root}/tok/empty_special.json"],
+          fragment="non-empty"),
+        C("train", "--resume: config.yaml edited to another shape", ["train", "--resume", "{root}/run_shape"],
+          setup="shape_edited", fragment="n_embd 16 -> 32"),
+        C("train", "--resume: config.yaml edited to a huge model", ["train", "--resume", "{root}/run_huge"],
+          setup="shape_huge", fragment="n_embd"),
+        C("train", "--resume: forged state.json losses", ["train", "--resume", "{root}/run_losses"],
+          setup="state_losses", fragment="losses"),
+        C("train", "--resume: forged state.json metrics", ["train", "--resume", "{root}/run_metrics"],
+          setup="state_metrics", fragment="metrics"),
+        C("train", "--resume: forged RNG state", ["train", "--resume", "{root}/run_rng"], setup="state_rng",
+          fragment="does not fit"),
+        C("train", "--resume: forged optimizer state", ["train", "--resume", "{root}/run_optim"],
+          setup="state_optimizer", fragment="does not fit"),
+        C("train", "--resume: a stranger's run naming a URL", ["train", "--resume", "{root}/run_url"],
+          setup="stranger_url", other_machine=True, fragment="never downloads"),
+        C("train", "--resume: a stranger's run naming a local file", ["train", "--resume", "{root}/run_file"],
+          setup="stranger_file", other_machine=True, fragment="never downloads"),
+        C("train", "--resume --data URL", ["train", "--resume", "{root}/run", "--data", "https://example.com/x"],
+          fragment="never downloads"),
+        C("train", "--resume --data of other text", ["train", "--resume", "{root}/run", "--data", "{root}/other.txt",
+                                                     "--max-iters", "6", "--allow-config-change"],
+          fragment="not the data"),
+        C("train", "--resume with a tokenizer.json of an empty special token", ["train", "--resume",
+                                                                              "{root}/run_tok_empty"],
+          setup="tok_empty_special", fragment="non-empty"),
+        C("train", "full disk", [*T, "--out", "{root}/out_full"], full_disk=True, started=True,
+          fragment="the disk is full"),
+        # quill prepare
+        C("prepare", "--out is the --data directory", ["prepare", "--data", "{root}/datadir", "--out",
+                                                       "{root}/datadir", "--overwrite"], fragment="input"),
+        C("prepare", "--out inside --data", ["prepare", "--data", "{root}/datadir", "--out", "{root}/datadir/p"],
+          fragment="inside the input"),
+        C("prepare", "--out holds --data", ["prepare", "--data", "{root}/datadir/verse.txt", "--out",
+                                            "{root}/datadir", "--overwrite"], fragment="holds the input"),
+        C("prepare", "--workers -3", ["prepare", "--data", "{root}/verse.txt", "--out", "{root}/p", "--workers", "-3"],
+          fragment="workers"),
+        C("prepare", "--val-fraction NaN", ["prepare", "--data", "{root}/verse.txt", "--out", "{root}/p",
+                                            "--val-fraction", "nan"], fragment="val_fraction"),
+        C("prepare", "--max-megabytes NaN", ["prepare", "--data", "{root}/verse.txt", "--out", "{root}/p",
+                                             "--max-megabytes", "nan"], fragment="max_megabytes"),
+        C("prepare", "corrupt .gz", ["prepare", "--data", "{root}/corrupt.txt.gz", "--out", "{root}/p"],
+          fragment="gzip"),
+        C("prepare", "not gzip at all", ["prepare", "--data", "{root}/notgzip.txt.gz", "--out", "{root}/p"],
+          fragment="gzip"),
+        C("prepare", ".jsonl nested 100,000 deep", ["prepare", "--data", "{root}/deep.jsonl", "--out", "{root}/p"],
+          fragment="deeply"),
+        C("prepare", "tokenizer with a float id", ["prepare", "--data", "{root}/verse.txt", "--out", "{root}/p",
+                                                   "--tokenizer", "{root}/tok/float_special.json"],
+          fragment="integers"),
+        C("prepare", "full disk", ["prepare", "--data", "{root}/verse.txt", "--out", "{root}/p_full",
+                                   "--no-progress"], full_disk=True, fragment="the disk is full"),
+        # quill sample
+        C("sample", "temperature 1e-45", [*S, "--temperature", "1e-45"], ok=True),
+        C("sample", "repetition penalty 1e-45", [*S, "--repetition-penalty", "1e-45"], ok=True),
+        C("sample", "top_p 1e-300", [*S, "--top-p", "1e-300"], ok=True),
+        C("sample", "all three at once", [*S, "--temperature", "1e-45", "--repetition-penalty", "1e-45",
+                                          "--top-p", "1e-300"], ok=True),
+        C("sample", "temperature inf", [*S, "--temperature", "inf"], fragment="finite"),
+        C("sample", "seed -1", [*S, "--seed", "-1"], fragment="seed"),
+        C("sample", "seed over 64 bits", [*S, "--seed", str(2**64)], fragment="seed"),
+        C("sample", "17 stop strings", [*S, *[a for i in range(17) for a in ("--stop", f"s{i}")]],
+          fragment="stop"),
+        C("sample", "NaN weights", ["sample", "{root}/run_nan"], setup="nan_weights", fragment="NaN"),
+        C("sample", "config.yaml for a much larger model", ["sample", "{root}/run_huge"], setup="shape_huge",
+          fragment="the model of config.yaml"),
+        C("sample", "config.yaml vocab_size edited", ["sample", "{root}/run_vocab"], setup="vocab_edited",
+          fragment="vocab_size"),
+        C("sample", "config.yaml billion laughs", ["sample", "{root}/run_laughs"], setup="config_laughs",
+          isolated=True, fragment="n_layer"),
+        C("sample", "config.yaml YAML syntax error", ["sample", "{root}/run_syntax"], setup="config_syntax",
+          fragment="line 3"),
+        C("sample", "config.yaml python tag", ["sample", "{root}/run_tag"], setup="config_tag", fragment="YAML"),
+        C("sample", "tokenizer.json with an empty special token", ["sample", "{root}/run_tok_empty"],
+          setup="tok_empty_special", isolated=True, fragment="non-empty"),
+        C("sample", "tokenizer.json with a float special id", ["sample", "{root}/run_tok_float"],
+          setup="tok_float_special", fragment="integers"),
+        C("sample", "tokenizer.json nested 100,000 deep", ["sample", "{root}/run_tok_deep"], setup="tok_deep",
+          fragment="deeply"),
+        # quill tokenize / quill tokenizer train
+        C("tokenize", "empty special token", ["tokenize", "hello", "--tokenizer", "{root}/tok/empty_special.json"],
+          isolated=True, fragment="non-empty"),
+        C("tokenize", "float special id", ["tokenize", "hello", "--tokenizer", "{root}/tok/float_special.json"],
+          fragment="integers"),
+        C("tokenize", "two specials share an id", ["tokenize", "hi", "--tokenizer", "{root}/tok/dup_special.json"],
+          fragment="share an id"),
+        C("tokenize", "special id out of range", ["tokenize", "hi", "--tokenizer", "{root}/tok/range_special.json"],
+          fragment="integers"),
+        C("tokenize", "backtracking regex", ["tokenize", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!", "--tokenizer",
+                                             "{root}/tok/redos_pattern.json"], fragment="pattern"),
+        C("tokenize", "JSON nested 100,000 deep", ["tokenize", "hi", "--tokenizer", "{root}/tok/deep.json"],
+          fragment="deeply"),
+        C("tokenize", "two million characters", ["tokenize", "hi", "--tokenizer", "{root}/tok/huge.json"],
+          fragment="more than any tokenizer"),
+        C("tokenizer train", "--out is a directory", ["tokenizer", "train", "--data", "{root}/verse.txt", "--out",
+                                                      "{root}/datadir"], fragment="directory"),
+        C("tokenizer train", "empty --data", ["tokenizer", "train", "--data", "{root}/empty.txt", "--out",
+                                              "{root}/t.json"], fragment="empty"),
+        C("tokenizer train", "--out is --data", ["tokenizer", "train", "--data", "{root}/verse.txt", "--out",
+                                                 "{root}/verse.txt", "--overwrite"], fragment="input"),
+        C("tokenizer train", "a 300-character special token", ["tokenizer", "train", "--data", "{root}/verse.txt",
+                                                               "--out", "{root}/t.json", "--special-tokens", "x" * 300],
+          fragment="longer than"),
+        C("tokenizer train", "vocab size 10^9", ["tokenizer", "train", "--data", "{root}/verse.txt", "--out",
+                                                 "{root}/t.json", "--vocab-size", "1000000000"], fragment="vocab size"),
+        C("tokenizer train", "full disk", ["tokenizer", "train", "--data", "{root}/verse.txt", "--out",
+                                           "{root}/t_full.json", "--vocab-size", "300", "--no-progress"],
+          full_disk=True, fragment="the disk is full"),
+        # quill plot
+        C("plot", "binary metrics.csv", ["plot", "{root}/run_mbin"], setup="metrics_binary"),
+        C("plot", "metrics.csv of other columns", ["plot", "{root}/run_mhead"], setup="metrics_header",
+          fragment="no metrics rows"),
+        C("plot", "a 200,000-character field", ["plot", "{root}/run_mhuge"], setup="metrics_huge_field"),
+        C("plot", "malformed rows among good ones", ["plot", "{root}/run_mrows", "--output", "{root}/plot.png"],
+          setup="metrics_bad_rows", ok=True),
+        # quill export-hf / import-hf
+        C("export-hf", "OUT is the run", ["export-hf", "{root}/bpe_run", "{root}/bpe_run", "--overwrite"],
+          fragment="input"),
+        C("export-hf", "OUT inside the run", ["export-hf", "{root}/bpe_run", "{root}/bpe_run/hf"],
+          fragment="inside the input"),
+        C("export-hf", "a char tokenizer", ["export-hf", "{root}/run", "{root}/x"], fragment="byte-level BPE"),
+        C("export-hf", "NaN weights", ["export-hf", "{root}/run_nan", "{root}/x"], setup="nan_weights",
+          fragment="NaN"),
+        C("import-hf", "index naming ../", ["import-hf", "{root}/hf_up", "{root}/x"], setup="hf_index_up",
+          fragment="only files inside"),
+        C("import-hf", "index naming an absolute path", ["import-hf", "{root}/hf_abs", "{root}/x"],
+          setup="hf_index_abs", fragment="only files inside"),
+        C("import-hf", "index that is a list", ["import-hf", "{root}/hf_list", "{root}/x"], setup="hf_index_list",
+          fragment="index"),
+        C("import-hf", "config.json n_embd 'wide'", ["import-hf", "{root}/hf_cstr", "{root}/x"],
+          setup="hf_config_str", fragment="n_embd"),
+        C("import-hf", "config.json n_embd 10^12", ["import-hf", "{root}/hf_chuge", "{root}/x"],
+          setup="hf_config_huge", fragment="n_embd"),
+        C("import-hf", "config.json dropout 'high'", ["import-hf", "{root}/hf_cdrop", "{root}/x"],
+          setup="hf_config_dropout"),
+        C("import-hf", "config.json nested 100,000 deep", ["import-hf", "{root}/hf_cdeep", "{root}/x"],
+          setup="hf_config_deep", fragment="deeply"),
+        C("import-hf", "no tokenizer files", ["import-hf", "{root}/hf_notok", "{root}/x"], setup="hf_no_tokenizer",
+          fragment="--tokenizer gpt2"),
+        C("import-hf", "pickled code in pytorch_model.bin", ["import-hf", "{root}/hf_pickle", "{root}/x"],
+          setup="hf_pickle", fragment="weights_only"),
+        C("import-hf", "OUT is SRC", ["import-hf", "{root}/hf", "{root}/hf", "--overwrite"], fragment="input"),
+        # quill eval / quill ladder / quill serve
+        C("eval", "NaN weights", ["eval", "{root}/run_nan", "--data", "{root}/verse.txt"], setup="nan_weights",
+          fragment="NaN"),
+        C("eval", "--stride 0", ["eval", "{root}/run", "--data", "{root}/verse.txt", "--stride", "0"],
+          fragment="stride"),
+        C("eval", "--batch-size 0", ["eval", "{root}/run", "--data", "{root}/verse.txt", "--batch-size", "0"],
+          fragment="batch-size"),
+        C("eval", "HF directory without a tokenizer", ["eval", "{root}/hf_notok", "--data", "{root}/verse.txt"],
+          setup="hf_no_tokenizer", fragment="tokenizer"),
+        C("eval", "--data corrupt .gz", ["eval", "{root}/run", "--data", "{root}/corrupt.txt.gz"]),
+        C("ladder", "--out is the data directory", ["ladder", "--data", "{root}/datadir", "--out", "{root}/datadir",
+                                                    "--overwrite"], fragment="input"),
+        C("ladder", "learning rate NaN", ["ladder", "--data", "{root}/verse.txt", "--learning-rate", "nan"],
+          fragment="finite"),
+        C("serve", "--host with an empty label", ["serve", "{root}/run", "--host", "a..b"], fragment="host"),
+        C("serve", "--host of 300 characters", ["serve", "{root}/run", "--host", "a" * 300], fragment="host"),
+        C("serve", "--port 70000", ["serve", "{root}/run", "--port", "70000"], fragment="port"),
+        C("serve", "NaN weights", ["serve", "{root}/run_nan", "--port", "0"], setup="nan_weights", fragment="NaN"),
+    ]
+
+
+# --- running a command-line case ----------------------------------------------------------------
+
+@dataclass
+class Result:
+    id: str
+    entry: str
+    held: bool
+    detail: str  # the error line (or what broke)
+    latency_s: float | None = None  # HTTP: the normal request that followed
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (the cache excepted), by relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts[0] != CACHE and p.is_file() and not p.is_symlink():
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_main(argv: list[str], full: bool) -> tuple[int, str, str]:
+    """`quill ARGV` in this process: (exit status, stdout, stderr); an escaping exception is a traceback."""
+    import traceback
+
+    from quillgpt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            with disk_full() if full else contextlib.nullcontext():
+                code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - what the audit is looking for
+            traceback.print_exc(file=err)
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_isolated(argv: list[str], timeout_s: float = 600.0) -> tuple[int, str, str]:
+    """`python -m quillgpt ARGV` with a time limit and an 8 GB address-space limit."""
+    def limits() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    try:
+        proc = subprocess.run([sys.executable, "-m", "quillgpt", *argv], capture_output=True, text=True,
+                              timeout=timeout_s, preexec_fn=limits if os.name == "posix" else None,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return -1, "", f"hung: no answer in {timeout_s:.0f} s"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def judge(case: Case, code: int, err: str, changed: list[str]) -> tuple[bool, str]:
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("quill: error:")]
+    if "Traceback" in err or code == -1:
+        return False, next((line for line in reversed(lines) if line.strip()), "traceback")
+    if changed:
+        return False, f"changed {', '.join(changed[:3])}"
+    if case.ok:
+        return code == 0, f"exit {code}" + (f": {lines[-1]}" if code and lines else "")
+    if code != 2:
+        return False, f"exit {code}: {lines[-1] if lines else ''}"
+    one_line = len(errors) == 1 and lines[-1] == errors[0] and (case.started or len(lines) == 1)
+    if not one_line:
+        return False, f"{len(lines)} lines on stderr: {' | '.join(lines[:3])}"
+    if case.fragment and case.fragment not in errors[0]:
+        return False, f"says {errors[0]!r}, not {case.fragment!r}"
+    return True, errors[0]
+
+
+def run_cli_case(case: Case, root: Path) -> Result:
+    if case.setup:
+        setups(root)[case.setup]()
+    argv = [a.replace("{root}", str(root)) for a in case.argv]
+    before = tree_digest(root)
+    cache = root / CACHE / ("other-machine" if case.other_machine else "")
+    with env(QUILL_CACHE=str(cache)):
+        code, _, err = run_isolated(argv) if case.isolated else run_main(argv, case.full_disk)
+    after = tree_digest(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if case.ok:  # an accepted case may write what it was asked to write
+        changed = [c for c in changed if not c.endswith(".png")]
+    held, detail = judge(case, code, err, changed)
+    return Result(case.id, case.entry, held, detail)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+JSON = {"content-type": "application/json"}
+NORMAL = {"prompt": "To", "max_tokens": 4, "seed": 1}
+
+
+@dataclass
+class HttpCase:
+    what: str
+    body: bytes | None = None  # sent as is (default: the normal request)
+    json: dict | None = None
+    headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
+    status: int = 400
+    fragment: str | None = None
+    path: str = "/v1/completions"
+    method: str = "POST"
+    disconnect: bool = False  # send half the body, then hang up
+
+    @property
+    def id(self) -> str:
+        return f"HTTP: {self.what}"
+
+
+def http_cases() -> list[HttpCase]:
+    H = HttpCase
+    stops = json.dumps([f"s{i}" for i in range(15_000)])
+    return [
+        H("15,000 stop strings", body=b'{"prompt": "To", "stop": ' + stops.encode() + b"}", fragment="at most 4"),
+        H("5 stop strings", json={"prompt": "To", "stop": list("abcde")}, fragment="at most 4"),
+        H("a 300-character stop string", json={"prompt": "To", "stop": ["x" * 300]}, fragment="at most 256"),
+        H("temperature 1e-45", json={**NORMAL, "temperature": 1e-45}, status=200),
+        H("repetition_penalty 1e-45", json={**NORMAL, "repetition_penalty": 1e-45}, status=200),
+        H("top_p 1e-300", json={**NORMAL, "top_p": 1e-300}, status=200),
+        H("all three at once", json={**NORMAL, "temperature": 1e-45, "repetition_penalty": 1e-45, "top_p": 1e-300},
+          status=200),
+        H("temperature NaN", body=b'{"prompt": "To", "temperature": NaN}', fragment="finite"),
+        H("seed -1", json={"prompt": "To", "seed": -1}),
+        H("seed over 64 bits", json={"prompt": "To", "seed": 2**70}),
+        H("Host of another site (DNS rebinding)", json=NORMAL, headers={**JSON, "host": "attacker.example"},
+          fragment="Host"),
+        H("Host of another site, GET", headers={"host": "attacker.example:8000"}, path="/v1/model-card",
+          method="GET", fragment="Host"),
+        H("cross-origin text/plain POST", body=json.dumps(NORMAL).encode(), headers={"content-type": "text/plain"},
+          status=415),
+        H("form POST", body=b"prompt=To", headers={"content-type": "application/x-www-form-urlencoded"},
+          status=415),
+        H("no Content-Type", body=json.dumps(NORMAL).encode(), headers={}, status=415),
+        H("JSON nested 200,000 deep", body=b"[" * 200_000),
+        H("invalid UTF-8", body=b'{"prompt": "To \xc3"}', fragment="UTF-8"),
+        H("a body over 1 MB", body=b'{"prompt": "' + b"a" * (1 << 20) + b'"}', status=413),
+        H("a 100 KB model name", json={"prompt": "To", "model": "m" * 100_000}, status=404, fragment="..."),
+        H("max_tokens 10^30", body=b'{"prompt": "To", "max_tokens": 1000000000000000000000000000000}'),
+        H("n 10^6", json={"prompt": "To", "n": 10**6}),
+        H("a prompt outside the vocabulary", json={"prompt": "To \u20ac"}, fragment="vocabulary"),
+        H("a prompt longer than the context", json={"prompt": "a" * 200}, fragment="context"),
+        H("logprobs 10^9", json={"prompt": "To", "logprobs": 10**9}),
+        H("unknown route", path="/v1/nothing", method="GET", status=404),
+        H("client hangs up mid-upload", disconnect=True, status=0),
+    ]
+
+
+class LogWatch(logging.Handler):
+    """Collects server log records that carry a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.tracebacks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or "Traceback" in record.getMessage():
+            self.tracebacks.append(record.getMessage())
+
+
+def send(url: str, case: HttpCase) -> tuple[int, Any]:
+    import httpx
+
+    if case.disconnect:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            time.sleep(0.2)
+        return 0, None
+    body = case.body if case.body is not None else (json.dumps(case.json).encode() if case.json else None)
+    r = httpx.request(case.method, url + case.path, content=body, headers=case.headers, timeout=120)
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
+
+
+def run_http_case(case: HttpCase, url: str, watch: LogWatch) -> Result:
+    import httpx
+
+    seen = len(watch.tracebacks)
+    status, body = send(url, case)
+    problems = []
+    if status != case.status:
+        problems.append(f"status {status}, expected {case.status}")
+    if 400 <= case.status and not (isinstance(body, dict) and isinstance(body.get("error"), dict)
+                                   and {"message", "type"} <= set(body["error"])):
+        problems.append(f"not an OpenAI error body: {str(body)[:80]}")
+    message = body["error"]["message"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else ""
+    if case.fragment and case.fragment not in message:
+        problems.append(f"says {message[:80]!r}, not {case.fragment!r}")
+    if len(message) > 400:
+        problems.append(f"a {len(message)}-character message")
+    start = time.perf_counter()
+    after = httpx.post(url + "/v1/completions", json=NORMAL, headers={"host": "localhost"}, timeout=120)
+    latency = time.perf_counter() - start
+    if after.status_code != 200 or after.json()["usage"]["completion_tokens"] != NORMAL["max_tokens"]:
+        problems.append(f"the normal request after it got {after.status_code}")
+    time.sleep(0.05)  # let the server finish logging what it logs
+    if len(watch.tracebacks) > seen:
+        problems.append(f"the server logged a traceback: {watch.tracebacks[-1][:80]}")
+    detail = "; ".join(problems) or (f"{status}: {message[:120]}" if message else f"{status}")
+    return Result(case.id, "HTTP", not problems, detail, latency)
+
+
+@contextlib.contextmanager
+def running_server(root: Path) -> Iterator[tuple[str, LogWatch]]:
+    from quillgpt.checkpoint import load_run
+    from quillgpt.serve import BackgroundServer, create_app
+
+    watch = LogWatch()
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi", "")]
+    for log in loggers:
+        log.addHandler(watch)
+    try:
+        with BackgroundServer(create_app(load_run(root / "run"))) as url:
+            yield url, watch
+    finally:
+        for log in loggers:
+            log.removeHandler(watch)
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+def run_all(root: Path, log: Callable[[str], None] = lambda m: None) -> list[Result]:
+    build_fixtures(root)
+    results = []
+    for case in cli_cases():
+        results.append(run_cli_case(case, root))
+        log(f"{'held ' if results[-1].held else 'BROKE'} {case.id}: {results[-1].detail}")
+    with running_server(root) as (url, watch):
+        for hcase in http_cases():
+            results.append(run_http_case(hcase, url, watch))
+            log(f"{'held ' if results[-1].held else 'BROKE'} {hcase.id}: {results[-1].detail}")
+    return results
+
+
+def table(results: list[Result]) -> str:
+    entries: dict[str, list[Result]] = {}
+    for r in results:
+        entries.setdefault(r.entry, []).append(r)
+    lines = ["| entry point | cases tried | held |", "| --- | ---: | ---: |"]
+    for entry, rs in entries.items():
+        lines.append(f"| `{entry if entry == 'HTTP' else 'quill ' + entry}` | {len(rs)} | {sum(r.held for r in rs)} |")
+    lines.append(f"| all | {len(results)} | {sum(r.held for r in results)} |")
+    latencies = [r.latency_s for r in results if r.latency_s is not None]
+    if latencies:
+        lines.append("")
+        median = sorted(latencies)[len(latencies) // 2]
+        lines.append(f"The normal request after each hostile HTTP one: median {median:.2f} s, "
+                     f"slowest {max(latencies):.2f} s (promise: under 2 s).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", action="store_true", help="also list every case and what it said")
+    parser.add_argument("--keep", metavar="DIR", help="run in DIR (kept) instead of a temporary directory")
+    args = parser.parse_args()
+    from benchmarks.machine import cpu_name
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        results = run_all(root, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"quill reliability audit: {len(results)} cases, {time.time() - start:.0f} s, {cpu_name()}\n")
+    print(table(results))
+    if args.cases:
+        print()
+        for r in results:
+            print(f"- {'held' if r.held else '**broke**'} — {r.id} — {r.detail}")
+    broke = [r for r in results if not r.held]
+    if broke:
+        print(f"\n{len(broke)} broke:", *(f"  {r.id}: {r.detail}" for r in broke), sep="\n")
+    sys.exit(1 if broke else 0)
+
+
+if __name__ == "__main__":
+    main()
