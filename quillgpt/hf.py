@@ -402,7 +402,10 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
                   "ignore_merges": False, "vocab": vocab, "merges": merges},
     }
     eot = next((s for s, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id), None)
-    specials = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot else {}
+    specials: dict[str, Any] = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot else {}
+    others = [s for s in tokenizer.special_tokens if s != eot]  # the chat template's tokens, ...
+    if others:
+        specials["additional_special_tokens"] = others
     config = {
         "tokenizer_class": "GPT2Tokenizer" if tokenizer.pattern == GPT2_PATTERN else "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
@@ -411,6 +414,7 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         **specials,
+        **chat_template_fields(tokenizer),
     }
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
@@ -419,6 +423,24 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
         "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
     }
+
+
+def chat_template_fields(tokenizer: Tokenizer) -> dict[str, Any]:
+    """tokenizer_config.json's chat fields for a chat model (`chat.jinja_template`, which gives
+    `chat.render`'s ids), else none."""
+    from .chat import has_chat_template, jinja_template
+
+    return {"chat_template": jinja_template()} if has_chat_template(tokenizer) else {}
+
+
+def chat_generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """generation_config.json for a chat model: generation ends where `quill chat` ends a reply."""
+    from .chat import end_ids, has_chat_template
+
+    if not has_chat_template(tokenizer):
+        return {}
+    return {"eos_token_id": sorted(end_ids(tokenizer)),
+            "pad_token_id": tokenizer.special_tokens["<|end|>"]}
 
 
 # --- import -----------------------------------------------------------------------------------
@@ -500,6 +522,7 @@ def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = Fal
     atomic_write_bytes(out / "model.safetensors", st_save(tensors, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", json.dumps(config_to_hf(run.config.model, eot), indent=2) + "\n")
     generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+    generation.update(chat_generation_config(run.tokenizer))
     atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     for name, text in files.items():
         atomic_write_text(out / name, text)
@@ -564,3 +587,27 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     if "transformer.wpe.weight" in state:  # crop the position embedding to the new context
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
     return run.tokenizer, state
+
+
+def grow_vocabulary(state: dict[str, torch.Tensor], vocab_size: int,
+                    log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """`state` with the token embedding (and an untied LM head) grown to `vocab_size` rows, for
+    fine-tuning with a tokenizer that gained tokens (the chat template's special tokens). Each
+    new row starts as the mean of the existing rows: a token the model has no opinion about yet,
+    neither favoured nor ruled out by the head. A smaller vocabulary is an error."""
+    wte = state.get("transformer.wte.weight")
+    if wte is None or wte.size(0) == vocab_size:
+        return state
+    old = wte.size(0)
+    if vocab_size < old:
+        raise QuillError(f"the tokenizer has {vocab_size} tokens, fewer than the {old} rows of the "
+                         f"model's embedding it fine-tunes")
+    grown = dict(state)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        if name in state and state[name].size(0) == old:
+            t = state[name]
+            grown[name] = torch.cat([t, t.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
+    if log is not None:
+        log(f"vocabulary grows from {old} to {vocab_size} tokens; the new embedding rows start at the "
+            f"mean of the others")
+    return grown
