@@ -44,7 +44,27 @@ class ConversationFile:
     """The valid conversations of a file, and where and why the others were skipped."""
 
     conversations: list[list[Message]]
+    places: list[str] = field(default_factory=list)  # where each conversation is: "line N", "row N"
     skipped: list[str] = field(default_factory=list)  # "line N: reason"
+
+    def check_encodable(self, tokenizer: Tokenizer, path: str | Path, skip_invalid: bool = False) -> None:
+        """Every conversation must encode with `tokenizer` (a char vocabulary may lack a
+        character); one that does not stops with its line, or is skipped (`skip_invalid`)."""
+        keep, places = [], []
+        for conv, where in zip(self.conversations, self.places):
+            try:
+                render(tokenizer, conv)
+            except QuillError as e:
+                if not skip_invalid:
+                    raise QuillError(f"{path} {where}: {e} (or skip such conversations with "
+                                     f"--sft-skip-invalid)") from None
+                self.skipped.append(f"{where}: {e}")
+                continue
+            keep.append(conv)
+            places.append(where)
+        if not keep:
+            raise QuillError(f"{path}: the tokenizer encodes none of the conversations")
+        self.conversations, self.places = keep, places
 
 
 def _conversation(obj: Any, where: str) -> list[Message]:
@@ -123,13 +143,14 @@ def read_conversations(path: str | Path, skip_invalid: bool = False) -> Conversa
         raise QuillError(f"{path}: conversations come in a .jsonl file (one {{\"messages\": [...]}} per "
                          f"line) or a .parquet file with a messages column")
     out = ConversationFile([])
-    for item in items:
+    for item, where in zip(items, places):
         if isinstance(item, ConversationError):
             if not skip_invalid:
                 raise QuillError(f"{path} {item} (or skip such conversations with --sft-skip-invalid)")
             out.skipped.append(str(item))
         else:
             out.conversations.append(item)
+            out.places.append(where)
     if not out.conversations:
         raise QuillError(f"{path} holds no valid conversation")
     return out

@@ -79,8 +79,9 @@ def sft_data(cfg: Config, resume: str | Path | None = None,
     if not t.data:
         raise QuillError("quill sft needs --data: a .jsonl (or .parquet) file of conversations")
     convs = read_conversations(t.data, skip_invalid=t.sft_skip_invalid)
-    log_skipped(convs.skipped, log)
     tokenizer = sft_tokenizer(cfg, convs.conversations, resume)
+    convs.check_encodable(tokenizer, t.data, t.sft_skip_invalid)
+    log_skipped(convs.skipped, log)
     return ConversationData.build(tokenizer, convs.conversations, sft_block_size(cfg, resume),
                                   t.val_fraction, t.sft_too_long, skipped=len(convs.skipped))
 

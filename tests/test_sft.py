@@ -364,3 +364,16 @@ def test_sft_ddp_two_processes_equal_one_process_with_accumulation(chats, base_r
     b = ckpt.read_safetensors(tmp_path / "ref" / ckpt.MODEL_FILE)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_conversation_the_source_tokenizer_cannot_encode_names_its_line(tmp_path, capsys, base_run):
+    path = tmp_path / "chats.jsonl"
+    zed = json.dumps({"messages": [{"role": "user", "content": "flip: zed"}, {"role": "assistant", "content": "dez"}]})
+    path.write_text("\n".join([GOOD] * 4 + [zed] + [GOOD] * 4) + "\n", encoding="utf-8")
+    args = ["sft", "--init-from", str(base_run), "--data", str(path), "--out", str(tmp_path / "o"),
+            "--max-iters", "1", "--batch-size", "2", "--eval-iters", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "line 5: character 'z'" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--sft-skip-invalid"]) == 0
+    assert "skipped 1 invalid conversation: line 5: character 'z'" in capsys.readouterr().err
