@@ -18,6 +18,7 @@ from __future__ import annotations  # the route signatures name fastapi's types,
 import asyncio
 import contextlib
 import csv
+import html
 import json
 import time
 import uuid
@@ -43,7 +44,7 @@ from .schemas import (
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
 except ImportError:  # without the serve extra the package still imports; create_app says what is missing
@@ -276,9 +277,49 @@ async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool
 
 # --- the routes -----------------------------------------------------------------------------
 
-async def index() -> FileResponse:
-    return FileResponse(WEB_DIR / "index.html", headers={
-        "Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'"})
+PAGE_CSP = "default-src 'self'; style-src 'self'; script-src 'self'"
+
+
+def card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model card as the page shows it: (what, value) rows."""
+    m, losses = card["model"], card["losses"]
+
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.4f}"
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    return [
+        ("model", card["id"]),
+        ("parameters", f"{card['parameters'] / 1e6:.2f}M ({card['parameters']:,})"),
+        ("architecture", f"{m['kind']}: {plural(m['n_layer'], 'layer')}, {plural(m['n_head'], 'head')}, "
+                         f"n_embd {m['n_embd']}"),
+        ("context", f"{m['block_size']} tokens"),
+        ("vocabulary", f"{m['vocab_size']} ({card['tokenizer']})"),
+        ("chat template", "yes" if card["chat"] else "no"),
+        ("dropout / bias", f"{m['dropout']} / {m['bias']}"),
+        ("steps trained", "–" if losses["step"] is None else str(losses["step"])),
+        ("train loss", fmt(losses["train_loss"])),
+        ("val loss", fmt(losses["val_loss"])),
+        ("best val loss", fmt(losses["best_val_loss"])),
+        ("data", card["data"] or "–"),
+        ("device", card["device"]),
+        ("max tokens", str(card["limits"]["max_tokens"])),
+    ]
+
+
+def page_html(card: dict[str, Any]) -> str:
+    """The playground with the model card filled in on the server: the first paint already
+    shows the model (no request, no "loading" state)."""
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in card_rows(card))
+    fields = {"MODEL_ID": html.escape(card["id"]), "CHAT": "true" if card["chat"] else "false",
+              "MAX_TOKENS": str(card["limits"]["max_tokens"]), "CONTEXT": str(card["model"]["block_size"]),
+              "CARD": rows}
+    text = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    for name, value in fields.items():
+        text = text.replace("{{" + name + "}}", value)
+    return text
 
 
 class Routes:
@@ -289,8 +330,12 @@ class Routes:
         self.card = model_card(engine.run, model_id, settings)
         self.schema = completion_request_schema()
         self.chat_schema = chat_request_schema()
+        self.page_text = page_html(self.card)
         self.block_size = engine.run.config.model.block_size
         self.created = int(time.time())
+
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page_text, headers={"Content-Security-Policy": PAGE_CSP})
 
     async def health(self) -> dict[str, Any]:
         e = self.engine
@@ -379,7 +424,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
-    app.get("/", include_in_schema=False)(index)
+    app.get("/", include_in_schema=False)(routes.page)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
