@@ -388,15 +388,18 @@ def add_import_hf(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
+    from .chat import has_chat_template
     from .checkpoint import load_run
     from .hf import import_hf
     from .model import count_params
 
-    out = import_hf(args.src, args.out, overwrite=args.overwrite)
+    out = import_hf(args.src, args.out, overwrite=args.overwrite, warn=lambda m: eprint(f"warning: {m}"))
     run = load_run(out)
     m = run.config.model
     eprint(f"imported {args.src}: {count_params(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, "
            f"{m.n_head} heads, n_embd {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}")
+    if has_chat_template(run.tokenizer):
+        eprint(f"it has quillgpt's chat template: talk to it with quill chat {out}")
     eprint(f"run saved to {out}")
     return 0
 

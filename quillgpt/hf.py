@@ -481,11 +481,27 @@ def check_out_dir(out: Path, overwrite: bool, what: str) -> None:
         raise QuillError(f"{out} is not empty; pass --overwrite to replace the {what} in it")
 
 
-def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights)."""
+def check_chat_template(directory: Path, warn: Callable[[str], None] | None) -> None:
+    """A chat_template in tokenizer_config.json that is not quillgpt's gets a warning: quill
+    renders conversations with its own (`chat.jinja_template` gives the same ids), whatever the file says."""
+    from .chat import jinja_template
+
+    path = directory / "tokenizer_config.json"
+    template = read_json(path).get("chat_template") if path.is_file() else None
+    if template is not None and template != jinja_template() and warn is not None:
+        warn(f"{path}: its chat_template is not quillgpt's; quill chat and /v1/chat/completions render "
+             f"conversations with quillgpt's template (docs/chat.md), so fine-tune with quill sft first")
+
+
+def import_hf(src: str | Path, out: str | Path, overwrite: bool = False,
+              warn: Callable[[str], None] | None = None) -> Path:
+    """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights).
+    A checkpoint exported from a chat run keeps its chat tokens (and so its template);
+    `warn` hears of a chat_template other than quillgpt's."""
     out = Path(out)
     check_out_dir(out, overwrite, "run")
     hf = load_hf(src)
+    check_chat_template(hf.source, warn)
     cfg = Config(model=hf.config, train=TrainConfig(tokenizer=str(out / ckpt.TOKENIZER_FILE),
                                                      learning_rate=FINETUNE_LR, min_lr=FINETUNE_LR / 10))
     cfg.model = ModelConfig(**{**vars(cfg.model), **USER_DROPOUT_DEFAULTS})
