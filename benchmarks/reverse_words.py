@@ -22,7 +22,7 @@ import string
 from pathlib import Path
 
 PHRASINGS = ("reverse: {w}", "Reverse the word {w}", "{w} backwards?")
-SYSTEM = "You spell words backwards."
+SYSTEM = "Reverse words."
 
 
 def words_from(path: Path | None, rng: random.Random, n: int) -> list[str]:

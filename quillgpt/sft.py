@@ -100,8 +100,10 @@ def sft_trainer(cfg: Config, overwrite: bool = False, save: bool = True, progres
     hooks = list(hooks)
     if exact_match_every > 0:
         hooks.append(ReplyExactMatch(data.tokenizer, data.val_conversations, exact_match_every))
-    return Trainer(cfg, overwrite=overwrite, save=save, progress=progress, log=log,
-                   start_time=start_time, resume=resume, data=data, hooks=hooks)
+    trainer = Trainer(cfg, overwrite=overwrite, save=save, progress=progress, log=log,
+                      start_time=start_time, resume=resume, data=data, hooks=hooks)
+    trainer.command = "quill sft"
+    return trainer
 
 
 def sft(cfg: Config, overwrite: bool = False, save: bool = True, progress: bool = True,

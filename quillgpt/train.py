@@ -187,6 +187,8 @@ class Trainer:
     `data` replaces the corpus that `cfg.train.data` names (any `data.TrainingData`), and
     `hooks` add evaluations of their own (`EvalHook`)."""
 
+    command = "quill train"  # how to continue the run (said when it is interrupted)
+
     def __init__(self, cfg: Config, overwrite: bool = False, save: bool = True,
                  progress: bool = True, log: Callable[[str], None] | None = None,
                  start_time: float | None = None, resume: str | Path | None = None,
@@ -420,7 +422,7 @@ class Trainer:
         if self.save:
             plot_or_say(self.out, self.log)
         self.log(f"stopped by signal {signum} at step {self.step}; checkpoint saved. "
-                 f"Continue with: quill train --resume {self.out}")
+                 f"Continue with: {self.command} --resume {self.out}")
         raise TrainingInterrupted(f"stopped at step {self.step}")
 
     def _finish(self, last_eval: dict[str, float] | None, tokens_per_s: float) -> TrainResult:
