@@ -140,6 +140,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill sft --------------------------------------------------------------------------------
+
+def add_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="fine-tune a model on conversations (chat)",
+                       description="Supervised fine-tuning on conversations in OpenAI's messages shape "
+                                   "(--data chats.jsonl or .parquet) from --init-from RUN|HF_DIR|hub-id, "
+                                   "or a fresh model. The loss is on the assistant's turns only; every "
+                                   "quill train key is a flag. See docs/chat.md.")
+    p.add_argument("--config", help="preset name or YAML file; without it and without --init-from: "
+                   "shakespeare-char-cpu on a CPU, the defaults on a GPU")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-save", action="store_true", help="write no run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest intact checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changed schedule/logging keys such as --max-iters")
+    p.add_argument("--exact-match-every", type=int, default=0, metavar="N",
+                   help="every N steps, score greedy replies to held-out conversations (val_exact_match)")
+    add_config_flags(p)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .chat import last_reply, replies
+    from .config import load_config
+    from .sft import sft_trainer
+    from .train import default_preset, resume_config
+
+    overrides = config_overrides(args)
+    if args.resume:
+        if args.no_save:
+            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
+        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
+    else:
+        if args.allow_config_change:
+            raise QuillError("--allow-config-change only applies with --resume RUN")
+        overrides.setdefault("sample_tokens", 0)  # the end shows a reply instead
+        cfg = load_config(args.config or default_preset(overrides), overrides)
+    if args.exact_match_every < 0:
+        raise QuillError(f"--exact-match-every must be >= 0, got {args.exact_match_every}")
+    trainer = sft_trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
+                          progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
+                          exact_match_every=args.exact_match_every)
+    result = trainer.run()
+    if not trainer.dist.is_main:
+        return 0
+    eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
+           f"val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), "
+           f"{result.tokens_per_s:,.0f} tokens/s")
+    if result.run_dir is not None:
+        eprint(f"run saved to {result.run_dir}; talk to it with: quill chat {result.run_dir}")
+    prompt, reference = last_reply(trainer.data.val_conversations[0])
+    reply = replies(trainer.model, trainer.tokenizer, [prompt], max_new_tokens=64, temperature=0)[0]
+    eprint(f"a held-out conversation, greedy: {prompt[-1].content!r} -> {reply!r} (reference {reference!r})")
+    return 0
+
+
 # --- quill plot -------------------------------------------------------------------------------
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
@@ -245,6 +301,100 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill chat -------------------------------------------------------------------------------
+
+CHAT_HELP = "/system TEXT sets the system prompt (/system alone clears it), /reset starts over, /exit quits"
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk to a chat model (one trained with quill sft)",
+                       description=f"Chat with RUN in the terminal: type a message, the reply streams back. "
+                                   f"{CHAT_HELP}. With --message: print one reply and exit.")
+    p.add_argument("run", help="run directory of a chat model")
+    p.add_argument("--message", help="send this one message, print the reply, exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, deterministic (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    p.add_argument("--seed", type=int, default=None, help="fixes the replies (reply n uses seed + n)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+
+
+def _chat_turn(session: Any, text: str) -> None:
+    """Send one message and print the reply as it streams; say so when old turns were dropped."""
+    pieces = session.send(text)
+    first = next(pieces, "")  # a message the tokenizer cannot encode fails here, before any output
+    if session.dropped:
+        eprint(f"(the conversation outgrew the context of {session.model.config.block_size} tokens: "
+               f"its {session.dropped} oldest messages were dropped)")
+    sys.stdout.write(first)
+    sys.stdout.flush()
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _chat_command(session: Any, line: str) -> bool:
+    """Handle /system, /reset, /exit; False to quit."""
+    command, _, rest = line.partition(" ")
+    if command == "/exit":
+        return False
+    if command == "/reset":
+        session.reset()
+        eprint("(conversation cleared)")
+    elif command == "/system":
+        session.system = rest.strip() or None
+        eprint(f"(system prompt {'set' if session.system else 'cleared'})")
+    else:
+        eprint(f"unknown command {command}: {CHAT_HELP}")
+    return True
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+    from .checkpoint import BEST_FILE, MODEL_FILE, load_run
+    from .generate import check_sampling_args
+    from .model import count_params
+    from .runtime import resolve_device
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                        args.max_new_tokens)
+    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(run.model, run.tokenizer, system=args.system, sampling=sampling)
+    if args.message is not None:
+        _chat_turn(session, args.message)
+        return 0
+    eprint(f"quill chat: {args.run} ({count_params(run.model) / 1e6:.2f}M parameters, context "
+           f"{run.config.model.block_size} tokens). {CHAT_HELP}; Ctrl-D quits.")
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            eprint()
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _chat_command(session, line.strip()):
+                return 0
+            continue
+        try:
+            _chat_turn(session, line)
+        except QuillError as e:  # a message the model cannot take should not end the session
+            eprint(f"quill: error: {e}")
+
+
 # --- quill import-hf / export-hf / eval (Hugging Face GPT-2 interop) -------------------------
 
 def add_import_hf(sub: argparse._SubParsersAction) -> None:
@@ -261,15 +411,19 @@ def add_import_hf(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
+    from .chat import has_chat_template
     from .checkpoint import load_run
     from .hf import import_hf
     from .model import count_params
 
-    out = import_hf(args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
+    out = import_hf(args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                    warn=lambda m: eprint(f"warning: {m}"))
     run = load_run(out)
     m = run.config.model
     eprint(f"imported {args.src}: {count_params(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, "
            f"{m.n_head} heads, n_embd {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}")
+    if has_chat_template(run.tokenizer):
+        eprint(f"it has quillgpt's chat template: talk to it with quill chat {out}")
     eprint(f"run saved to {out}")
     return 0
 
@@ -558,6 +712,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
+    (add_sft, cmd_sft),
+    (add_chat, cmd_chat),
     (add_prepare, cmd_prepare),
     (add_plot, cmd_plot),
     (add_sample, cmd_sample),

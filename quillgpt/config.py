@@ -123,6 +123,8 @@ class TrainConfig:
     text_field: str = key("text", ".jsonl data: the field holding the text")
     column: str | None = key(None, ".parquet data: the text column (default: the first string column)")
     encoding_errors: str = key("strict", "strict: invalid UTF-8 is an error; replace: U+FFFD instead")
+    sft_too_long: str = key("truncate", "quill sft: a conversation longer than the context is truncate(d) or drop(ped)")
+    sft_skip_invalid: bool = key(False, "quill sft: skip (and count) invalid conversations instead of stopping")
     batch_size: int = key(64, "sequences per micro-batch")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
     max_iters: int = key(5000, "optimizer steps")
@@ -191,6 +193,8 @@ class TrainConfig:
             raise QuillError(f"optimizer must be adamw or muon, got {shown(self.optimizer)}")
         if self.learning_rate <= 0 or self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise QuillError("learning_rate and muon_lr must be positive, muon_momentum in [0, 1)")
+        if self.sft_too_long not in ("truncate", "drop"):
+            raise QuillError(f"sft_too_long must be truncate or drop, got {self.sft_too_long!r}")
         if self.encoding_errors not in ("strict", "replace"):
             raise QuillError(f"encoding_errors must be strict or replace, got {shown(self.encoding_errors)}")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -272,9 +272,12 @@ class TextStream:
     the text ends just before it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None,
+                 end_ids: Collection[int] | None = None):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
+        # tokens that end the text (not shown): <|endoftext|>, or a chat turn's end tokens
+        self.end_ids = set(end_ids) if end_ids is not None else {tokenizer.eot_id}
         self.ids: list[int] = []
         self.text = ""  # the decoded text so far
         self.emitted = 0  # characters of it already given out
@@ -289,8 +292,7 @@ class TextStream:
         if self.done:
             return ""
         final = False
-        eot = self.tokenizer.eot_id
-        if eot is not None and token == eot:
+        if token in self.end_ids:
             final = True  # end of text: stop there (the token itself is not shown)
         else:
             self.ids.append(token)
@@ -344,11 +346,23 @@ def _stream_rows(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], max
     """Yield, each step, the new text piece of every row, until every row is done."""
     ids = _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                    repetition_penalty, stop)
-    check_seed(seed, len(prompts))
+    yield from stream_texts(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, min_p,
+                            repetition_penalty, stop, seed, overflow)
+
+
+def stream_texts(model: nn.Module, tokenizer: Tokenizer, ids: list[list[int]], max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None, overflow: str = "shift",
+                 end_ids: Collection[int] | None = None) -> Iterator[list[str]]:
+    """Continue each row of prompt ids; yield, each step, the new text piece of every row until
+    every row is done. Row b draws from a generator seeded with `seed + b`; a row ends at a stop
+    string or at one of `end_ids` (default: <|endoftext|>)."""
+    check_seed(seed, len(ids))
     device = next(model.parameters()).device
     base = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
-    generators = [_seed_generator(device, base + b) for b in range(len(prompts))]
-    streams = [TextStream(tokenizer, stop) for _ in prompts]
+    generators = [_seed_generator(device, base + b) for b in range(len(ids))]
+    streams = [TextStream(tokenizer, stop, end_ids) for _ in ids]
     was_training = model.training
     model.eval()
     try:

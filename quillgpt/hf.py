@@ -441,7 +441,10 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
                   "ignore_merges": False, "vocab": vocab, "merges": merges},
     }
     eot = next((s for s, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id), None)
-    specials = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot else {}
+    specials: dict[str, Any] = {"bos_token": eot, "eos_token": eot, "unk_token": eot} if eot else {}
+    others = [s for s in tokenizer.special_tokens if s != eot]  # the chat template's tokens, ...
+    if others:
+        specials["additional_special_tokens"] = others
     config = {
         "tokenizer_class": "GPT2Tokenizer" if tokenizer.pattern == GPT2_PATTERN else "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
@@ -450,6 +453,7 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         **specials,
+        **chat_template_fields(tokenizer),
     }
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
@@ -458,6 +462,24 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
         "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
     }
+
+
+def chat_template_fields(tokenizer: Tokenizer) -> dict[str, Any]:
+    """tokenizer_config.json's chat fields for a chat model (`chat.jinja_template`, which gives
+    `chat.render`'s ids), else none."""
+    from .chat import has_chat_template, jinja_template
+
+    return {"chat_template": jinja_template()} if has_chat_template(tokenizer) else {}
+
+
+def chat_generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """generation_config.json for a chat model: generation ends where `quill chat` ends a reply."""
+    from .chat import end_ids, has_chat_template
+
+    if not has_chat_template(tokenizer):
+        return {}
+    return {"eos_token_id": sorted(end_ids(tokenizer)),
+            "pad_token_id": tokenizer.special_tokens["<|end|>"]}
 
 
 # --- import -----------------------------------------------------------------------------------
@@ -499,13 +521,29 @@ def check_out_dir(out: Path, overwrite: bool, what: str) -> None:
         raise QuillError(f"{out} is not empty; pass --overwrite to replace the {what} in it")
 
 
-def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, tokenizer: str | None = None) -> Path:
+def check_chat_template(directory: Path, warn: Callable[[str], None] | None) -> None:
+    """A chat_template in tokenizer_config.json that is not quillgpt's gets a warning: quill
+    renders conversations with its own (`chat.jinja_template` gives the same ids), whatever the file says."""
+    from .chat import jinja_template
+
+    path = directory / "tokenizer_config.json"
+    template = read_json(path).get("chat_template") if path.is_file() else None
+    if template is not None and template != jinja_template() and warn is not None:
+        warn(f"{path}: its chat_template is not quillgpt's; quill chat and /v1/chat/completions render "
+             f"conversations with quillgpt's template (docs/chat.md), so fine-tune with quill sft first")
+
+
+def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, tokenizer: str | None = None,
+              warn: Callable[[str], None] | None = None) -> Path:
     """Write an HF GPT-2 checkpoint as an ordinary run directory (config, tokenizer, weights);
-    `tokenizer` (gpt2 or a tokenizer file) for a checkpoint without tokenizer files."""
+    `tokenizer` (gpt2 or a tokenizer file) for a checkpoint without tokenizer files.
+    A checkpoint exported from a chat run keeps its chat tokens (and so its template);
+    `warn` hears of a chat_template other than quillgpt's."""
     out = Path(out)
     check_apart(out, [src] + ([tokenizer] if tokenizer else []), what="OUT")
     check_out_dir(out, overwrite, "run")
     hf = load_hf(src, tokenizer=tokenizer)
+    check_chat_template(hf.source, warn)
     cfg = Config(model=hf.config, train=TrainConfig(tokenizer=str(out / ckpt.TOKENIZER_FILE),
                                                      learning_rate=FINETUNE_LR, min_lr=FINETUNE_LR / 10))
     cfg.model = ModelConfig(**{**vars(cfg.model), **USER_DROPOUT_DEFAULTS})
@@ -543,6 +581,7 @@ def export_hf(run: str | Path | ckpt.Run, out: str | Path, overwrite: bool = Fal
     atomic_write_bytes(out / "model.safetensors", st_save(tensors, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", json.dumps(config_to_hf(run.config.model, eot), indent=2) + "\n")
     generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+    generation.update(chat_generation_config(run.tokenizer))
     atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     for name, text in files.items():
         atomic_write_text(out / name, text)
@@ -607,3 +646,27 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     if "transformer.wpe.weight" in state:  # crop the position embedding to the new context
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
     return run.tokenizer, state
+
+
+def grow_vocabulary(state: dict[str, torch.Tensor], vocab_size: int,
+                    log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """`state` with the token embedding (and an untied LM head) grown to `vocab_size` rows, for
+    fine-tuning with a tokenizer that gained tokens (the chat template's special tokens). Each
+    new row starts as the mean of the existing rows: a token the model has no opinion about yet,
+    neither favoured nor ruled out by the head. A smaller vocabulary is an error."""
+    wte = state.get("transformer.wte.weight")
+    if wte is None or wte.size(0) == vocab_size:
+        return state
+    old = wte.size(0)
+    if vocab_size < old:
+        raise QuillError(f"the tokenizer has {vocab_size} tokens, fewer than the {old} rows of the "
+                         f"model's embedding it fine-tunes")
+    grown = dict(state)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        if name in state and state[name].size(0) == old:
+            t = state[name]
+            grown[name] = torch.cat([t, t.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)])
+    if log is not None:
+        log(f"vocabulary grows from {old} to {vocab_size} tokens; the new embedding rows start at the "
+            f"mean of the others")
+    return grown

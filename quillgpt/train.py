@@ -226,6 +226,8 @@ class Trainer:
     `data` replaces the corpus that `cfg.train.data` names (any `data.TrainingData`), and
     `hooks` add evaluations of their own (`EvalHook`)."""
 
+    command = "quill train"  # how to continue the run (said when it is interrupted)
+
     def __init__(self, cfg: Config, overwrite: bool = False, save: bool = True,
                  progress: bool = True, log: Callable[[str], None] | None = None,
                  start_time: float | None = None, resume: str | Path | None = None,
@@ -260,7 +262,9 @@ class Trainer:
         seed_everything(t.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model)
         if init_state is not None:
-            self.model.load_state_dict(init_state)
+            from .hf import grow_vocabulary
+
+            self.model.load_state_dict(grow_vocabulary(init_state, cfg.model.vocab_size, self.log))
         self.model.to(self.device)
         self.n_params = count_params(self.model)
         self._build_training(hooks)
@@ -292,6 +296,7 @@ class Trainer:
         self.checkpoints = Checkpointer(self.out, self.dist, self.save, t.keep_last)
         self.budget = TimeBudget(t.time_budget, self.start_time)
         self.losses: list[float] = []
+        self.tokens_seen = 0  # input tokens of every rank so far (batches may vary in length)
         self.step = 0
         self.total_iters = t.max_iters
 
@@ -349,6 +354,7 @@ class Trainer:
         accum = t.gradient_accumulation_steps
         for micro in range(accum):
             x, y = self.batches.next()
+            self.tokens_seen += x.numel() * self.dist.world_size
             last = micro == accum - 1
             with self.compiled.no_sync(last, self.dist), self.autocast:
                 _, loss = self.compiled("train", x, y, self.compile_fell_back)
@@ -400,6 +406,7 @@ class Trainer:
                 self.evaluator.record(0, first_lr, None, None, *first)
                 last_eval = first[0]
             last_logged, start_step = self.step, self.step
+            window_tokens = start_tokens = self.tokens_seen
             window_start = session_start = time.time()
             self.budget.start_session()
             while self.step < self.total_iters:
@@ -412,12 +419,12 @@ class Trainer:
                 stop = self._any_rank(signals.signum is not None)
                 if step % t.log_interval == 0 or is_eval or stop:
                     pending = self._flush_losses(pending)
-                    tokens_per_s = (step - last_logged) * self.tokens_per_step / max(time.time() - window_start, 1e-9)
+                    tokens_per_s = (self.tokens_seen - window_tokens) / max(time.time() - window_start, 1e-9)
                     last_eval = self._log_step(step, lr, last_logged, tokens_per_s, is_eval, bar) or last_eval
                     last_logged = step
                     self.total_iters = self.budget.plan(self.cfg, step, self.total_iters, step - start_step)
                     bar.set_total(self.total_iters)
-                    window_start = time.time()  # evaluation time is not counted in tokens/s
+                    window_start, window_tokens = time.time(), self.tokens_seen  # evaluations not counted
                 if stop:
                     self._stop(bar, signals.signum)
                 if step % checkpoint_every == 0 and step < self.total_iters:
@@ -425,7 +432,7 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         train_time = time.time() - session_start
-        return self._finish(last_eval, (self.step - start_step) * self.tokens_per_step / max(train_time, 1e-9))
+        return self._finish(last_eval, (self.tokens_seen - start_tokens) / max(train_time, 1e-9))
 
     def _first_evaluation(self, bar: ProgressBar, signals: StopSignals
                           ) -> tuple[dict[str, float], dict[str, float]]:
@@ -453,6 +460,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
+        """Input tokens per optimizer step with full-length rows (token data always has them)."""
         t = self.cfg.train
         return t.batch_size * t.gradient_accumulation_steps * self.cfg.model.block_size * self.dist.world_size
 
@@ -490,7 +498,7 @@ class Trainer:
         if self.save:
             plot_or_say(self.out, self.log)
         self.log(f"stopped by signal {signum} at step {self.step}; checkpoint saved. "
-                 f"Continue with: quill train --resume {self.out}")
+                 f"Continue with: {self.command} --resume {self.out}")
         raise TrainingInterrupted(f"stopped at step {self.step}")
 
     def _finish(self, last_eval: dict[str, float] | None, tokens_per_s: float) -> TrainResult:

@@ -173,3 +173,190 @@ def test_page_runs_under_its_content_security_policy(browser, server):
     assert page.locator("#card dt").count() >= 10
     assert messages == []  # a blocked script, style or request would be reported here
     page.close()
+
+
+# --- chat mode ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny model after a few SFT steps on conversations: it has the chat template. The
+    replies it learns from are long (truncated to the context), so its own rarely end soon."""
+    import json
+    import random
+
+    from quillgpt.sft import sft_trainer
+
+    root = tmp_path_factory.mktemp("browser-chat")
+    rng = random.Random(0)
+    with open(root / "chats.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(40):
+            w = "".join(rng.choice("abehinorstu") for _ in range(rng.randint(3, 6)))
+            system = [{"role": "system", "content": "be brief"}] if rng.random() < 0.3 else []
+            f.write(json.dumps({"messages": system + [{"role": "user", "content": f"turn: {w}"},
+                                                      {"role": "assistant", "content": " ".join([w[::-1]] * 20)}]})
+                    + "\n")
+    cfg = load_config(None, {
+        "data": str(root / "chats.jsonl"), "out": str(root / "chat"), "n_layer": 1, "n_head": 2, "n_embd": 32,
+        "block_size": 96, "batch_size": 8, "max_iters": 10, "eval_interval": 5, "eval_iters": 1,
+        "log_interval": 5, "warmup_iters": 2, "device": "cpu", "sample_tokens": 0, "learning_rate": 3e-3,
+    })
+    sft_trainer(cfg, progress=False, log=lambda msg: None).run()
+    return load_run(root / "chat")
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_run):
+    with BackgroundServer(create_app(chat_run)) as url:
+        yield url
+
+
+def open_page(browser, url, width=1280, height=800):
+    page = browser.new_page(viewport={"width": width, "height": height}, bypass_csp=True)
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url) if "/v1/" not in r.url else None)
+    page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
+    page.goto(url + "/", wait_until="domcontentloaded")
+    return page, failed
+
+
+IDLE = "document.getElementById('send').disabled === false && document.getElementById('chat-stop').disabled"
+
+
+def bubbles(page) -> list[tuple[str, str]]:
+    return [tuple(b) for b in page.evaluate("""() => [...document.querySelectorAll('#messages .msg')].map(
+        li => [li.classList.contains('user') ? 'user' : 'assistant', li.querySelector('.text').textContent])""")]
+
+
+def test_first_paint_shows_the_model_card_and_the_chat(browser, chat_server, tmp_path):
+    """The card is in the HTML itself: right at DOMContentLoaded, before any script request."""
+    page, failed = open_page(browser, chat_server)
+    assert page.text_content("#model-id") == "chat"
+    assert page.locator("#card dt").count() >= 12
+    card = page.inner_text("#card")
+    assert "chat template" in card and "yes" in card and "loading" not in page.content()
+    assert page.get_attribute("#tab-chat", "aria-selected") == "true" and page.is_visible("#message")
+    assert page.is_hidden("#chat-note")
+    screenshot(page, tmp_path, "chat-first-paint.png")
+    assert failed == []
+    page.close()
+
+
+def test_chat_streams_replies_keeps_history_regenerates_and_clears(browser, chat_server, chat_run, tmp_path):
+    from quillgpt.chat import replies
+
+    page, failed = open_page(browser, chat_server)
+    page.click("#system-box summary")
+    page.fill("#system", "be brief")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "12")
+    page.fill("#message", "turn: heron")
+    page.press("#message", "Enter")
+    page.wait_for_function(IDLE, timeout=60_000)
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "turn: heron"}]
+    first = replies(chat_run.model, chat_run.tokenizer, [convo], max_new_tokens=12, temperature=0)[0]
+    assert bubbles(page) == [("user", "turn: heron"), ("assistant", first)]
+    assert page.input_value("#message") == ""
+    # the second message goes with the whole history
+    page.fill("#message", "turn: stone")
+    page.click("#send")
+    page.wait_for_function(IDLE, timeout=60_000)
+    convo += [{"role": "assistant", "content": first}, {"role": "user", "content": "turn: stone"}]
+    second = replies(chat_run.model, chat_run.tokenizer, [convo], max_new_tokens=12, temperature=0)[0]
+    assert bubbles(page)[2:] == [("user", "turn: stone"), ("assistant", second)]
+    assert "tokens/s" in page.text_content("#stats")
+    screenshot(page, tmp_path, "chat-laptop.png")
+    # regenerate: the last reply again (greedy: the same), the history unchanged
+    page.click("#regenerate")
+    page.wait_for_function(IDLE, timeout=60_000)
+    assert bubbles(page)[2:] == [("user", "turn: stone"), ("assistant", second)]
+    page.click("#clear")
+    assert bubbles(page) == [] and page.is_visible("#empty-chat") and page.is_disabled("#clear")
+    assert failed == []
+    page.close()
+
+
+def test_chat_error_gives_the_message_back(browser, chat_server):
+    page, _ = open_page(browser, chat_server)
+    page.fill("#message", "turn: \u20ac")
+    page.press("#message", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "vocabulary" in page.text_content("#error")
+    assert bubbles(page) == [] and page.input_value("#message") == "turn: \u20ac"
+    page.close()
+
+
+def test_chat_stream_grows_and_stop_keeps_the_partial_reply(browser, chat_run):
+    """A model whose replies never end (its end-of-turn logits pushed down): only Stop ends one."""
+    from quillgpt.chat import end_ids
+    from quillgpt.model import GPT
+
+    never = sorted(end_ids(chat_run.tokenizer))
+
+    class NeverEnds(GPT):
+        def forward(self, idx, targets=None, cache=None):
+            logits, loss = super().forward(idx, targets, cache)
+            logits[..., never] = -1e9
+            return logits, loss
+
+    endless = load_run(chat_run.path)
+    endless.model.__class__ = NeverEnds
+    app = create_app(endless, ServeSettings(max_tokens_cap=1_000_000))
+    with BackgroundServer(app) as url:
+        stop_while_streaming(browser, url, app.state.engine)
+
+
+def stop_while_streaming(browser, url, engine):
+    page, _ = open_page(browser, url)
+    page.fill("#max_tokens", "100000")
+    page.fill("#temperature", "1")
+    page.evaluate("""() => { window.lengths = [];
+      new MutationObserver(() => { const t = document.querySelector('#messages .assistant .text');
+        if (t) window.lengths.push(t.textContent.length); })
+      .observe(document.getElementById('messages'), {childList: true, characterData: true, subtree: true}); }""")
+    page.fill("#message", "turn: heron")
+    page.press("#message", "Enter")
+    page.wait_for_function("document.querySelector('#messages .assistant .text')?.textContent.length > 30",
+                           timeout=60_000)
+    page.click("#chat-stop")
+    page.wait_for_function(IDLE, timeout=60_000)
+    lengths = page.evaluate("window.lengths")
+    assert len(set(lengths)) >= 3  # it grew in steps while streaming
+    roles = [r for r, _ in bubbles(page)]
+    assert roles == ["user", "assistant"] and len(bubbles(page)[1][1]) > 30
+    assert "stopped" in page.text_content("#stats") and page.is_enabled("#regenerate")
+    deadline = time.monotonic() + 30
+    while engine.pending or engine.cancelled != 1:  # the server stopped generating too
+        assert time.monotonic() < deadline, "the server went on generating"
+        time.sleep(0.05)
+    page.close()
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_both_modes_fit_laptop_and_phone_widths(browser, chat_server, tmp_path, width):
+    page, failed = open_page(browser, chat_server, width=width, height=844 if width < 500 else 800)
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "24")
+    page.fill("#message", "turn: stone")
+    page.press("#message", "Enter")
+    page.wait_for_function(IDLE, timeout=60_000)
+    # nothing sticks out sideways; the composer's buttons are on screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for button in ("#send", "#regenerate", "#clear"):
+        box = page.locator(button).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width
+    screenshot(page, tmp_path, f"chat-{width}.png")
+    page.click("#tab-complete")
+    assert page.is_visible("#prompt") and page.is_hidden("#message")
+    page.fill("#prompt", "turn")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('generate').disabled === false", timeout=60_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    screenshot(page, tmp_path, f"complete-{width}.png")
+    assert failed == []
+    page.close()
+
+
+def test_a_model_without_a_chat_template_opens_in_complete_mode(page):
+    assert page.get_attribute("#tab-complete", "aria-selected") == "true" and page.is_visible("#prompt")
+    page.click("#tab-chat")
+    assert page.is_visible("#chat-note") and page.is_disabled("#message") and page.is_disabled("#send")

@@ -31,13 +31,13 @@ LAYERS: dict[str, int] = {
     # 10: run directories on disk
     "checkpoint": 10,
     # 11-12: using a model: generation, plots, processes; evaluation
-    "generate": 11, "plot": 11, "distributed": 11, "evaluate": 12,
+    "generate": 11, "plot": 11, "distributed": 11, "evaluate": 12, "chat": 12,
     # 13: what a training run is made of
-    "metrics": 13, "resume": 13, "train_control": 13, "hf": 13,
+    "metrics": 13, "resume": 13, "train_control": 13, "hf": 13, "conversations": 13,
     # 14: the training loop
     "train": 14,
     # 15: what stands on the loop or on a loaded run
-    "ladder_run": 15, "serve": 15,
+    "ladder_run": 15, "serve": 15, "sft": 15,
     # 16-17: the command line and the package's front doors
     "cli": 16, "__main__": 17, "__init__": 17,
 }

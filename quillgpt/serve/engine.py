@@ -46,6 +46,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     ended: bool = False
+    end_ids: frozenset[int] | None = None  # tokens that end a row (None: <|endoftext|>); chat: <|end|>, ...
 
     def emit(self, *event: Any) -> None:
         try:
@@ -167,7 +168,7 @@ class Engine:
         owner = [(job, i) for job in jobs for i in range(len(job.rows))]
         limit = [job.sampling.max_tokens for job in jobs for _ in job.rows]
         generators = [torch.Generator(device=self.device).manual_seed(seed) for job in jobs for seed in job.seeds]
-        streams = [TextStream(self.tokenizer, jobs[0].sampling.stop) for _ in rows]
+        streams = [TextStream(self.tokenizer, job.sampling.stop, job.end_ids) for job in jobs for _ in job.rows]
         tokens = [0] * len(rows)
         finish: list[str | None] = [None] * len(rows)
         s = jobs[0].sampling

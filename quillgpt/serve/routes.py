@@ -2,6 +2,7 @@
 
     GET  /                  the playground (quillgpt/web/: plain HTML, CSS and JS; /static/...)
     POST /v1/completions    OpenAI's legacy completions API, streamed as Server-Sent Events
+    POST /v1/chat/completions  OpenAI's chat API (models with a chat template: quill sft)
     GET  /v1/models         the one model served (and /v1/models/{id})
     GET  /v1/model-card     config, parameter count, final losses (metrics.csv), server limits
     GET  /health            liveness and queue length
@@ -17,6 +18,7 @@ from __future__ import annotations  # the route signatures name fastapi's types,
 import asyncio
 import contextlib
 import csv
+import html
 import json
 import logging
 import time
@@ -25,16 +27,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from ..chat import has_chat_template
 from ..checkpoint import METRICS_FILE, MODEL_FILE, Run
 from ..errors import QuillError
 from ..model import count_params
 from .engine import Engine, Job, ServerBusy, load
 from .guard import RequestGuard
-from .schemas import APIError, ServeSettings, check_completion, check_model, completion_request_schema, parse_body
+from .schemas import (
+    APIError,
+    ServeSettings,
+    chat_request_schema,
+    check_chat,
+    check_completion,
+    check_model,
+    completion_request_schema,
+    parse_body,
+)
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -77,6 +89,7 @@ def model_card(run: Run, model_id: str, settings: ServeSettings) -> dict[str, An
         "model": {k: getattr(m, k) for k in ("kind", "vocab_size", "block_size", "n_layer", "n_head",
                                              "n_embd", "dropout", "bias")},
         "tokenizer": name_only(t.tokenizer),
+        "chat": has_chat_template(run.tokenizer),
         "data": name_only(t.data),
         "losses": final_losses(run.path),
         "limits": {"max_tokens": settings.max_tokens_cap, "max_batch": settings.max_batch,
@@ -203,11 +216,125 @@ async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
         job.cancelled.set()  # a no-op when finished; stops the worker when the client left
 
 
+# --- chat answers -----------------------------------------------------------------------------
+
+async def wait_for_job(request: Request, job: Job, rows: int) -> tuple[list[str], list[str], list[int]]:
+    """The texts, finish reasons and token counts of a whole job; a client that disconnects
+    first cancels it (APIError 499), a failed generation is APIError 500."""
+    texts, finish, tokens, failed = [""] * rows, ["length"] * rows, [0] * rows, None
+
+    async def collect() -> None:
+        nonlocal finish, tokens, failed
+        while (event := await job.events.get())[0] != "end":
+            if event[0] == "pieces":
+                for b, piece in enumerate(event[1]):
+                    texts[b] += piece
+            elif event[0] == "finish":
+                finish, tokens = event[1], event[2]
+            elif event[0] == "error":
+                failed = event[1]
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collecting, watching = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            job.cancelled.set()
+            collecting.cancel()
+    if not collecting.done() or collecting.cancelled():
+        raise APIError(499, "client closed the request", type="client_closed")
+    if failed:
+        raise APIError(500, failed, type="server_error")
+    return texts, finish, tokens
+
+
+async def chat_answer(request: Request, job: Job, head: dict, prompt_tokens: int) -> JSONResponse:
+    """A whole chat completion: one assistant message per choice."""
+    texts, finish, tokens = await wait_for_job(request, job, len(job.rows))
+    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                         "usage": usage([prompt_tokens] * len(texts), tokens)})
+
+
+async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chat stream: a first chunk with the role, `delta` chunks with content, a last
+    chunk per choice with its finish_reason, the usage if asked, then `data: [DONE]`."""
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict], **fields: Any) -> str:
+        body = {**head, "object": "chat.completion.chunk", "choices": choices, **extra, **fields}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def choice(i: int, delta: dict, finish: str | None = None) -> dict:
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    try:
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(job.rows))])
+        while (event := await job.events.get())[0] != "end":
+            if event[0] == "pieces":
+                yield chunk([choice(i, {"content": p}) for i, p in enumerate(event[1]) if p])
+            elif event[0] == "finish":
+                yield chunk([choice(i, {}, f) for i, f in enumerate(event[1])])
+                if include_usage:
+                    yield chunk([], usage=usage([prompt_tokens] * len(event[2]), event[2]))
+            elif event[0] == "error":
+                yield f"data: {json.dumps(APIError(500, event[1], type='server_error').body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()
+
+
 # --- the routes -----------------------------------------------------------------------------
 
-async def index() -> FileResponse:
-    return FileResponse(WEB_DIR / "index.html", headers={
-        "Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'"})
+PAGE_CSP = "default-src 'self'; style-src 'self'; script-src 'self'"
+
+
+def card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model card as the page shows it: (what, value) rows."""
+    m, losses = card["model"], card["losses"]
+
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.4f}"
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    return [
+        ("model", card["id"]),
+        ("parameters", f"{card['parameters'] / 1e6:.2f}M ({card['parameters']:,})"),
+        ("architecture", f"{m['kind']}: {plural(m['n_layer'], 'layer')}, {plural(m['n_head'], 'head')}, "
+                         f"n_embd {m['n_embd']}"),
+        ("context", f"{m['block_size']} tokens"),
+        ("vocabulary", f"{m['vocab_size']} ({card['tokenizer']})"),
+        ("chat template", "yes" if card["chat"] else "no"),
+        ("dropout / bias", f"{m['dropout']} / {m['bias']}"),
+        ("steps trained", "–" if losses["step"] is None else str(losses["step"])),
+        ("train loss", fmt(losses["train_loss"])),
+        ("val loss", fmt(losses["val_loss"])),
+        ("best val loss", fmt(losses["best_val_loss"])),
+        ("data", card["data"] or "–"),
+        ("device", card["device"]),
+        ("max tokens", str(card["limits"]["max_tokens"])),
+    ]
+
+
+def page_html(card: dict[str, Any]) -> str:
+    """The playground with the model card filled in on the server: the first paint already
+    shows the model (no request, no "loading" state)."""
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in card_rows(card))
+    fields = {"MODEL_ID": html.escape(card["id"]), "CHAT": "true" if card["chat"] else "false",
+              "MAX_TOKENS": str(card["limits"]["max_tokens"]), "CONTEXT": str(card["model"]["block_size"]),
+              "CARD": rows}
+    text = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    for name, value in fields.items():
+        text = text.replace("{{" + name + "}}", value)
+    return text
 
 
 class Routes:
@@ -217,8 +344,13 @@ class Routes:
         self.engine, self.settings, self.model_id = engine, settings, model_id
         self.card = model_card(engine.run, model_id, settings)
         self.schema = completion_request_schema()
+        self.chat_schema = chat_request_schema()
+        self.page_text = page_html(self.card)
         self.block_size = engine.run.config.model.block_size
         self.created = int(time.time())
+
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page_text, headers={"Content-Security-Policy": PAGE_CSP})
 
     async def health(self) -> dict[str, Any]:
         e = self.engine
@@ -265,6 +397,25 @@ class Routes:
         return await complete(request, job, head, echo, prompt_tokens)
 
 
+    async def chat_completions(self, request: Request):
+        req = parse_body(await read_body(request, self.settings.max_body_bytes), self.chat_schema)
+        checked = await asyncio.to_thread(check_chat, req, self.settings, self.model_id,
+                                          self.engine.tokenizer, self.block_size)
+        job = self.engine.new_job([checked.prompt_ids], checked.n, checked.sampling, checked.seed,
+                                  asyncio.get_running_loop())
+        job.end_ids = checked.end_ids
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_id,
+                "system_fingerprint": None}
+        self.submit(job)
+        prompt_tokens = len(checked.prompt_ids)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(chat_sse(job, head, prompt_tokens, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await chat_answer(request, job, head, prompt_tokens)
+
+
 # --- the app --------------------------------------------------------------------------------
 
 def create_app(run: Run | str | Path, settings: ServeSettings | None = None, device: str = "cpu",
@@ -289,11 +440,12 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
-    app.get("/", include_in_schema=False)(index)
+    app.get("/", include_in_schema=False)(routes.page)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
     app.get("/v1/models/{name:path}")(routes.model)
     app.get("/v1/model-card")(routes.model_card_route)
     app.post("/v1/completions")(routes.completions)
+    app.post("/v1/chat/completions")(routes.chat_completions)
     return app

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..chat import ConversationError, check_messages, end_ids, has_chat_template, prompt_ids
 from ..errors import QuillError, shown
 from ..generate import check_sampling_args, encode_prompt
 from ..tokenizers import Tokenizer
@@ -188,3 +189,117 @@ def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer
         raise APIError(400, str(e), param=param) from None
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
     return CompletionInput(prompts, encoded, n, sampling, seed)
+
+
+# --- chat completions -----------------------------------------------------------------------
+
+@dataclass
+class ChatInput:
+    """A checked chat request: the conversation's prompt ids and how to decode the reply."""
+
+    prompt_ids: list[int]
+    n: int
+    sampling: Sampling
+    seed: int
+    end_ids: frozenset[int]  # tokens that end a reply
+
+
+def chat_request_schema() -> Any:
+    """The /v1/chat/completions request schema (OpenAI's chat parameters, plus top_k, min_p,
+    repetition_penalty); parameters it does not know are ignored."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        include_usage: bool = False
+
+    class ContentPart(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        type: str
+        text: str | None = None
+
+    class ChatMessage(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        role: str
+        content: str | list[ContentPart] | None = None
+
+    class ChatRequest(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+        model: str | None = None
+        messages: list[ChatMessage] = Field(min_length=1)
+        max_tokens: int | None = Field(default=None, ge=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        temperature: float | None = Field(default=None, ge=0)
+        top_p: float | None = Field(default=None, gt=0, le=1)
+        top_k: int | None = Field(default=None, ge=0)
+        min_p: float | None = Field(default=None, ge=0, le=1)
+        repetition_penalty: float | None = Field(default=None, gt=0)
+        stop: str | list[str] | None = None
+        seed: int | None = Field(default=None, ge=0, le=2**62)
+        n: int | None = Field(default=None, ge=1)
+        stream: bool | None = None
+        stream_options: StreamOptions | None = None
+        logprobs: bool | None = None
+        tools: list[Any] | None = None
+        user: str | None = None
+
+    return ChatRequest
+
+
+def chat_messages(req: Any) -> list[dict[str, str]]:
+    """The request's messages as {role, content} with text content: a list of text parts is
+    joined; OpenAI's "developer" role is the system prompt."""
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "".join(p.text for p in content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def chat_max_tokens(req: Any, settings: ServeSettings, block_size: int) -> int:
+    """max_completion_tokens (or the older max_tokens); unset: a reply as long as the context."""
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(settings.max_tokens_cap, block_size)
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    if max_tokens > settings.max_tokens_cap:
+        raise APIError(400, f"{param}: at most {settings.max_tokens_cap} on this server, got {max_tokens}",
+                       param=param)
+    return max_tokens
+
+
+def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Tokenizer,
+               block_size: int) -> ChatInput:
+    """Check a parsed chat request against the model (it needs a chat template) and the
+    limits; render the conversation into prompt ids with `chat.render`."""
+    check_model(req.model, model_id)
+    if not has_chat_template(tokenizer):
+        raise APIError(400, f"model {model_id!r} has no chat template (its tokenizer lacks the chat "
+                            f"tokens); fine-tune it with quill sft, or use /v1/completions",
+                       param="messages", code="no_chat_template")
+    if req.logprobs:
+        raise APIError(400, "logprobs is not supported", param="logprobs")
+    if req.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    n = req.n or 1
+    if n > settings.max_batch:
+        raise APIError(400, f"n is {n}, at most {settings.max_batch} on this server", param="n")
+    max_tokens = chat_max_tokens(req, settings, block_size)
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
+                        req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
+                        stop or None)
+    try:
+        check_sampling_args(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                            sampling.repetition_penalty, max_tokens, sampling.stop)
+    except QuillError as e:
+        raise APIError(400, str(e), param="stop") from None
+    try:
+        messages = check_messages(chat_messages(req))
+        ids = prompt_ids(tokenizer, messages, block_size)
+    except (ConversationError, QuillError) as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
+    return ChatInput(ids, n, sampling, seed, frozenset(end_ids(tokenizer)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,6 +43,16 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: a special token's string in it (a user typing
+        "<|end|>") is encoded as ordinary characters, never as the special token."""
+        return self.encode(text)
+
+    def with_special_tokens(self, names: Sequence[str]) -> Tokenizer:
+        """A copy of this tokenizer with `names` as special tokens: those it lacks are appended
+        to the vocabulary (ids vocab_size, vocab_size + 1, ...), the others keep their ids."""
+        raise QuillError(f"the {self.kind} tokenizer cannot take special tokens")
+
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each token as text, for showing a split token by token."""
         return [self.decode([i]) for i in ids]
@@ -65,6 +76,30 @@ class Tokenizer(ABC):
 
 
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {}
+
+
+def appended_specials(existing: dict[str, int], names: Sequence[str], vocab_size: int) -> dict[str, int]:
+    """`existing` plus each of `names` it lacks, numbered on from `vocab_size`."""
+    specials = dict(existing)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise QuillError(f"a special token must be a non-empty string, got {name!r}")
+        if name not in specials:
+            specials[name] = vocab_size + len(specials) - len(existing)
+    return specials
+
+
+def check_appended_specials(specials: Any, base_size: int) -> dict[str, int]:
+    """The special tokens of a char or syllable tokenizer file: a mapping of non-empty strings
+    to the ids right after the `base_size` ordinary tokens, each id once."""
+    if not isinstance(specials, dict):
+        raise ValueError("'special_tokens' must be a mapping of token to id")
+    if not all(isinstance(k, str) and k for k in specials):
+        raise ValueError("special tokens must be non-empty strings")
+    ids = sorted(specials.values()) if all(type(i) is int for i in specials.values()) else None
+    if ids != list(range(base_size, base_size + len(specials))):
+        raise ValueError(f"special token ids must be {base_size}..{base_size + len(specials) - 1}, each once")
+    return dict(specials)
 
 
 def register(cls: type[Tokenizer]) -> type[Tokenizer]:

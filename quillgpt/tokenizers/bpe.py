@@ -26,7 +26,7 @@ import heapq
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import regex
 
 from ..errors import QuillError, shown
-from .base import MAX_VOCAB_SIZE, Tokenizer, check_special_tokens, check_vocabulary_size, register
+from .base import MAX_VOCAB_SIZE, Tokenizer, appended_specials, check_special_tokens, check_vocabulary_size, register
 
 # GPT-2's pre-tokenisation: contractions, words with one leading space, numbers, punctuation
 # runs, whitespace (the last space of a run goes with the next word).
@@ -229,6 +229,16 @@ class ByteBPETokenizer(Tokenizer):
                     ids.extend(part)
                 return ids
         return enc.encode(text, allowed_special="all")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` with special-token strings in it read as plain text."""
+        check_encodable(text)
+        enc = self.tiktoken_encoding()
+        return self._encode_ordinary(text) if enc is None else enc.encode_ordinary(text)
+
+    def with_special_tokens(self, names: Sequence[str]) -> ByteBPETokenizer:
+        specials = appended_specials(self.specials, names, self.vocab_size)
+        return ByteBPETokenizer(self.ranks, specials, self.pattern, self.name)
 
     def encode_python(self, text: str) -> list[int]:
         """The pure-Python reference encoder; gives the same ids as `encode`."""

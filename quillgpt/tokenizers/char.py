@@ -1,20 +1,27 @@
-"""Character tokenizer: one token per distinct character of the training text."""
+"""Character tokenizer: one token per distinct character of the training text.
+
+Special tokens (the chat template's `<|user|>`, ...) may follow the characters, with the ids
+after them. Encoding never produces them: text is always read character by character.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import QuillError
-from .base import Tokenizer, check_vocabulary_size, register
+from .base import Tokenizer, appended_specials, check_appended_specials, check_vocabulary_size, register
 
 
 @register
 class CharTokenizer(Tokenizer):
     kind = "char"
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], special_tokens: dict[str, int] | None = None):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.specials = dict(special_tokens or {})
+        self.tokens = self.chars + sorted(self.specials, key=self.specials.__getitem__)  # by id
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
@@ -23,7 +30,14 @@ class CharTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.tokens)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.specials)
+
+    def with_special_tokens(self, names: Sequence[str]) -> CharTokenizer:
+        return CharTokenizer(self.chars, appended_specials(self.specials, names, self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
         stoi = self.stoi
@@ -39,10 +53,13 @@ class CharTokenizer(Tokenizer):
             raise
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.tokens[i] for i in ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "chars": self.chars}
+        data: dict[str, Any] = {"kind": self.kind, "chars": self.chars}
+        if self.specials:
+            data["special_tokens"] = self.specials
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
@@ -53,4 +70,4 @@ class CharTokenizer(Tokenizer):
             raise ValueError("'chars' must be a list of single characters")
         if len(set(chars)) != len(chars):
             raise ValueError("'chars' has duplicates")
-        return cls(chars)
+        return cls(chars, check_appended_specials(data.get("special_tokens", {}), len(chars)))

@@ -7,7 +7,8 @@ current chunk is longer than three characters:
     "Albert Einstein war" -> "Albert", " ", "Einst", "ein", " ", "war"
 
 The vocabulary is the N most frequent chunks of the training text plus one catch-all token for
-every chunk outside it. Unlike the seed, the last chunk is never dropped, so
+every chunk outside it, then any special tokens (the chat template's `<|user|>`, ...; encoding
+never produces them). Unlike the seed, the last chunk is never dropped, so
 decode(encode(x)) == x whenever every chunk of x is in the vocabulary.
 """
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import string
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import QuillError
-from .base import Tokenizer, check_vocabulary_size, register
+from .base import Tokenizer, appended_specials, check_appended_specials, check_vocabulary_size, register
 
 VOWELS = frozenset("aeiouäöü")
 SEPARATORS = frozenset(string.punctuation)  # plus every whitespace character
@@ -54,11 +56,15 @@ class SyllableTokenizer(Tokenizer):
 
     kind = "syllable"
 
-    def __init__(self, chunks: list[str], coverage: float | None = None):
+    def __init__(self, chunks: list[str], coverage: float | None = None,
+                 special_tokens: dict[str, int] | None = None):
         self.chunks = list(chunks)
         self.stoi = {c: i for i, c in enumerate(self.chunks)}
         self.unknown_id = len(self.chunks)
         self.coverage = coverage  # share of the training chunks the vocabulary covers
+        self.specials = dict(special_tokens or {})
+        # every token's text by id: the chunks, the catch-all, the specials
+        self.tokens = [*self.chunks, UNKNOWN, *sorted(self.specials, key=self.specials.__getitem__)]
 
     @classmethod
     def train(cls, text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> SyllableTokenizer:
@@ -76,21 +82,32 @@ class SyllableTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chunks) + 1
+        return len(self.tokens)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.specials)
+
+    def with_special_tokens(self, names: Sequence[str]) -> SyllableTokenizer:
+        return SyllableTokenizer(self.chunks, self.coverage,
+                                 appended_specials(self.specials, names, self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
         get, unknown = self.stoi.get, self.unknown_id
         return [get(c, unknown) for c in split_syllables(text)]
 
     def decode(self, ids: list[int]) -> str:
-        chunks, n = self.chunks, len(self.chunks)
+        tokens = self.tokens
         try:
-            return "".join(chunks[i] if i < n else (UNKNOWN if i == n else chunks[i]) for i in ids)
+            return "".join(tokens[i] for i in ids)
         except (IndexError, TypeError):
             raise QuillError(f"token id outside the vocabulary of {self.vocab_size}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "chunks": self.chunks, "coverage": self.coverage}
+        data: dict[str, Any] = {"kind": self.kind, "chunks": self.chunks, "coverage": self.coverage}
+        if self.specials:
+            data["special_tokens"] = self.specials
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SyllableTokenizer:
@@ -104,4 +121,5 @@ class SyllableTokenizer(Tokenizer):
         coverage = data.get("coverage")
         if coverage is not None and (not isinstance(coverage, (int, float)) or not 0 <= coverage <= 1):
             raise ValueError("'coverage' must be a number in [0, 1]")
-        return cls(chunks, float(coverage) if coverage is not None else None)
+        specials = check_appended_specials(data.get("special_tokens", {}), len(chunks) + 1)
+        return cls(chunks, float(coverage) if coverage is not None else None, specials)

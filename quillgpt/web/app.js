@@ -1,61 +1,21 @@
-// quill playground: streams POST /v1/completions (Server-Sent Events) into the page.
+// quill playground: a chat with the model (POST /v1/chat/completions) or a completion of a text
+// (POST /v1/completions), both streamed as Server-Sent Events. No build step, no outside requests.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const page = document.body.dataset;
 let controller = null; // AbortController of the running request; aborting frees the server's slot
+let history = []; // the conversation: {role, content}, system prompt not included
 
-function fmt(x, digits = 4) {
-  return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
-}
-
-function plural(n, word) {
-  return `${n} ${word}${n === 1 ? "" : "s"}`;
-}
-
-async function loadCard() {
-  try {
-    const r = await fetch("/v1/model-card");
-    const c = await r.json();
-    $("model-id").textContent = c.id;
-    const m = c.model;
-    const rows = [
-      ["model", c.id],
-      ["parameters", `${(c.parameters / 1e6).toFixed(2)}M (${c.parameters.toLocaleString()})`],
-      ["architecture", `${m.kind}: ${plural(m.n_layer, "layer")}, ${plural(m.n_head, "head")}, n_embd ${m.n_embd}`],
-      ["context", `${m.block_size} tokens`],
-      ["vocabulary", `${m.vocab_size} (${c.tokenizer})`],
-      ["dropout / bias", `${m.dropout} / ${m.bias}`],
-      ["steps trained", c.losses.step ?? "–"],
-      ["train loss", fmt(c.losses.train_loss)],
-      ["val loss", fmt(c.losses.val_loss)],
-      ["best val loss", fmt(c.losses.best_val_loss)],
-      ["data", c.data ?? "–"],
-      ["device", c.device],
-      ["max tokens", c.limits.max_tokens],
-    ];
-    const dl = $("card");
-    dl.replaceChildren();
-    for (const [k, v] of rows) {
-      const dt = document.createElement("dt");
-      const dd = document.createElement("dd");
-      dt.textContent = k;
-      dd.textContent = String(v);
-      dl.append(dt, dd);
-    }
-    $("max_tokens").max = c.limits.max_tokens;
-  } catch (e) {
-    $("model-id").textContent = "model card unavailable";
-  }
-}
+// --- shared: settings, errors, stats, streaming ---------------------------------------------------
 
 function numberField(id, parse) {
   const raw = $(id).value.trim();
   return raw === "" ? undefined : parse(raw);
 }
 
-function request() {
+function sampling() {
   const body = {
-    prompt: $("prompt").value,
     max_tokens: numberField("max_tokens", (v) => parseInt(v, 10)),
     temperature: numberField("temperature", parseFloat),
     top_k: numberField("top_k", (v) => parseInt(v, 10)),
@@ -73,83 +33,250 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
-function setRunning(running) {
-  $("generate").disabled = running;
-  $("stop").disabled = !running;
-}
-
-function showStats(tokens, started, done) {
+function showStats(tokens, started, done, note = "") {
   const seconds = (performance.now() - started) / 1000;
   const rate = seconds > 0 ? tokens / seconds : 0;
   $("stats").textContent =
-    `${tokens} tokens · ${rate.toFixed(1)} tokens/s · ${seconds.toFixed(2)} s${done ? "" : " …"}`;
+    `${tokens} tokens · ${rate.toFixed(1)} tokens/s · ${seconds.toFixed(2)} s${done ? "" : " …"}${note}`;
 }
 
-async function generate(event) {
-  event.preventDefault();
-  showError("");
-  const body = request();
-  $("out-prompt").textContent = body.prompt;
-  $("out-text").textContent = "";
-  $("stats").textContent = "waiting…";
-  setRunning(true);
+function setRunning(running) {
+  $("generate").disabled = running;
+  $("send").disabled = running || page.chat !== "true";
+  for (const id of ["stop", "chat-stop"]) $(id).disabled = !running;
+  updateChatButtons();
+}
+
+// POST `body` to `url` and call onChunk(message) for every SSE event until [DONE].
+async function stream(url, body, onChunk) {
   controller = new AbortController();
-  const started = performance.now();
-  let tokens = 0;
-  try {
-    const r = await fetch("/v1/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal: controller.signal,
-    });
-    if (!r.ok) {
-      const err = await r.json().catch(() => ({}));
-      throw new Error(err.error ? err.error.message : `HTTP ${r.status}`);
+  const r = await fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    signal: controller.signal,
+  });
+  if (!r.ok) {
+    const err = await r.json().catch(() => ({}));
+    throw new Error(err.error ? err.error.message : `HTTP ${r.status}`);
+  }
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      if (!line.startsWith("data: ")) continue;
+      const data = line.slice(6);
+      if (data === "[DONE]") return;
+      const msg = JSON.parse(data);
+      if (msg.error) throw new Error(msg.error.message);
+      onChunk(msg);
     }
-    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += value;
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const line = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
-        if (data === "[DONE]") continue;
-        const msg = JSON.parse(data);
-        if (msg.error) throw new Error(msg.error.message);
-        if (msg.usage) tokens = msg.usage.completion_tokens; // exact count at the end
-        for (const c of msg.choices) {
-          if (c.text) {
-            $("out-text").textContent += c.text;
-            if (!msg.usage) tokens += 1; // one chunk per decoding step while streaming
-          }
-        }
-        showStats(tokens, started, false);
-      }
-    }
-    showStats(tokens, started, true);
-  } catch (e) {
-    if (e.name === "AbortError") showStats(tokens, started, true);
-    else {
-      $("stats").textContent = "";
-      showError(String(e.message || e));
-    }
-  } finally {
-    controller = null;
-    setRunning(false);
   }
 }
 
+// Runs one streamed request: stats while it runs, errors shown, the buttons set back after.
+async function run(url, body, onText, onFinish) {
+  showError("");
+  $("stats").textContent = "waiting…";
+  setRunning(true);
+  const started = performance.now();
+  let tokens = 0;
+  let finish = null;
+  try {
+    await stream(url, body, (msg) => {
+      if (msg.usage) tokens = msg.usage.completion_tokens; // exact count at the end
+      for (const c of msg.choices) {
+        const text = c.delta ? c.delta.content : c.text;
+        if (text) {
+          onText(text);
+          if (!msg.usage) tokens += 1; // one chunk per decoding step while streaming
+        }
+        if (c.finish_reason) finish = c.finish_reason;
+      }
+      showStats(tokens, started, false);
+    });
+    showStats(tokens, started, true, finish === "length" ? " · stopped at max tokens" : "");
+    return { ok: true, finish };
+  } catch (e) {
+    if (e.name === "AbortError") {
+      showStats(tokens, started, true, " · stopped");
+      return { ok: true, finish: "stopped" };
+    }
+    $("stats").textContent = "";
+    showError(String(e.message || e));
+    return { ok: false };
+  } finally {
+    controller = null;
+    setRunning(false);
+    if (onFinish) onFinish();
+  }
+}
+
+// --- complete mode --------------------------------------------------------------------------------
+
+async function generate(event) {
+  event.preventDefault();
+  const body = { prompt: $("prompt").value, ...sampling() };
+  $("out-prompt").textContent = body.prompt;
+  $("out-text").textContent = "";
+  await run("/v1/completions", body, (text) => { $("out-text").textContent += text; });
+}
+
+// --- chat mode ------------------------------------------------------------------------------------
+
+function bubble(role, text) {
+  const li = document.createElement("li");
+  li.className = `msg ${role}`;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : "Model";
+  const body = document.createElement("div");
+  body.className = "text";
+  body.textContent = text;
+  li.append(who, body);
+  return li;
+}
+
+function renderMessages() {
+  const list = $("messages");
+  list.replaceChildren();
+  if (!history.length) {
+    const li = document.createElement("li");
+    li.id = "empty-chat";
+    li.className = "empty";
+    li.textContent = "Send a message to start the conversation.";
+    list.append(li);
+  }
+  for (const m of history) list.append(bubble(m.role, m.content));
+  updateChatButtons();
+}
+
+function updateChatButtons() {
+  const busy = controller !== null;
+  $("clear").disabled = busy || !history.length;
+  $("regenerate").disabled = busy || !history.length || history[history.length - 1].role !== "assistant";
+}
+
+function scrollToEnd() {
+  const list = $("messages");
+  list.scrollTop = list.scrollHeight;
+}
+
+// Ask for the assistant's reply to `history` (which ends with the user's message).
+async function reply() {
+  const system = $("system").value.trim();
+  const messages = (system ? [{ role: "system", content: system }] : []).concat(history);
+  const li = bubble("assistant", "");
+  li.classList.add("pending");
+  $("messages").append(li);
+  scrollToEnd();
+  const text = li.querySelector(".text");
+  const result = await run("/v1/chat/completions", { messages, ...sampling() }, (piece) => {
+    text.textContent += piece;
+    li.classList.remove("pending");
+    scrollToEnd();
+  });
+  li.classList.remove("pending");
+  if (!result.ok) {
+    li.remove();
+    return false;
+  }
+  if (result.finish === "length" || result.finish === "stopped") li.classList.add("cut");
+  history.push({ role: "assistant", content: text.textContent });
+  updateChatButtons();
+  return true;
+}
+
+async function send(event) {
+  event.preventDefault();
+  const box = $("message");
+  const content = box.value;
+  if (!content.trim() || controller) return;
+  $("empty-chat")?.remove();
+  history.push({ role: "user", content });
+  $("messages").append(bubble("user", content));
+  box.value = "";
+  growComposer();
+  if (!(await reply())) {
+    history.pop(); // the server refused the message: give it back to edit
+    $("messages").lastElementChild?.remove();
+    box.value = content;
+    if (!history.length) renderMessages();
+  }
+  box.focus();
+}
+
+async function regenerate() {
+  if (controller || !history.length || history[history.length - 1].role !== "assistant") return;
+  history.pop();
+  renderMessages();
+  await reply();
+}
+
+function clearChat() {
+  history = [];
+  renderMessages();
+  showError("");
+  $("stats").textContent = "";
+  $("message").focus();
+}
+
+function growComposer() {
+  const box = $("message");
+  box.style.height = "auto";
+  box.style.height = `${Math.min(box.scrollHeight, 200)}px`;
+}
+
+function showSystemState() {
+  const text = $("system").value.trim();
+  $("system-state").textContent = text ? `“${text.length > 40 ? text.slice(0, 40) + "…" : text}”` : "none";
+}
+
+// --- modes ----------------------------------------------------------------------------------------
+
+function setMode(mode) {
+  for (const name of ["chat", "complete"]) {
+    const on = name === mode;
+    $(`${name}-pane`).hidden = !on;
+    $(`tab-${name}`).setAttribute("aria-selected", String(on));
+    $(`tab-${name}`).classList.toggle("active", on);
+  }
+  showError("");
+  document.body.dataset.mode = mode;
+  (mode === "chat" ? $("message") : $("prompt")).focus();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
-  loadCard();
+  const chat = page.chat === "true";
+  $("chat-note").hidden = chat;
+  $("message").disabled = !chat;
+  const cap = parseInt(page.maxTokens, 10);
+  if (cap > 0) $("max_tokens").max = cap;
+  $("tab-chat").addEventListener("click", () => setMode("chat"));
+  $("tab-complete").addEventListener("click", () => setMode("complete"));
   $("form").addEventListener("submit", generate);
   $("stop").addEventListener("click", () => controller && controller.abort());
+  $("chat-stop").addEventListener("click", () => controller && controller.abort());
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit();
   });
+  $("chat-form").addEventListener("submit", send);
+  $("message").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("chat-form").requestSubmit();
+    }
+  });
+  $("message").addEventListener("input", growComposer);
+  $("system").addEventListener("input", showSystemState);
+  $("regenerate").addEventListener("click", regenerate);
+  $("clear").addEventListener("click", clearChat);
+  setMode(chat ? "chat" : "complete");
+  setRunning(false);
 });
