@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,59 +23,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install 'quillgpt[eval]'")
 
+from conftest import LM_EVAL_TASKS, make_any_run, task_text  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 
 from quillgpt import checkpoint as ckpt  # noqa: E402
 from quillgpt.cli import main  # noqa: E402
-from quillgpt.config import Config, ModelConfig, TrainConfig, load_config  # noqa: E402
+from quillgpt.config import ModelConfig, load_config  # noqa: E402
 from quillgpt.evaluate import count_words  # noqa: E402
 from quillgpt.generate import generate  # noqa: E402
 from quillgpt.lm_eval_adapter import QuillLM, headline, run_tasks, task_manager  # noqa: E402
-from quillgpt.registry import build_model  # noqa: E402
 from quillgpt.tokenizers import CharTokenizer, SyllableTokenizer  # noqa: E402
 from quillgpt.tokenizers.bpe import ByteBPETokenizer  # noqa: E402
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TASKS_DIR = LM_EVAL_TASKS
 ALL_TASKS = ["quill_sonnets", "quill_verse_choice", "quill_verse_lastword", "quill_verse_repeat"]
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Any connection to another host fails: the tests must never reach the network."""
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
-            raise OSError(f"the tests run offline, yet something connected to {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-
-
-def task_text() -> str:
-    """Every string of the offline tasks' data (a char tokenizer trained on it knows them all)."""
-    parts = []
-    for path in sorted((TASKS_DIR / "data").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            parts += [v if isinstance(v, str) else " ".join(v) for v in json.loads(line).values()
-                      if isinstance(v, (str, list))]
-    return "\n".join(parts) + "\n"
-
-
-def make_any_run(path: Path, model_cfg: ModelConfig, tokenizer, seed: int = 0) -> Path:
-    """A run directory with random weights (perturbed from the init) of any model kind."""
-    model_cfg.vocab_size = tokenizer.vocab_size
-    torch.manual_seed(seed)
-    model = build_model(model_cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path.mkdir(parents=True)
-    ckpt.save_config(Config(model=model_cfg, train=TrainConfig()), path)
-    tokenizer.save(path / ckpt.TOKENIZER_FILE)
-    ckpt.save_weights(model, path / ckpt.MODEL_FILE)
-    return path
+pytestmark = pytest.mark.usefixtures("offline")  # any connection to another host fails the test
 
 
 SMALL = dict(block_size=48, n_layer=2, n_head=2, n_embd=32)
