@@ -116,9 +116,10 @@ class QuillLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
         for key, _, cont in requests:
-            if not cont:
-                raise QuillError(f"the continuation {key[1]!r} has no tokens to score "
-                                 f"(after the context {key[0][-40:]!r})")
+            if not cont:  # e.g. a continuation made only of characters --unknown skip dropped
+                context, continuation = key or ("", "")
+                raise QuillError(f"the continuation {continuation!r} has no tokens to score "
+                                 f"(after the context {context[-40:]!r})")
         scores = score_continuations(self.model, [(ctx, cont) for _, ctx, cont in requests],
                                      self.batch_size, progress=self.progress and not disable_tqdm)
         answers = [(s.logprob, s.greedy) for s in scores]
@@ -171,8 +172,8 @@ class QuillLM(TemplateLM):
         stop = handle_stop_sequences(kwargs.pop("until", None),
                                      self.tokenizer.decode([eot]) if eot is not None else None)
         max_new = int(kwargs.pop("max_gen_toks"))
-        sampling = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0) > 0
-        temperature = float(kwargs.get("temperature") or 1.0) if sampling else 0.0
+        temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
+        sampling = temperature > 0  # else greedy, as the harness asks by default
         # room for the new tokens where there is some, as the hf backend; past block_size the
         # generator slides its window (docs/generation.md)
         keep = self.max_length - max_new if max_new < self.max_length else self.max_length

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install 'quillgpt[eval]'")
 
-from conftest import LM_EVAL_TASKS, make_any_run, task_text  # noqa: E402
+from conftest import LM_EVAL_TASKS, make_any_run, shared_file, task_text  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 
 from quillgpt import checkpoint as ckpt  # noqa: E402
@@ -143,7 +143,8 @@ def kinds(bpe_tokenizer) -> dict:
     }
 
 
-KINDS = ["char", "syllable", "bpe", "bigram", "single-head", "multi-head", "block", "speedrun", "imported"]
+KINDS = ["char", "syllable", "bpe", "gpt2", "bigram", "single-head", "multi-head", "block", "speedrun",
+         "imported"]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,11 @@ def any_run(tmp_path_factory, bpe, exported):
                 from quillgpt.hf import import_hf
 
                 run_dir = import_hf(exported[1], root / "run")
+            elif kind == "gpt2":  # GPT-2's own 50,257-token vocabulary
+                from quillgpt.tokenizers.gpt2 import gpt2_tokenizer
+
+                tokenizer = gpt2_tokenizer(shared_file("gpt2.tiktoken"))
+                run_dir = make_any_run(root / "run", ModelConfig(**SMALL), tokenizer)
             else:
                 tokenizer, options = kinds(bpe)[kind]
                 run_dir = make_any_run(root / "run", ModelConfig(**{**SMALL, **options}), tokenizer)
@@ -209,6 +215,35 @@ def test_batching_changes_nothing(any_run):
     many = QuillLM(model=run.model, tokenizer=run.tokenizer, batch_size=7, progress=False)
     for (a, ga), (b, gb) in zip(one.loglikelihood(requests(*pairs)), many.loglikelihood(requests(*pairs))):
         assert a == pytest.approx(b, rel=1e-5) and ga == gb
+
+
+@pytest.mark.parametrize("kind", ["bpe", "speedrun"])
+def test_contexts_shared_by_choices_run_once_and_score_the_same(any_run, kind, monkeypatch):
+    """Multiple-choice requests run each context once into a KV cache (left-padded contexts of
+    different lengths, choices of different lengths, one-token choices): the same numbers as
+    running every request whole."""
+    from quillgpt import scoring
+
+    run = any_run(kind)
+    tok = run.tokenizer
+    contexts = ["Shall I compare thee", "Rough winds do shake the darling buds of May,\nAnd", "So"]
+    choices = [" to a summer's day?", " x", " and", " more lovely and more temperate", "!"]
+    pairs = [(tok.encode(c), tok.encode(c + k)[len(tok.encode(c)):]) for c in contexts for k in choices]
+    pairs.append((tok.encode("alone"), tok.encode(" here")))
+    calls = []
+    real = scoring._run_shared
+    monkeypatch.setattr(scoring, "_run_shared", lambda m, rows, top: calls.append(len(rows)) or real(m, rows, top))
+    shared = scoring.score_continuations(run.model, pairs, batch_size=8)
+    whole = scoring.score_continuations(run.model, pairs, batch_size=8, share_prefixes=False)
+    # the choices whose context (as kept within the model's context) another choice shares ran
+    # it once, in batches of at most 8; the others ran whole
+    B = run.model.config.block_size
+    kept = [tuple((c + k)[-(B + 1):][: -len(k)]) for c, k in pairs]
+    assert sum(calls) == sum(kept.count(x) > 1 for x in kept) >= 9 and max(calls) <= 8
+    for a, b in zip(shared, whole):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.greedy == b.greedy
+    for (ctx, cont), score in zip(pairs, shared):
+        assert score.logprob == pytest.approx(reference_loglikelihood(run.model, ctx, cont)[0], rel=1e-4, abs=1e-4)
 
 
 def test_a_continuation_longer_than_the_context_is_scored_in_pieces(any_run):
@@ -362,3 +397,11 @@ def test_eval_tasks_key_validation():
         load_config(None, {"eval_tasks_limit": 0})
     cfg = load_config(None, {"eval_interval": 100, "eval_tasks_interval": 300})
     assert cfg.train.eval_tasks_interval == 300
+
+
+def test_the_offline_guard_refuses_other_hosts():
+    """What keeps these tests honest about the network: a connection elsewhere fails at once."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(OSError, match="offline"):
+        sock.connect(("192.0.2.1", 443))  # TEST-NET-1: never a real host
