@@ -330,6 +330,18 @@ def test_quill_eval_tasks_prints_the_table_and_writes_json(exported, tmp_path, c
     assert json.loads(capsys.readouterr().out)["results"]["quill_verse_choice"]["acc,none"] == acc
 
 
+def test_the_harness_knows_the_model_class_quill(exported, manager):
+    """lm_eval.simple_evaluate(model="quill", model_args="run=...") works once the adapter is imported."""
+    run_dir, _ = exported
+    settings = dict(tasks=["quill_verse_choice"], task_manager=manager, limit=6, bootstrap_iters=0)
+    by_name = lm_eval.simple_evaluate(model="quill", model_args=f"run={run_dir},progress=False", batch_size=3,
+                                      **settings)
+    run = ckpt.load_run(run_dir)
+    direct = lm_eval.simple_evaluate(model=QuillLM(model=run.model, tokenizer=run.tokenizer, progress=False),
+                                     **settings)
+    assert by_name["results"] == direct["results"]
+
+
 def test_quill_eval_tasks_bad_input(exported, tmp_path, capsys):
     run_dir, _ = exported
 
