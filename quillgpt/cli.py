@@ -296,7 +296,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unknown", choices=["error", "skip"], default="error",
                    help="characters outside a char-level vocabulary: stop (error, default) or drop them "
                         "and say how many (skip)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N | mps")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="the figures as JSON: on stdout, or written to PATH (the table is then printed)")
