@@ -102,7 +102,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import Trainer, default_preset, resume_config
+    from .train import Trainer, default_preset, resume_config, task_hooks
 
     chosen = None  # the preset picked for the user when they gave none
     resume_data = None  # with --resume, --data says where the run's data is now (never downloaded)
@@ -118,9 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = config_overrides(args)
         chosen = default_preset(overrides) if args.config is None else None
         cfg = load_config(args.config or chosen, overrides)
+    hooks = task_hooks(cfg, eprint)
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
                       progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
-                      resume_data=resume_data)
+                      resume_data=resume_data, hooks=hooks)
+    for hook in hooks:
+        hook.bind(trainer.tokenizer)
     if chosen and trainer.dist.is_main:
         eprint(f"no --config on a CPU: the {chosen} preset (nanoGPT's CPU recipe); "
                "--config shakespeare-char is its larger GPU recipe")
@@ -447,45 +450,111 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a text file",
-                       description="Score a text file with sliding windows of the model's context, "
-                                   "as in Hugging Face's perplexity guide.")
+    p = sub.add_parser("eval", help="perplexity on a text file, or benchmark tasks (lm-evaluation-harness)",
+                       description="Score a run on --data FILE (sliding windows of the model's context, "
+                                   "as in Hugging Face's perplexity guide: loss, perplexity, bits per byte, "
+                                   "word perplexity), or on lm-evaluation-harness --tasks run in process "
+                                   "(pip install 'quillgpt[eval]'; the harness downloads standard tasks "
+                                   "once). See docs/eval.md.")
     p.add_argument("run", help="run directory (or a Hugging Face GPT-2 directory / hub id)")
-    p.add_argument("--data", required=True, help="UTF-8 text file to score")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="UTF-8 text file to score")
+    what.add_argument("--tasks", help="comma-separated harness tasks, e.g. hellaswag,lambada_openai")
+    p.add_argument("--include-path", action="append", metavar="DIR",
+                   help="--tasks: a directory of task YAMLs to add (repeatable), e.g. tests/lm_eval_tasks")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="--tasks: examples in each prompt "
+                   "(default: each task's own)")
+    p.add_argument("--limit", type=float, metavar="N", help="--tasks: items per task (below 1: a fraction)")
     p.add_argument("--stride", type=int, default=None,
-                   help="tokens between window starts (default: half the context; the context "
+                   help="--data: tokens between window starts (default: half the context; the context "
                         "length gives disjoint windows)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
+    p.add_argument("--max-tokens", type=int, default=None, help="--data: score only the first N tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="windows or requests per forward pass (default 8)")
+    p.add_argument("--unknown", choices=["error", "skip"], default="error",
+                   help="characters outside a char-level vocabulary: stop (error, default) or drop them "
+                        "and say how many (skip)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N | mps")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="the figures as JSON: on stdout, or written to PATH (the table is then printed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_eval_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, tokenizer) of a run directory, or of a Hugging Face GPT-2 directory / hub id."""
+    from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    if is_run_dir(args.run):
+        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE)
+        return run.model, run.tokenizer
+    from .hf import load_hf
+
+    hf = load_hf(args.run)
+    return hf.model.to(device), hf.tokenizer
+
+
+def check_eval_flags(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise QuillError(f"--batch-size must be positive, got {args.batch_size}")
+    mode, other = ("--tasks", "--data") if args.tasks is not None else ("--data", "--tasks")
+    only = {"--tasks": ("include_path", "num_fewshot", "limit"), "--data": ("stride", "max_tokens")}
+    for name in only[other]:
+        if getattr(args, name) is not None:
+            raise QuillError(f"--{name.replace('_', '-')} applies to {other} only, not {mode}")
+
+
+def write_or_print_json(path: str | None, text: str, table: str) -> None:
+    """JSON on stdout (path "-"), or into `path` with the table on stdout; else the table."""
+    if path == "-":
+        print(text)
+        return
+    if path is not None:
+        from pathlib import Path
+
+        from .fileio import atomic_write_text
+
+        atomic_write_text(Path(path), text + "\n")
+        eprint(f"wrote {path}")
+    print(table)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
+    check_eval_flags(args)
+    if args.tasks is not None:
+        return eval_tasks(args)
     from .evaluate import evaluate_text, format_result
     from .readers import read_text
-    from .runtime import resolve_device
 
-    if args.batch_size < 1:
-        raise QuillError(f"--batch-size must be positive, got {args.batch_size}")
     text = read_text(args.data)
-    device = resolve_device(args.device)
-    if is_run_dir(args.run):
-        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE)
-        model, tokenizer = run.model, run.tokenizer
-    else:
-        from .hf import load_hf
-
-        hf = load_hf(args.run)
-        model, tokenizer = hf.model.to(device), hf.tokenizer
+    model, tokenizer = load_eval_model(args)
     result = evaluate_text(model, tokenizer, text, stride=args.stride, batch_size=args.batch_size,
-                           max_tokens=args.max_tokens, progress=not args.no_progress)
-    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+                           max_tokens=args.max_tokens, progress=not args.no_progress, unknown=args.unknown)
+    if result.dropped:
+        eprint(f"dropped {result.dropped:,} characters outside the tokenizer's vocabulary (--unknown skip)")
+    write_or_print_json(args.json, json.dumps(result.to_dict()), format_result(result))
+    return 0
+
+
+def eval_tasks(args: argparse.Namespace) -> int:
+    """quill eval RUN --tasks ...: lm-evaluation-harness in process."""
+    from .lm_eval_adapter import check_tasks, results_json, results_table, run_tasks, task_manager
+
+    manager = task_manager(args.include_path, args.tasks.split(","))
+    check_tasks(args.tasks.split(","), manager)  # before loading the model: a typo fails fast
+    model, tokenizer = load_eval_model(args)
+    start = time.perf_counter()
+    results = run_tasks(model, tokenizer, args.tasks.split(","), num_fewshot=args.num_fewshot,
+                        limit=args.limit, batch_size=args.batch_size, unknown=args.unknown,
+                        progress=not args.no_progress, manager=manager)
+    if results["dropped"]:
+        eprint(f"dropped these characters outside the tokenizer's vocabulary wherever they appeared "
+               f"(--unknown skip): {''.join(results['dropped'])!r}")
+    eprint(f"{args.tasks}: {time.perf_counter() - start:.1f} s")
+    write_or_print_json(args.json, results_json(results), results_table(results))
     return 0
 
 

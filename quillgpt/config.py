@@ -144,6 +144,11 @@ class TrainConfig:
     muon_weight_decay: float = key(0.0, "decoupled weight decay of the Muon matrices")
     eval_interval: int = key(250, "steps between evaluations")
     eval_iters: int = key(200, "batches per evaluation (each split)")
+    eval_tasks: str | None = key(None, "lm-evaluation-harness tasks to run while training, comma-separated "
+                                       "(docs/eval.md; needs quillgpt[eval])")
+    eval_tasks_interval: int = key(0, "steps between task runs, a multiple of eval_interval; 0: eval_interval")
+    eval_tasks_limit: float | None = key(None, "items per task (below 1: a fraction of each); None: all")
+    eval_tasks_path: str | None = key(None, "a directory of task YAMLs to add (lm-eval's --include_path)")
     log_interval: int = key(10, "steps between metrics rows")
     seed: int = key(1337, "fixes init, batches and the end sample")
     device: str = key("auto", "auto | cpu | cuda | cuda:N | mps")
@@ -195,6 +200,11 @@ class TrainConfig:
             raise QuillError("learning_rate and muon_lr must be positive, muon_momentum in [0, 1)")
         if self.sft_too_long not in ("truncate", "drop"):
             raise QuillError(f"sft_too_long must be truncate or drop, got {self.sft_too_long!r}")
+        if self.eval_tasks_interval < 0 or self.eval_tasks_interval % self.eval_interval:
+            raise QuillError(f"eval_tasks_interval must be a multiple of eval_interval ({self.eval_interval}), "
+                             f"got {self.eval_tasks_interval}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit <= 0:
+            raise QuillError(f"eval_tasks_limit must be positive, got {self.eval_tasks_limit}")
         if self.encoding_errors not in ("strict", "replace"):
             raise QuillError(f"encoding_errors must be strict or replace, got {shown(self.encoding_errors)}")
 

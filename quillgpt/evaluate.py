@@ -1,4 +1,4 @@
-"""Loss, perplexity and bits per byte of a model on any text, with sliding windows.
+r"""Loss, perplexity, bits per byte and word perplexity of a model on any text, with sliding windows.
 
 The text is encoded once and read in windows of `block_size` tokens that start every `stride`
 tokens, as in Hugging Face's perplexity guide
@@ -18,11 +18,18 @@ not scored (it has no context inside its window), exactly as in the guide.
     perplexity     exp(loss)
     bits per byte  the same log-likelihood in bits, divided by the UTF-8 bytes of the scored
                    tokens: comparable between tokenizers (a char model and GPT-2's BPE)
+    word perplexity  exp(summed negative log-likelihood / words), words counted as
+                   lm-evaluation-harness counts them (`len(re.split(r"\s+", text))`): also
+                   comparable between tokenizers, and the harness's figure for the same text
+
+A character-level tokenizer knows only the characters of its training text; `unknown="skip"`
+drops the others before scoring (`encode_text`) and the result says how many were dropped.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass
 
@@ -47,9 +54,46 @@ class EvalResult:
     loss: float
     perplexity: float
     bits_per_byte: float
+    words: int = 0  # words in the text, as lm-evaluation-harness counts them
+    word_perplexity: float = float("nan")  # exp(nll / words)
+    dropped: int = 0  # characters outside a char tokenizer's vocabulary, dropped (unknown="skip")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+UNKNOWN_POLICIES = ("error", "skip")
+
+
+def safe_exp(x: float) -> float:
+    """exp(x), or infinity where it overflows (a perplexity of an untrained model can)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity."""
+    return len(re.split(r"\s+", text))
+
+
+def encode_text(tokenizer: Tokenizer, text: str, unknown: str = "error") -> tuple[list[int], int]:
+    """(token ids of `text`, characters dropped). Only a character-level tokenizer can meet a
+    character it does not know: "error" stops there (QuillError), "skip" drops every such
+    character and counts them."""
+    if unknown not in UNKNOWN_POLICIES:
+        raise QuillError(f"unknown must be error or skip, got {unknown!r}")
+    stoi = getattr(tokenizer, "stoi", None) if tokenizer.kind == "char" else None
+    if unknown == "skip" and stoi is not None:
+        kept = "".join(c for c in text if c in stoi)
+        return tokenizer.encode(kept), len(text) - len(kept)
+    try:
+        return tokenizer.encode(text), 0
+    except QuillError as e:
+        if stoi is None:
+            raise
+        raise QuillError(f"{e}; skip such characters with --unknown skip") from None
 
 
 def sliding_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -132,14 +176,22 @@ def evaluate_ids(model: nn.Module, ids: list[int] | torch.Tensor, stride: int | 
 
 
 def evaluate_text(model: nn.Module, tokenizer: Tokenizer, text: str, stride: int | None = None,
-                  batch_size: int = 8, max_tokens: int | None = None, progress: bool = True) -> EvalResult:
-    """Loss, perplexity and bits per byte of `model` on `text`."""
-    ids = tokenizer.encode(text)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise QuillError(f"max_tokens must be at least 2, got {max_tokens}")
+                  batch_size: int = 8, max_tokens: int | None = None, progress: bool = True,
+                  unknown: str = "error") -> EvalResult:
+    """Loss, perplexity, bits per byte and word perplexity of `model` on `text`.
+
+    With `max_tokens`, words are counted in the text those tokens decode to."""
+    if max_tokens is not None and max_tokens < 2:
+        raise QuillError(f"max_tokens must be at least 2, got {max_tokens}")
+    ids, dropped = encode_text(tokenizer, text, unknown)
+    if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
-    return evaluate_ids(model, ids, stride, batch_size, token_byte_lengths(tokenizer), progress)
+        text = tokenizer.decode(ids)
+    result = evaluate_ids(model, ids, stride, batch_size, token_byte_lengths(tokenizer), progress)
+    result.words = count_words(text)
+    result.word_perplexity = safe_exp(result.nll / result.words)
+    result.dropped = dropped
+    return result
 
 
 def format_result(r: EvalResult) -> str:
@@ -150,6 +202,9 @@ def format_result(r: EvalResult) -> str:
         ("loss", f"{r.loss:.4f} nats/token"),
         ("perplexity", f"{r.perplexity:.3f}"),
         ("bits per byte", f"{r.bits_per_byte:.4f}"),
+        ("word perplexity", f"{r.word_perplexity:.3f} ({r.words:,} words)"),
     ]
+    if r.dropped:
+        rows.append(("dropped", f"{r.dropped:,} characters outside the vocabulary"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -114,13 +114,16 @@ def stream_ids(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                min_p: float | None = None, repetition_penalty: float = 1.0,
                generators: Sequence[torch.Generator] | None = None, overflow: str = "shift",
-               use_cache: bool = True) -> Iterator[torch.Tensor]:
+               use_cache: bool = True,
+               on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), `max_new_tokens` times.
 
     `prompts` are lists of token ids (non-empty, each at most block_size long; different
     lengths are fine). `generators`: one per row (row b then draws as it would alone).
     `overflow` picks the strategy past block_size (module docstring). `use_cache=False` is the
     plain recompute-everything loop (same results, much slower): the reference in tests.
+    `on_logits(logits, tokens)` sees each step's logits (B, vocab), before any sampling
+    setting, and the tokens drawn from them (the server's logprobs).
     """
     block_size = model.config.block_size
     device = next(model.parameters()).device
@@ -157,6 +160,8 @@ def stream_ids(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, generators, top_p, min_p,
                           repetition_penalty, seen)[:, 0]  # (B,)
+        if on_logits is not None:
+            on_logits(logits, nxt)
         if seen is not None:
             seen[rows, nxt] = True
         for s, t in zip(seqs, nxt.tolist()):

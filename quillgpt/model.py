@@ -246,6 +246,18 @@ class GPT(nn.Module):
         prefill, then one token per step); they are appended to the cache, and only the last
         position's logits are computed (B, 1, vocab).
         """
+        x = self.hidden_states(idx, cache)  # (B, T, C)
+        if cache is not None:
+            x = x[:, -1:, :]  # only the next token's logits are needed
+        logits = self.head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last layer's output at every position, after the final norm (B, T, C): what the
+        LM head reads. Scoring uses it to run the head only at the positions it scores."""
         B, T = idx.size()
         start = 0 if cache is None else cache.pos
         if start + T > self.config.block_size:
@@ -270,16 +282,16 @@ class GPT(nn.Module):
             x = block(x, cache, i, rope)
         if cache is not None:
             cache.pos += T
-            x = x[:, -1:, :]  # only the next token's logits are needed
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        if cfg.logit_softcap:
+        return self.transformer.ln_f(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of hidden states (..., C): the LM head, then the soft cap if set."""
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:
             # Gemma 2 / modded-nanogpt: squash the logits smoothly into (-cap, cap)
-            logits = cfg.logit_softcap * torch.tanh(logits.float() / cfg.logit_softcap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""RUN/loss.png: the training and validation loss curves from RUN/metrics.csv.
+"""RUN/loss.png: the training and validation loss curves from RUN/metrics.csv, and below them
+one panel per benchmark task run during training (`eval_tasks`: columns named "task/metric").
 
     quill plot RUN            (also written automatically at the end of `quill train`)
 """
@@ -55,8 +56,14 @@ def plot_or_say(run_dir: str | Path, log: Callable[[str], None]) -> None:
         log(f"no loss.png: {e}")
 
 
+def task_columns(rows: list[dict[str, str]]) -> list[str]:
+    """The metrics columns holding a benchmark task's figure ("hellaswag/acc_norm"), in order."""
+    return [k for k in (rows[0] if rows else {}) if "/" in k and any((r.get(k) or "").strip() for r in rows)]
+
+
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Draw train (logged mean) and val loss against the step; returns the image's path."""
+    """Draw train (logged mean) and val loss against the step, and each task's figure below;
+    returns the image's path."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     try:
@@ -68,7 +75,10 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
         raise QuillError("plotting needs matplotlib: pip install 'quillgpt[plot]'") from None
     train_steps, train_loss = _series(rows, "train_loss")
     val_steps, val_loss = _series(rows, "val_loss")
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    tasks = task_columns(rows)
+    fig, axes = plt.subplots(1 + len(tasks), 1, figsize=(8, 4.5 + 2.2 * len(tasks)), dpi=110, squeeze=False,
+                             sharex=True, gridspec_kw={"height_ratios": [2] + [1] * len(tasks)})
+    ax = axes[0, 0]
     ax.plot(train_steps, train_loss, label="train (mean over each log interval)", color="tab:blue",
             linewidth=1.2)
     if val_steps:
@@ -76,11 +86,16 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
         best = min(range(len(val_loss)), key=val_loss.__getitem__)
         ax.annotate(f"best val {val_loss[best]:.4f}", (val_steps[best], val_loss[best]),
                     textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9)
-    ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(f"{run_dir.resolve().name}: loss")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    for task_ax, column in zip(axes[1:, 0], tasks):
+        steps, values = _series(rows, column)
+        task_ax.plot(steps, values, "o-", color="tab:green", markersize=4)
+        task_ax.set_ylabel(column.replace("/", "\n"), fontsize=9)
+        task_ax.grid(True, alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -35,6 +35,7 @@ SAFE_ON_RESUME = {
     "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_last",
     "sample_tokens", "time_budget", "tensorboard", "device", "dtype", "compile",
     "lr_schedule", "cooldown_frac", "muon_lr",
+    "eval_tasks", "eval_tasks_interval", "eval_tasks_limit", "eval_tasks_path",
 }
 # Keys never compared on resume: where the run lives, what the tokenizer fills in, and where its
 # data is now (the data's fingerprint decides whether it is the same data).

@@ -49,7 +49,7 @@ from .train_control import CompiledModel, StopSignals, TimeBudget
 
 __all__ = [  # the loop, and the names its users have imported from here since the first release
     "EvalHook", "TrainResult", "Trainer", "TrainingInterrupted", "autocast_context", "default_preset",
-    "lr_at", "peak_flops", "resolve_device", "resolve_dtype", "resume_config", "train",
+    "lr_at", "peak_flops", "resolve_device", "resolve_dtype", "resume_config", "task_hooks", "train",
 ]
 
 
@@ -528,9 +528,25 @@ class Trainer:
         )
 
 
+def task_hooks(cfg: Config, log: Callable[[str], None] | None = None) -> list[Any]:
+    """The evaluation hook that `eval_tasks` asks for (lm-evaluation-harness tasks), or none.
+    Call each hook's `bind(trainer.tokenizer)` once the Trainer exists (see `train`)."""
+    if not cfg.train.eval_tasks:
+        return []
+    if cfg.train.fsdp:
+        raise QuillError("eval_tasks runs the tasks on the whole model; it does not work with fsdp")
+    from .lm_eval_adapter import TaskEvalHook
+
+    return [TaskEvalHook.from_config(cfg, log or (lambda msg: print(msg, file=sys.stderr)))]
+
+
 def train(cfg: Config, overwrite: bool = False, save: bool = True, progress: bool = True,
           start_time: float | None = None, resume: str | Path | None = None,
           resume_data: str | None = None) -> TrainResult:
     """Train a model as `cfg` says; see `Trainer`."""
-    return Trainer(cfg, overwrite=overwrite, save=save, progress=progress, start_time=start_time,
-                   resume=resume, resume_data=resume_data).run()
+    hooks = task_hooks(cfg)
+    trainer = Trainer(cfg, overwrite=overwrite, save=save, progress=progress, start_time=start_time,
+                      resume=resume, resume_data=resume_data, hooks=hooks)
+    for hook in hooks:
+        hook.bind(trainer.tokenizer)
+    return trainer.run()

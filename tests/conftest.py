@@ -3,8 +3,10 @@ public data files (tiny-shakespeare, GPT-2's ranks), found where quill finds the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from unittest import mock
 
@@ -28,6 +30,8 @@ SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DATA_FILES = {SHAKESPEARE_NAME: (SHAKESPEARE_URL, SHAKESPEARE_SHA256),
               GPT2_RANKS_NAME: (GPT2_RANKS_URL, GPT2_RANKS_SHA256)}
 _located: dict[str, Path | str] = {}  # name -> path, or the reason to skip
+LM_EVAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"  # offline benchmark tasks
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def data_file(name: str) -> Path:
@@ -116,3 +120,48 @@ def make_run(path: Path, model_cfg, tokenizer, seed: int = 0) -> Path:
     tokenizer.save(path / ckpt.TOKENIZER_FILE)
     ckpt.save_weights(model, path / ckpt.MODEL_FILE)
     return path
+
+
+def make_any_run(path: Path, model_cfg, tokenizer, seed: int = 0) -> Path:
+    """As make_run, for any model kind (the ladder's rungs too)."""
+    from quillgpt import checkpoint as ckpt
+    from quillgpt.config import Config, TrainConfig
+    from quillgpt.registry import build_model
+
+    model_cfg.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(seed)
+    model = build_model(model_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path.mkdir(parents=True)
+    ckpt.save_config(Config(model=model_cfg, train=TrainConfig()), path)
+    tokenizer.save(path / ckpt.TOKENIZER_FILE)
+    ckpt.save_weights(model, path / ckpt.MODEL_FILE)
+    return path
+
+
+def task_text() -> str:
+    """Every string of the offline benchmark tasks' data (a char tokenizer trained on it knows them all)."""
+    parts = []
+    for path in sorted((LM_EVAL_TASKS / "data").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            parts += [v if isinstance(v, str) else " ".join(v) for v in json.loads(line).values()
+                      if isinstance(v, (str, list))]
+    return "\n".join(parts) + "\n"
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """Any connection to another host fails (loopback stays open), for a whole test module:
+    `pytestmark = pytest.mark.usefixtures("offline")`."""
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+            raise OSError(f"the tests run offline, yet something connected to {address}")
+        return real_connect(self, address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        yield

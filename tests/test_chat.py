@@ -4,11 +4,10 @@ on messages, the Jinja template against transformers, replies and the history th
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import seed_cache
 
 from quillgpt.chat import (
     CHAT_TOKENS,
@@ -48,12 +47,9 @@ CONV = [
 
 
 def gpt2():
-    from quillgpt.download import cache_dir
     from quillgpt.tokenizers.gpt2 import GPT2_RANKS_NAME, gpt2_tokenizer
 
-    dest = cache_dir() / GPT2_RANKS_NAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shared_file("gpt2.tiktoken"), dest)
+    seed_cache(GPT2_RANKS_NAME)
     return gpt2_tokenizer()
 
 

@@ -21,6 +21,8 @@ import torch
 
 from ..checkpoint import MODEL_FILE, Run, load_run
 from ..generate import TextStream, start_ids, stream_ids
+from ..scoring import prompt_logprobs
+from .logprobs import TokenLogprob, prompt_entries, step_logprobs
 from .schemas import Sampling
 
 
@@ -36,7 +38,10 @@ class Job:
     The worker reports through `events` (an asyncio.Queue on `loop`):
     ("pieces", [text per row]) as text is produced, ("finish", [finish_reason per row],
     [tokens per row]) once at the end, ("error", message) if generation failed, and ("end",)
-    last, always.
+    last, always. A job that asks for `logprobs` (alternatives per token, serve/logprobs.py) also
+    gets ("logprobs", [TokenLogprob or None per row]) before each step's pieces, and one that
+    scores its prompts (`score_rows`: the prompt ids of each row) ("prompt_logprobs",
+    [TokenLogprob list per row]) first.
     """
 
     rows: list[list[int]]
@@ -47,6 +52,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     ended: bool = False
     end_ids: frozenset[int] | None = None  # tokens that end a row (None: <|endoftext|>); chat: <|end|>, ...
+    logprobs: int | None = None
+    score_rows: list[list[int]] | None = None
 
     def emit(self, *event: Any) -> None:
         try:
@@ -92,11 +99,15 @@ class Engine:
         return self._thread.is_alive()
 
     def new_job(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seed: int,
-                loop: asyncio.AbstractEventLoop) -> Job:
+                loop: asyncio.AbstractEventLoop, logprobs: int | None = None,
+                score_prompts: bool = False) -> Job:
         """A job of `n` rows per prompt (an empty prompt starts from the tokenizer's start ids);
-        row i is sampled with `seed + i`, and reports to `loop`."""
+        row i is sampled with `seed + i`, and reports to `loop`. `logprobs`: alternatives per
+        token to report; `score_prompts`: report the prompts' own logprobs too (echo)."""
         rows = [ids or start_ids(self.tokenizer) for ids in prompt_ids for _ in range(n)]
-        return Job(rows, [seed + i for i in range(len(rows))], sampling, loop)
+        score_rows = [list(ids) for ids in prompt_ids for _ in range(n)] if score_prompts else None
+        return Job(rows, [seed + i for i in range(len(rows))], sampling, loop, logprobs=logprobs,
+                   score_rows=score_rows)
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -163,6 +174,28 @@ class Engine:
         if not jobs:
             return
         self.batches += 1
+        self._score_prompts(jobs)
+        for job in jobs:
+            if job.sampling.max_tokens == 0:  # scoring only (echo with logprobs): done
+                job.emit("finish", ["length"] * len(job.rows), [0] * len(job.rows))
+                self._end(job)
+        jobs = [job for job in jobs if not job.ended]
+        if jobs:
+            self._decode(jobs)
+
+    def _score_prompts(self, jobs: list[Job]) -> None:
+        """The prompts of the jobs that echo them with logprobs, all scored in one batched pass."""
+        scoring = [job for job in jobs if job.score_rows is not None]
+        if not scoring:
+            return
+        unique = list(dict.fromkeys(tuple(r) for job in scoring for r in job.score_rows or [] if r))
+        top = max(job.logprobs or 0 for job in scoring)
+        scores = dict(zip(unique, prompt_logprobs(self.model, unique, top))) if unique else {}
+        for job in scoring:
+            job.emit("prompt_logprobs", [prompt_entries(r, scores[tuple(r)]) if r else []
+                                         for r in job.score_rows or []])
+
+    def _decode(self, jobs: list[Job]) -> None:
         # the batch's rows, and for each row: its job, its place in the job, its token limit
         rows = [r for job in jobs for r in job.rows]
         owner = [(job, i) for job in jobs for i in range(len(job.rows))]
@@ -171,12 +204,19 @@ class Engine:
         streams = [TextStream(self.tokenizer, job.sampling.stop, job.end_ids) for job in jobs for _ in job.rows]
         tokens = [0] * len(rows)
         finish: list[str | None] = [None] * len(rows)
+        top = max((job.logprobs for job in jobs if job.logprobs is not None), default=None)
+        step_lp: list[TokenLogprob] = []  # this step's logprobs of every row, when asked for
+
+        def on_logits(logits: torch.Tensor, nxt: torch.Tensor) -> None:
+            step_lp[:] = step_logprobs(logits, nxt, top or 0)
+
         s = jobs[0].sampling
         steps = stream_ids(self.model, rows, max(limit), s.temperature, s.top_k, s.top_p, s.min_p,
-                           s.repetition_penalty, generators)
+                           s.repetition_penalty, generators, on_logits=on_logits if top is not None else None)
         try:
             for nxt in steps:
                 pieces: dict[int, list[str]] = {id(job): [""] * len(job.rows) for job in jobs}
+                lps: dict[int, list[TokenLogprob | None]] = {id(job): [None] * len(job.rows) for job in jobs}
                 for b, t in enumerate(nxt.tolist()):
                     job, i = owner[b]
                     if finish[b] or job.ended:
@@ -194,9 +234,13 @@ class Engine:
                         piece += streams[b].finish()
                         finish[b] = "length"
                     pieces[id(job)][i] = piece
+                    if job.logprobs is not None:
+                        lps[id(job)][i] = step_lp[b]
                 for job in jobs:
                     if job.ended:
                         continue
+                    if job.logprobs is not None:
+                        job.emit("logprobs", lps[id(job)])
                     if any(pieces[id(job)]):
                         job.emit("pieces", pieces[id(job)])
                     mine = [b for b in range(len(rows)) if owner[b][0] is job]

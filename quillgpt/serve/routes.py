@@ -33,6 +33,7 @@ from ..errors import QuillError
 from ..model import count_params
 from .engine import Engine, Job, ServerBusy, load
 from .guard import RequestGuard
+from .logprobs import LogprobsCollector
 from .schemas import (
     APIError,
     ServeSettings,
@@ -152,7 +153,7 @@ def usage(prompt_tokens: list[int], tokens: list[int]) -> dict[str, int]:
 
 
 async def complete(request: Request, job: Job, head: dict, echo: list[str],
-                   prompt_tokens: list[int]) -> JSONResponse:
+                   prompt_tokens: list[int], logprobs: LogprobsCollector | None = None) -> JSONResponse:
     """Wait for the whole job; if the client disconnects first, cancel it (frees its slot)."""
     texts = list(echo)
     finish, tokens, failed = ["length"] * len(texts), [0] * len(texts), None
@@ -160,6 +161,8 @@ async def complete(request: Request, job: Job, head: dict, echo: list[str],
     async def collect() -> None:
         nonlocal finish, tokens, failed
         while (event := await job.events.get())[0] != "end":
+            if logprobs is not None and logprobs.consume(event):
+                continue
             if event[0] == "pieces":
                 for b, piece in enumerate(event[1]):
                     texts[b] += piece
@@ -185,24 +188,32 @@ async def complete(request: Request, job: Job, head: dict, echo: list[str],
         raise APIError(499, "client closed the request", type="client_closed")
     if failed:
         raise APIError(500, failed, type="server_error")
-    choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
-               for i, (t, f) in enumerate(zip(texts, finish))]
+    choices = [{"text": t, "index": i, "logprobs": logprobs.choices[i].openai() if logprobs else None,
+                "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
     return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, tokens)})
 
 
 async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
-              include_usage: bool) -> AsyncIterator[str]:
-    """The job's events as Server-Sent Events; a stream closed early cancels the job."""
+              include_usage: bool, logprobs: LogprobsCollector | None = None) -> AsyncIterator[str]:
+    """The job's events as Server-Sent Events; a stream closed early cancels the job. With
+    logprobs, a choice's chunk carries those of the tokens since its previous chunk."""
     def chunk(choices: list[dict], **extra: Any) -> str:
         return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
     def choice(i: int, text: str, finish: str | None = None) -> dict:
-        return {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+        lp = logprobs.choices[i].take() if logprobs else None
+        return {"text": text, "index": i, "logprobs": lp, "finish_reason": finish}
 
     try:
-        if any(echo):
+        echo_waits = any(echo) and job.score_rows is not None  # for the prompts' logprobs
+        if any(echo) and not echo_waits:
             yield chunk([choice(i, e) for i, e in enumerate(echo) if e])
         while (event := await job.events.get())[0] != "end":
+            if logprobs is not None and logprobs.consume(event):
+                if echo_waits and event[0] == "prompt_logprobs":
+                    yield chunk([choice(i, e) for i, e in enumerate(echo) if e])
+                    echo_waits = False
+                continue
             if event[0] == "pieces":
                 yield chunk([choice(i, p) for i, p in enumerate(event[1]) if p])
             elif event[0] == "finish":
@@ -383,7 +394,11 @@ class Routes:
         checked = await asyncio.to_thread(check_completion, req, self.settings, self.model_id,
                                           self.engine.tokenizer, self.block_size)
         job = self.engine.new_job(checked.prompt_ids, checked.n, checked.sampling, checked.seed,
-                                  asyncio.get_running_loop())
+                                  asyncio.get_running_loop(), checked.logprobs,
+                                  score_prompts=checked.echo and checked.logprobs is not None)
+        lp = None
+        if checked.logprobs is not None:
+            lp = LogprobsCollector(self.engine.tokenizer, len(job.rows), checked.logprobs)
         prompt_tokens = [len(ids) for ids in checked.prompt_ids]
         echo = [checked.prompts[i // checked.n] if req.echo else "" for i in range(len(job.rows))]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -391,10 +406,10 @@ class Routes:
         self.submit(job)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(job, head, echo, prompt_tokens, include_usage),
+            return StreamingResponse(sse(job, head, echo, prompt_tokens, include_usage, lp),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(request, job, head, echo, prompt_tokens)
+        return await complete(request, job, head, echo, prompt_tokens, lp)
 
 
     async def chat_completions(self, request: Request):

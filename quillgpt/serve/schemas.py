@@ -17,6 +17,7 @@ from ..chat import ConversationError, check_messages, end_ids, has_chat_template
 from ..errors import QuillError, shown
 from ..generate import check_sampling_args, encode_prompt
 from ..tokenizers import Tokenizer
+from .logprobs import MAX_LOGPROBS
 
 
 @dataclass
@@ -73,6 +74,8 @@ class CompletionInput:
     n: int  # choices per prompt
     sampling: Sampling
     seed: int  # of the first row; row i uses seed + i
+    logprobs: int | None = None  # alternatives per token (serve/logprobs.py); None: no logprobs
+    echo: bool = False  # the prompt is part of each choice's text (and scored, with logprobs)
 
 
 # --- the request schema ---------------------------------------------------------------------
@@ -91,8 +94,8 @@ def completion_request_schema() -> Any:
 
         model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
         model: str | None = None
-        prompt: str | list[str]
-        max_tokens: int | None = Field(default=None, ge=1)
+        prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids
+        max_tokens: int | None = Field(default=None, ge=0)
         temperature: float | None = Field(default=None, ge=0)
         top_p: float | None = Field(default=None, gt=0, le=1)
         top_k: int | None = Field(default=None, ge=0)
@@ -104,7 +107,7 @@ def completion_request_schema() -> Any:
         stream: bool | None = None
         stream_options: StreamOptions | None = None
         echo: bool | None = None
-        logprobs: int | None = None
+        logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
         best_of: int | None = None
         user: str | None = None
 
@@ -156,17 +159,18 @@ def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer
                      block_size: int) -> CompletionInput:
     """Check a parsed completion request against the model and the limits; encode the prompts."""
     check_model(req.model, model_id)
-    if req.logprobs is not None:
-        raise APIError(400, "logprobs is not supported", param="logprobs")
     if req.best_of not in (None, 1):
         raise APIError(400, "best_of is not supported", param="best_of")
     max_tokens = req.max_tokens if req.max_tokens is not None else settings.default_max_tokens
+    if max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is for echo (with logprobs: score the "
+                            "prompt)", param="max_tokens")
     if max_tokens > settings.max_tokens_cap:
         raise APIError(400, f"max_tokens: at most {settings.max_tokens_cap} on this server, "
                             f"got {max_tokens}", param="max_tokens")
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not prompts:
+    if isinstance(req.prompt, list) and not req.prompt:
         raise APIError(400, "prompt: an empty list", param="prompt")
+    prompts, encoded = prompt_texts_and_ids(req.prompt, tokenizer, block_size)
     n = req.n or 1
     if n * len(prompts) > settings.max_batch:
         raise APIError(400, f"n x prompts is {n * len(prompts)}, at most {settings.max_batch} "
@@ -183,12 +187,13 @@ def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer
     try:
         check_sampling_args(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                             sampling.repetition_penalty, max_tokens, sampling.stop)
-        encoded = [encode_prompt(tokenizer, p, block_size) for p in prompts]
+        if encoded is None:
+            encoded = [encode_prompt(tokenizer, p, block_size) for p in prompts]
     except QuillError as e:
         param = "prompt" if "prompt" in str(e) or "character" in str(e) else "stop"
         raise APIError(400, str(e), param=param) from None
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
-    return CompletionInput(prompts, encoded, n, sampling, seed)
+    return CompletionInput(prompts, encoded, n, sampling, seed, req.logprobs, bool(req.echo))
 
 
 # --- chat completions -----------------------------------------------------------------------
@@ -303,3 +308,23 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
         raise APIError(400, f"messages: {e}", param="messages") from None
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
     return ChatInput(ids, n, sampling, seed, frozenset(end_ids(tokenizer)))
+
+
+def prompt_texts_and_ids(prompt: Any, tokenizer: Tokenizer, block_size: int
+                         ) -> tuple[list[str], list[list[int]] | None]:
+    """The prompts as texts, and as token ids when they came as ids ([int] or [[int]]; checked
+    against the vocabulary and the context); text prompts are encoded later (None)."""
+    if isinstance(prompt, str):
+        return [prompt], None
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt), None
+    rows = [prompt] if all(isinstance(t, int) for t in prompt) else prompt
+    for ids in rows:
+        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary of {tokenizer.vocab_size}",
+                           param="prompt")
+        if len(ids) > block_size:
+            raise APIError(400, f"prompt is {len(ids)} tokens long, longer than the model's context of "
+                                f"{block_size}", param="prompt")
+    return [tokenizer.decode(ids) for ids in rows], [list(ids) for ids in rows]
