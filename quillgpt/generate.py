@@ -79,9 +79,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 # --- the decoding loop ------------------------------------------------------------------------
 
 def supports_cache(model: nn.Module) -> bool:
-    """Whether `model.forward` takes a KVCache (the GPT does; the ladder's rungs do not)."""
+    """Whether `model.forward` takes a KVCache (the GPT does; the ladder's rungs do not).
+
+    A `torch.compile`d model is asked about the model it wraps (its own forward takes *args)."""
     import inspect
 
+    model = getattr(model, "_orig_mod", model)
     return "cache" in inspect.signature(model.forward).parameters
 
 
