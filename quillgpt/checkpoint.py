@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 from .config import Config, config_from_dict
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from .inference import check_inference_dtype, set_inference_dtype
 from .model import build_model
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -137,8 +138,10 @@ class Run:
     model: nn.Module
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = MODEL_FILE) -> Run:
-    """Load a run directory written by `quill train`."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = MODEL_FILE,
+             dtype: str = "float32", warn: Callable[[str], None] | None = None) -> Run:
+    """Load a run directory written by `quill train`, for inference in `dtype` (float32, bfloat16,
+    int8 or auto: `quillgpt.inference.set_inference_dtype`, which tells `warn` about emulated bf16)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise QuillError(f"run directory not found: {run_dir}")
@@ -154,6 +157,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
             f"{run_dir}: config vocab_size {cfg.model.vocab_size} does not match the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
+    check_inference_dtype(dtype)
     cfg.model.validate()
     model = build_model(cfg.model)
     weights_path = run_dir / weights
@@ -162,6 +166,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
     load_weights(model, weights_path)
     model.to(device)
     model.eval()
+    set_inference_dtype(model, dtype, warn)
     return Run(run_dir, cfg, tokenizer, model)
 
 

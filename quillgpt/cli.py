@@ -160,6 +160,18 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="fixes the output")
     p.add_argument("--device", default="cpu")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+    add_dtype_flag(p)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """`--dtype`: the weights' precision for inference (quillgpt.inference)."""
+    p.add_argument("--dtype", default="float32", metavar="DTYPE",
+                   help="float32 (default) | bfloat16 | int8 (weight-only, per-channel scales) | auto "
+                        "(bfloat16 where the hardware has it, else float32); see docs/generation.md")
+
+
+def warn_line(message: str) -> None:
+    eprint(f"warning: {message}")
 
 
 def _unescape(text: str) -> str:
@@ -178,7 +190,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         args.repetition_penalty, args.max_new_tokens, stop)
     if args.num_samples < 1:
         raise QuillError(f"--num-samples must be >= 1, got {args.num_samples}")
-    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
+    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE,
+                   dtype=args.dtype, warn=warn_line)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
@@ -282,6 +295,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dtype_flag(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -290,20 +304,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
     from .data import read_text
     from .evaluate import evaluate_text, format_result
+    from .inference import check_inference_dtype, set_inference_dtype
     from .train import resolve_device
 
     if args.batch_size < 1:
         raise QuillError(f"--batch-size must be positive, got {args.batch_size}")
+    check_inference_dtype(args.dtype)
     text = read_text(args.data)
     device = resolve_device(args.device)
     if is_run_dir(args.run):
-        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE)
+        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE, dtype=args.dtype, warn=warn_line)
         model, tokenizer = run.model, run.tokenizer
     else:
         from .hf import load_hf
 
         hf = load_hf(args.run)
         model, tokenizer = hf.model.to(device), hf.tokenizer
+        set_inference_dtype(model, args.dtype, warn_line)
     result = evaluate_text(model, tokenizer, text, stride=args.stride, batch_size=args.batch_size,
                            max_tokens=args.max_tokens, progress=not args.no_progress)
     print(json.dumps(result.to_dict()) if args.json else format_result(result))
@@ -455,20 +472,24 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_dtype_flag(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE
+    from .inference import check_inference_dtype
     from .serve import ServeSettings, serve
     from .train import resolve_device
 
+    check_inference_dtype(args.dtype)
     if not 0 <= args.port <= 65535:
         raise QuillError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens_cap < 1 or args.max_queue < 1:
         raise QuillError("--max-tokens-cap and --max-queue must be positive")
     settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue)
     serve(args.run, args.host, args.port, resolve_device(args.device),
-          BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level)
+          BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level,
+          dtype=args.dtype)
     return 0
 
 

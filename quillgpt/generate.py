@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .errors import QuillError
+from .inference import activation_dtype
 from .model import KVCache
 from .tokenizers import Tokenizer
 
@@ -88,16 +89,12 @@ def supports_cache(model: nn.Module) -> bool:
     return "cache" in inspect.signature(model.forward).parameters
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _prefill(model: nn.Module, windows: list[list[int]], device: torch.device) -> tuple[KVCache, torch.Tensor]:
     """A fresh cache holding `windows` (left-padded to one length); the next-token logits."""
     L = max(len(w) for w in windows)
     pad = torch.tensor([L - len(w) for w in windows], device=device)
     idx = torch.tensor([[0] * (L - len(w)) + w for w in windows], dtype=torch.long, device=device)
-    cache = KVCache(model.config, len(windows), device, _model_dtype(model), pad)
+    cache = KVCache(model.config, len(windows), device, activation_dtype(model), pad)
     logits, _ = model(idx, cache=cache)
     return cache, logits[:, -1, :]
 

@@ -369,8 +369,9 @@ def model_card(run: Run, model_id: str, settings: ServeSettings) -> dict[str, An
 # --- the app --------------------------------------------------------------------------------
 
 def create_app(run: Run | str | Path, settings: ServeSettings | None = None, device: str = "cpu",
-               weights: str = MODEL_FILE, model_id: str | None = None):
-    """The FastAPI app serving `run` (a loaded Run or a run directory)."""
+               weights: str = MODEL_FILE, model_id: str | None = None, dtype: str = "float32",
+               warn: Any = None):
+    """The FastAPI app serving `run` (a loaded Run, or a run directory loaded in `dtype`)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -380,7 +381,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
         raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'") from None
 
     if not isinstance(run, Run):
-        run = load_run(run, device, weights)
+        run = load_run(run, device, weights, dtype=dtype, warn=warn)
     settings = settings or ServeSettings()
     model_id = model_id or run.path.resolve().name
     engine = Engine(run, settings.max_queue, settings.max_batch)
@@ -613,14 +614,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           weights: str = MODEL_FILE, settings: ServeSettings | None = None,
-          log: Any = print, log_level: str = "warning") -> None:
-    """Load `run_dir` and serve it until interrupted (what `quill serve` does)."""
+          log: Any = print, log_level: str = "warning", dtype: str = "float32") -> None:
+    """Load `run_dir` (weights in `dtype`) and serve it until interrupted (what `quill serve` does)."""
     try:
         import uvicorn
     except ImportError:
         raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'") from None
     sock = bind_socket(host, port)
-    app = create_app(run_dir, settings, device, weights)
+    app = create_app(run_dir, settings, device, weights, dtype=dtype, warn=lambda m: log(f"warning: {m}"))
     card = app.state.engine.run
     actual_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
