@@ -32,6 +32,7 @@ from safetensors.torch import save as st_save
 from .config import Config, ModelConfig, config_from_dict, parse_yaml
 from .errors import QuillError
 from .fileio import atomic_write_bytes, atomic_write_text, disk_full, fsync_dir, make_temp_dir, sweep_temporaries
+from .inference import check_inference_dtype, set_inference_dtype
 from .registry import build_model
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -206,8 +207,10 @@ class Run:
     model: nn.Module
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = MODEL_FILE) -> Run:
-    """Load a run directory written by `quill train`."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = MODEL_FILE,
+             dtype: str = "float32", warn: Callable[[str], None] | None = None) -> Run:
+    """Load a run directory written by `quill train`, for inference in `dtype` (float32, bfloat16,
+    int8 or auto: `quillgpt.inference.set_inference_dtype`, which tells `warn` about emulated bf16)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise QuillError(f"run directory not found: {run_dir}")
@@ -223,6 +226,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
             f"{run_dir}: config vocab_size {cfg.model.vocab_size} does not match the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
+    check_inference_dtype(dtype)
     weights_path = run_dir / weights
     if not weights_path.is_file():
         raise QuillError(f"{run_dir} has no weights ({weights} is missing)")
@@ -231,6 +235,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
     load_weights(model, weights_path)
     model.to(device)
     model.eval()
+    set_inference_dtype(model, dtype, warn)
     return Run(run_dir, cfg, tokenizer, model)
 
 

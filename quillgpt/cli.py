@@ -240,6 +240,18 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="fixes the output (default: a random seed)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+    add_dtype_flag(p)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """`--dtype`: the weights' precision for inference (quillgpt.inference)."""
+    p.add_argument("--dtype", default="float32", metavar="DTYPE",
+                   help="float32 (default) | bfloat16 | int8 (weight-only, per-channel scales) | auto "
+                        "(bfloat16 where the hardware has it, else float32); see docs/generation.md")
+
+
+def warn_line(message: str) -> None:
+    eprint(f"warning: {message}")
 
 
 def _unescape(text: str) -> str:
@@ -259,7 +271,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise QuillError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_seed(args.seed, args.num_samples)
-    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
+    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE,
+                   dtype=args.dtype, warn=warn_line)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
@@ -478,21 +491,26 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="the figures as JSON: on stdout, or written to PATH (the table is then printed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dtype_flag(p)
 
 
 def load_eval_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer) of a run directory, or of a Hugging Face GPT-2 directory / hub id."""
+    """(model, tokenizer) of a run directory, or of a Hugging Face GPT-2 directory / hub id, in
+    the precision --dtype asks for."""
     from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
     if is_run_dir(args.run):
-        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE)
+        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE, dtype=args.dtype, warn=warn_line)
         return run.model, run.tokenizer
     from .hf import load_hf
+    from .inference import set_inference_dtype
 
     hf = load_hf(args.run)
-    return hf.model.to(device), hf.tokenizer
+    model = hf.model.to(device)
+    set_inference_dtype(model, args.dtype, warn_line)
+    return model, hf.tokenizer
 
 
 def check_eval_flags(args: argparse.Namespace) -> None:
@@ -527,8 +545,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return eval_tasks(args)
     from .evaluate import evaluate_text, format_result
+    from .inference import check_inference_dtype
     from .readers import read_text
 
+    check_inference_dtype(args.dtype)
     text = read_text(args.data)
     model, tokenizer = load_eval_model(args)
     result = evaluate_text(model, tokenizer, text, stride=args.stride, batch_size=args.batch_size,
@@ -544,6 +564,9 @@ def eval_tasks(args: argparse.Namespace) -> int:
     from .lm_eval_adapter import check_tasks, results_json, results_table, run_tasks, task_manager
 
     manager = task_manager(args.include_path, args.tasks.split(","))
+    from .inference import check_inference_dtype
+
+    check_inference_dtype(args.dtype)
     check_tasks(args.tasks.split(","), manager)  # before loading the model: a typo fails fast
     model, tokenizer = load_eval_model(args)
     start = time.perf_counter()
@@ -714,14 +737,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's logging: each request is logged at info")
+    add_dtype_flag(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import BEST_FILE, MODEL_FILE
+    from .inference import check_inference_dtype
     from .runtime import resolve_device
     from .serve import ServeSettings, serve
     from .serve.guard import default_allowed_hosts
 
+    check_inference_dtype(args.dtype)
     if not 0 <= args.port <= 65535:
         raise QuillError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens_cap < 1 or args.max_queue < 1:
@@ -730,7 +756,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
                              allowed_hosts=default_allowed_hosts(args.host, extra))
     serve(args.run, args.host, args.port, resolve_device(args.device),
-          BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level)
+          BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level,
+          dtype=args.dtype)
     return 0
 
 

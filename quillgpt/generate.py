@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .errors import QuillError, shown
+from .inference import activation_dtype
 from .model import KVCache
 from .tokenizers import Tokenizer
 
@@ -89,14 +90,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 # --- the decoding loop ------------------------------------------------------------------------
 
 def supports_cache(model: nn.Module) -> bool:
-    """Whether `model.forward` takes a KVCache (the GPT does; the ladder's rungs do not)."""
+    """Whether `model.forward` takes a KVCache (the GPT does; the ladder's rungs do not).
+
+    A `torch.compile`d model is asked about the model it wraps (its own forward takes *args)."""
     import inspect
 
+    model = getattr(model, "_orig_mod", model)
     return "cache" in inspect.signature(model.forward).parameters
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _prefill(model: nn.Module, windows: list[list[int]], device: torch.device) -> tuple[KVCache, torch.Tensor]:
@@ -104,7 +104,7 @@ def _prefill(model: nn.Module, windows: list[list[int]], device: torch.device) -
     L = max(len(w) for w in windows)
     pad = torch.tensor([L - len(w) for w in windows], device=device)
     idx = torch.tensor([[0] * (L - len(w)) + w for w in windows], dtype=torch.long, device=device)
-    cache = KVCache(model.config, len(windows), device, _model_dtype(model), pad)
+    cache = KVCache(model.config, len(windows), device, activation_dtype(model), pad)
     logits, _ = model(idx, cache=cache)
     return cache, logits[:, -1, :]
 

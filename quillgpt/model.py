@@ -52,7 +52,9 @@ class KVCache:
     Slots 0..pos-1 hold the keys/values of the tokens seen so far (B, nh, block_size, hs per
     layer). Rows of a batch may be left-padded to a common length: `pad[b]` slots at the start
     of row b are padding, masked out of attention, and row b's positions count from its first
-    real token. The buffers never grow or move, so the decode step has fixed shapes.
+    real token. The buffers never grow or move, so the decode step has fixed shapes, and a
+    decode step allocates nothing here: its position ids and attention mask are views into
+    tables built once.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device | str,
@@ -66,24 +68,31 @@ class KVCache:
         self.pos = 0  # slots filled
         self.pad = pad if pad is not None and bool(pad.any()) else None  # (B,) or None
         self.mask: torch.Tensor | None = None  # attention mask of the forward in progress
+        self.slots = torch.arange(cfg.block_size, device=device)  # (capacity,)
+        if self.pad is not None:
+            # per row: the position id of every slot, and which slots hold real tokens
+            self.row_positions = (self.slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, capacity)
+            self.real = (self.slots[None, :] >= self.pad[:, None])[:, None, None, :]  # (B, 1, 1, capacity)
 
     def positions(self, T: int) -> torch.Tensor:
         """Position ids of the next T slots: (T,), or (B, T) when rows are padded."""
-        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
         if self.pad is None:
-            return pos
-        return (pos[None, :] - self.pad[:, None]).clamp(min=0)
+            return self.slots[self.pos : self.pos + T]
+        return self.row_positions[:, self.pos : self.pos + T]
 
     def attn_mask(self, T: int) -> torch.Tensor | None:
         """Which of slots 0..pos+T-1 each of the next T queries may see; None = plain causal."""
+        end = self.pos + T
         if self.pad is None and (T == 1 or self.pos == 0):
             return None  # decode sees every filled slot; a fresh prefill is plainly causal
-        q = torch.arange(self.pos, self.pos + T, device=self.k.device)[:, None]  # (T, 1)
-        k = torch.arange(self.pos + T, device=self.k.device)[None, :]  # (1, Tk)
+        if T == 1:
+            return self.real[..., :end]  # decode: a real token sees every real slot so far
+        q = self.slots[self.pos : end, None]  # (T, 1)
+        k = self.slots[None, :end]  # (1, Tk)
         mask = k <= q  # (T, Tk) causal
         if self.pad is not None:
             # padding is never seen, except by itself (a row with nothing to see gives NaN)
-            mask = mask & ((k >= self.pad[:, None, None, None]) | (k == q))  # (B, 1, T, Tk)
+            mask = mask & (self.real[..., :end] | (k == q))  # (B, 1, T, Tk)
         return mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -431,3 +431,11 @@ def test_cached_decoding_under_torch_compile():
             b, _ = compiled(seq[:, t0:t1], cache=compiled_cache)
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= 3
+
+
+def test_a_compiled_model_decodes_with_the_cache():
+    """torch.compile's wrapper takes *args; generation must still see that the model takes a cache."""
+    from quillgpt.generate import supports_cache
+
+    model = random_model()
+    assert supports_cache(model) and supports_cache(torch.compile(model))  # compiling is lazy: no cost here

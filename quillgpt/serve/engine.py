@@ -13,6 +13,7 @@ import asyncio
 import collections
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ from .logprobs import TokenLogprob, prompt_entries, step_logprobs
 from .schemas import Sampling
 
 
-def load(run: Run | str | Path, device: str = "cpu", weights: str = MODEL_FILE) -> Run:
-    """The run to serve: `run` itself if already loaded, else loaded from its directory."""
-    return run if isinstance(run, Run) else load_run(run, device, weights)
+def load(run: Run | str | Path, device: str = "cpu", weights: str = MODEL_FILE, dtype: str = "float32",
+         warn: Callable[[str], None] | None = None) -> Run:
+    """The run to serve: `run` itself if already loaded, else loaded from its directory with its
+    weights in `dtype` (float32, bfloat16, int8, auto: quillgpt.inference)."""
+    return run if isinstance(run, Run) else load_run(run, device, weights, dtype=dtype, warn=warn)
 
 
 @dataclass

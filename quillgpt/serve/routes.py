@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -434,11 +434,12 @@ class Routes:
 # --- the app --------------------------------------------------------------------------------
 
 def create_app(run: Run | str | Path, settings: ServeSettings | None = None, device: str = "cpu",
-               weights: str = MODEL_FILE, model_id: str | None = None):
-    """The FastAPI app serving `run` (a loaded Run or a run directory)."""
+               weights: str = MODEL_FILE, model_id: str | None = None, dtype: str = "float32",
+               warn: Callable[[str], None] | None = None):
+    """The FastAPI app serving `run` (a loaded Run, or a run directory loaded in `dtype`)."""
     if FastAPI is None:
         raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'")
-    run = load(run, device, weights)
+    run = load(run, device, weights, dtype, warn)
     settings = settings or ServeSettings()
     engine = Engine(run, settings.max_queue, settings.max_batch)
     routes = Routes(engine, settings, model_id or run.path.resolve().name)

@@ -40,8 +40,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           weights: str = MODEL_FILE, settings: ServeSettings | None = None,
-          log: Any = print, log_level: str = "warning") -> None:
-    """Load `run_dir` and serve it until interrupted (what `quill serve` does)."""
+          log: Any = print, log_level: str = "warning", dtype: str = "float32") -> None:
+    """Load `run_dir` (weights in `dtype`) and serve it until interrupted (what `quill serve` does)."""
     try:
         import uvicorn
     except ImportError:
@@ -50,7 +50,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     settings = settings or ServeSettings()
     if settings.allowed_hosts == ServeSettings().allowed_hosts:  # not chosen: this server's names
         settings.allowed_hosts = default_allowed_hosts(host)
-    app = create_app(run_dir, settings, device, weights)
+    app = create_app(run_dir, settings, device, weights, dtype=dtype, warn=lambda m: log(f"warning: {m}"))
     card = app.state.engine.run
     actual_port = sock.getsockname()[1]
     where = f"[{host}]" if ":" in host else host
