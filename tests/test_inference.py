@@ -222,7 +222,7 @@ def test_serve_app_with_dtype(run_dir):
 
     from quillgpt.serve import create_app
 
-    with TestClient(create_app(run_dir, dtype="int8")) as client:
+    with TestClient(create_app(run_dir, dtype="int8"), base_url="http://localhost:8000") as client:
         r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200
         assert len(r.json()["choices"][0]["text"]) == 12

@@ -56,7 +56,7 @@ def chat_run(runs):
 
 @pytest.fixture(scope="module")
 def client(chat_run):
-    with TestClient(create_app(chat_run)) as c:
+    with TestClient(create_app(chat_run), base_url="http://localhost:8000") as c:
         yield c
 
 
@@ -167,14 +167,14 @@ def test_raw_bad_bodies(client):
 
 def test_a_model_without_a_chat_template_gets_400_saying_so(runs):
     base, chat = runs
-    with TestClient(create_app(base)) as c:
+    with TestClient(create_app(base), base_url="http://localhost:8000") as c:
         r = c.post("/v1/chat/completions", json={"messages": CONV})
         assert r.status_code == 400
         err = r.json()["error"]
         assert "no chat template" in err["message"] and err["code"] == "no_chat_template"
         assert c.get("/v1/model-card").json()["chat"] is False
         assert c.post("/v1/completions", json={"prompt": "To", "max_tokens": 3}).status_code == 200
-    with TestClient(create_app(chat)) as c:
+    with TestClient(create_app(chat), base_url="http://localhost:8000") as c:
         assert c.get("/v1/model-card").json()["chat"] is True
 
 

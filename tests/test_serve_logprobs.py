@@ -46,7 +46,7 @@ def run(exported):
 
 @pytest.fixture(scope="module")
 def client(run):
-    with TestClient(create_app(run)) as c:
+    with TestClient(create_app(run), base_url="http://localhost:8000") as c:
         yield c
 
 
