@@ -186,6 +186,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
                           progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
                           exact_match_every=args.exact_match_every)
     result = trainer.run()
+    # every rank answers (under FSDP each forward pass gathers the weights from all ranks)
+    prompt, reference = last_reply(trainer.data.val_conversations[0])
+    reply = replies(trainer.model, trainer.tokenizer, [prompt], max_new_tokens=64, temperature=0)[0]
     if not trainer.dist.is_main:
         return 0
     eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
@@ -193,8 +196,6 @@ def cmd_sft(args: argparse.Namespace) -> int:
            f"{result.tokens_per_s:,.0f} tokens/s")
     if result.run_dir is not None:
         eprint(f"run saved to {result.run_dir}; talk to it with: quill chat {result.run_dir}")
-    prompt, reference = last_reply(trainer.data.val_conversations[0])
-    reply = replies(trainer.model, trainer.tokenizer, [prompt], max_new_tokens=64, temperature=0)[0]
     eprint(f"a held-out conversation, greedy: {prompt[-1].content!r} -> {reply!r} (reference {reference!r})")
     return 0
 
