@@ -338,8 +338,9 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
                    help="drop tokens less likely than this times the most likely one")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
     p.add_argument("--seed", type=int, default=None, help="fixes the replies (reply n uses seed + n)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+    add_dtype_flag(p)
 
 
 def _chat_turn(session: Any, text: str) -> None:
@@ -383,7 +384,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
                         args.max_new_tokens)
-    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE)
+    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE,
+                   dtype=args.dtype, warn=warn_line)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     session = ChatSession(run.model, run.tokenizer, system=args.system, sampling=sampling)

@@ -235,9 +235,9 @@ def test_serve_app_with_dtype(run_dir):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A small char model trained for 200 steps on the first 0.3 MB of tiny-shakespeare."""
-    from conftest import shared_file
+    from conftest import data_file
 
-    data = shared_file("tinyshakespeare.txt")
+    data = data_file("tinyshakespeare.txt")
     out = tmp_path_factory.mktemp("trained") / "run"
     assert main(["train", "--config", "shakespeare-char-cpu", "--data", str(data), "--out", str(out),
                  "--max-iters", "200", "--n-layer", "2", "--n-embd", "64", "--learning-rate", "3e-3",
