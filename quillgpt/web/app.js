@@ -81,6 +81,8 @@ async function stream(url, body, onChunk) {
 }
 
 // Runs one streamed request: stats while it runs, errors shown, the buttons set back after.
+// Text is handed to onText at most once per frame, however fast the model writes: the page
+// stays responsive (and Stop clickable) while a small model streams thousands of tokens a second.
 async function run(url, body, onText, onFinish) {
   showError("");
   $("stats").textContent = "waiting…";
@@ -88,22 +90,32 @@ async function run(url, body, onText, onFinish) {
   const started = performance.now();
   let tokens = 0;
   let finish = null;
+  let pending = "";
+  let frame = 0;
+  const flush = () => {
+    if (frame) cancelAnimationFrame(frame);
+    frame = 0;
+    if (pending) onText(pending);
+    pending = "";
+  };
   try {
     await stream(url, body, (msg) => {
       if (msg.usage) tokens = msg.usage.completion_tokens; // exact count at the end
       for (const c of msg.choices) {
         const text = c.delta ? c.delta.content : c.text;
         if (text) {
-          onText(text);
+          pending += text;
           if (!msg.usage) tokens += 1; // one chunk per decoding step while streaming
         }
         if (c.finish_reason) finish = c.finish_reason;
       }
-      showStats(tokens, started, false);
+      if (!frame) frame = requestAnimationFrame(() => { frame = 0; flush(); showStats(tokens, started, false); });
     });
+    flush();
     showStats(tokens, started, true, finish === "length" ? " · stopped at max tokens" : "");
     return { ok: true, finish };
   } catch (e) {
+    flush(); // what arrived before a stop or an error stays on the page
     if (e.name === "AbortError") {
       showStats(tokens, started, true, " · stopped");
       return { ok: true, finish: "stopped" };
@@ -125,7 +137,8 @@ async function generate(event) {
   const body = { prompt: $("prompt").value, ...sampling() };
   $("out-prompt").textContent = body.prompt;
   $("out-text").textContent = "";
-  await run("/v1/completions", body, (text) => { $("out-text").textContent += text; });
+  const out = $("out-text");
+  await run("/v1/completions", body, (text) => { out.append(text); });
 }
 
 // --- chat mode ------------------------------------------------------------------------------------
@@ -178,7 +191,7 @@ async function reply() {
   scrollToEnd();
   const text = li.querySelector(".text");
   const result = await run("/v1/chat/completions", { messages, ...sampling() }, (piece) => {
-    text.textContent += piece;
+    text.append(piece);
     li.classList.remove("pending");
     scrollToEnd();
   });
