@@ -174,7 +174,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.resume:
         if args.no_save:
             raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
+        resume_data = overrides.pop("data", None)  # where the conversations are now (checked)
         cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
+        if resume_data is not None:
+            cfg.train.data = str(resume_data)
     else:
         if args.allow_config_change:
             raise QuillError("--allow-config-change only applies with --resume RUN")
