@@ -567,12 +567,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def eval_tasks(args: argparse.Namespace) -> int:
     """quill eval RUN --tasks ...: lm-evaluation-harness in process."""
+    from .inference import check_inference_dtype
     from .lm_eval_adapter import check_tasks, results_json, results_table, run_tasks, task_manager
 
+    check_inference_dtype(args.dtype)  # before the harness indexes its tasks (seconds)
     manager = task_manager(args.include_path, args.tasks.split(","))
-    from .inference import check_inference_dtype
-
-    check_inference_dtype(args.dtype)
     check_tasks(args.tasks.split(","), manager)  # before loading the model: a typo fails fast
     model, tokenizer = load_eval_model(args)
     start = time.perf_counter()
