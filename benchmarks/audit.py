@@ -14,7 +14,8 @@ A case holds when:
   traceback, and changes no file;
 - an HTTP case is answered with its 4xx status and an error body in OpenAI's JSON shape (or, for
   accepted ones, 200), never 500, the server logs no traceback, and a normal request right after
-  it completes (its latency is in the table: under 2 s is the promise).
+  it completes (its latency is in the table: under 2 s is the promise). Two servers run: one
+  serves the trained run (no chat template), the other a chat run fine-tuned from it by quill sft.
 
 Cases that could hang a process or eat its memory if they regressed (a tokenizer whose empty
 special token made tiktoken loop forever, a YAML "billion laughs") run in a subprocess with a
@@ -95,8 +96,56 @@ def hostile_tokenizers(root: Path, bpe: Any) -> None:
                                                                               range(1 << 21)]}))
 
 
+def conversation_files(root: Path) -> None:
+    """chats/: good conversations (on the verse's characters) and files with one bad line (line 4)."""
+    words = sorted({w.strip(",.:;'") for line in VERSE for w in line.split()} - {""})
+
+    def conv(user: str, assistant: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": assistant}]})
+
+    good = [conv(w, w[::-1]) for w in words]
+    write(root / "chats" / "chats.jsonl", "\n".join(good) + "\n")
+    write(root / "chats" / "other.jsonl", "\n".join(conv(w[::-1], w) for w in words) + "\n")
+    bad_lines = {
+        "notjson": '{"messages": [',
+        "role": json.dumps({"messages": [{"role": "wizard", "content": "To be"}]}),
+        "order": json.dumps({"messages": [{"role": "assistant", "content": "To"}, {"role": "user", "content": "be"}]}),
+        "noassistant": json.dumps({"messages": [{"role": "user", "content": "To be"}]}),
+        "content": json.dumps({"messages": [{"role": "user", "content": {"text": "To"}},
+                                            {"role": "assistant", "content": "be"}]}),
+        "deep": '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "huge": conv("To be " * 700_000, "or not"),  # 4 MB on one line: truncated to the context
+        "huge_bad": conv("To be " * 700_000 + "\u20ac", "or not"),  # ... with '€' at its end
+    }
+    for name, line in bad_lines.items():
+        write(root / "chats" / f"{name}.jsonl", "\n".join([*good[:3], line, *good[3:]]) + "\n")
+    write(root / "chats" / "binary.jsonl", ("\n".join(good[:3]) + "\n").encode() + b'{"messages": "\xff\xfe"}\n')
+    write(root / "chats" / "bad.parquet", b"PAR1 not a parquet file PAR1")
+
+
+def task_files(root: Path) -> None:
+    """tasks/: an lm-evaluation-harness task (indexed, never run) and hostile task YAMLs."""
+    write(root / "tasks" / "audit.yaml", "task: quill_audit\ndataset_path: json\noutput_type: loglikelihood\n"
+                                         "test_split: test\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{target}}'\n")
+    write(root / "tasks" / "tagged.yaml", "task: quill_audit_tagged\ndataset_path: !!python/object/apply:os.system "
+                                          f"['touch {root / 'pwned'}']\noutput_type: loglikelihood\n")
+    write(root / "tasks" / "deep.yaml", "task: quill_audit_deep\nmetadata: " + "[" * 50_000 + "]" * 50_000 + "\n")
+
+
+def build_chat_run(root: Path) -> None:
+    """chat_run: the trained run fine-tuned on chats/chats.jsonl for a few steps (quill sft)."""
+    from quillgpt.config import load_config
+    from quillgpt.sft import sft_trainer
+
+    cfg = load_config(None, {**TINY, "data": str(root / "chats" / "chats.jsonl"), "out": str(root / "chat_run"),
+                             "init_from": str(root / "run")})
+    sft_trainer(cfg, progress=False, log=lambda m: None).run()
+
+
 def build_fixtures(root: Path) -> None:
-    """Everything the cases read: texts, a trained run, a BPE run and its HF export, hostile files."""
+    """Everything the cases read: texts, a trained run, a chat run fine-tuned from it, a BPE run
+    and its HF export, conversation files, task YAMLs, hostile files."""
     from quillgpt import checkpoint as ckpt
     from quillgpt.config import Config, ModelConfig, TrainConfig, load_config
     from quillgpt.hf import export_hf
@@ -119,8 +168,11 @@ def build_fixtures(root: Path) -> None:
     write(root / "truncated.txt.gz", packed[: len(packed) // 2])
     write(root / "notgzip.txt.gz", b"plain text, not gzip")
     cfg = load_config(None, {**TINY, "data": str(root / "verse.txt"), "out": str(root / "run")})
+    conversation_files(root)
+    task_files(root)
     with env(QUILL_CACHE=str(root / CACHE)):
         Trainer(cfg, progress=False, log=lambda m: None).run()
+        build_chat_run(root)
     bpe = ByteBPETokenizer.train(text, 300)
     hostile_tokenizers(root, bpe)
     model_cfg = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, vocab_size=bpe.vocab_size)
@@ -152,10 +204,10 @@ def env(**values: str) -> Iterator[None]:
 
 # --- what a case does to the files before it runs ----------------------------------------------
 
-def copy_run(root: Path, name: str) -> Path:
+def copy_run(root: Path, name: str, source: str = "run") -> Path:
     dest = root / name
     if not dest.exists():
-        shutil.copytree(root / "run", dest)
+        shutil.copytree(root / source, dest)
     return dest
 
 
@@ -230,6 +282,12 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
     def metrics(name: str, data: bytes) -> Callable[[], None]:
         return lambda: write(copy_run(root, name) / "metrics.csv", data)
 
+    def chat_state(name: str, change: Callable[[dict], None]) -> Callable[[], None]:
+        return lambda: forge_state(copy_run(root, name, "chat_run"), change)
+
+    def chat_edit(name: str, old: str, new: str) -> Callable[[], None]:
+        return lambda: edit_file(copy_run(root, name, "chat_run") / "config.yaml", old, new)
+
     return {
         "shape_edited": run_edit("run_shape", "n_embd: 16", "n_embd: 32"),
         "shape_huge": run_edit("run_huge", "n_embd: 16", "n_embd: 60000"),
@@ -263,6 +321,12 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "hf_config_deep": hf_edit("hf_cdeep", lambda d: write(d / "config.json", "[" * 100_000 + "]" * 100_000)),
         "hf_no_tokenizer": hf_edit("hf_notok", no_tokenizer),
         "hf_pickle": hf_edit("hf_pickle", pickled_code),
+        "chat_losses": chat_state("chat_losses", lambda st: st.update(losses="many")),
+        "chat_rng": chat_state("chat_rng", lambda st: st["rng"].update(python=[3, [1], None])),
+        "chat_data_sha": chat_state("chat_sha", lambda st: st.update(data_sha256="0" * 64)),
+        "chat_shape": chat_edit("chat_shape", "n_embd: 16", "n_embd: 32"),
+        "chat_url": chat_edit("chat_url", f"data: {root / 'chats' / 'chats.jsonl'}",
+                              "data: https://example.com/chats.jsonl"),
     }
 
 
@@ -310,6 +374,104 @@ class Case:
 
 
 def cli_cases() -> list[Case]:
+    return core_cases() + chat_cases() + eval_cases()
+
+
+def chat_cases() -> list[Case]:
+    """quill sft and quill chat."""
+    F = ["sft", "--init-from", "{root}/run", "--out", "{root}/sft_out", *TINY_FLAGS, "--data"]
+    CH = ["chat", "{root}/chat_run", "--seed", "1", "--max-new-tokens", "4", "--message"]
+    C = Case
+    return [
+        C("sft", "--data missing", [*F, "{root}/chats/missing.jsonl"], fragment="not found"),
+        C("sft", "--data a .txt file", [*F, "{root}/verse.txt"], fragment=".jsonl file"),
+        C("sft", "a line that is not JSON", [*F, "{root}/chats/notjson.jsonl"], fragment="line 4: not valid JSON"),
+        C("sft", "an unknown role", [*F, "{root}/chats/role.jsonl"], fragment="unknown role 'wizard'"),
+        C("sft", "roles out of order", [*F, "{root}/chats/order.jsonl"], fragment="roles out of order"),
+        C("sft", "no assistant turn", [*F, "{root}/chats/noassistant.jsonl"], fragment="no assistant turn"),
+        C("sft", "content that is not a string", [*F, "{root}/chats/content.jsonl"],
+          fragment="content must be a string"),
+        C("sft", "a line nested 100,000 deep", [*F, "{root}/chats/deep.jsonl"], fragment="line 4: not valid JSON"),
+        C("sft", "a 4 MB line with a character outside the vocabulary", [*F, "{root}/chats/huge_bad.jsonl"],
+          fragment="position 4200000"),
+        C("sft", "a 4 MB conversation (truncated to the context)", [*F, "{root}/chats/huge.jsonl", "--no-save"],
+          ok=True),
+        C("sft", "non-UTF-8 bytes", [*F, "{root}/chats/binary.jsonl"], fragment="line 4: not UTF-8"),
+        C("sft", "a corrupt .parquet", [*F, "{root}/chats/bad.parquet"], fragment="not a readable Parquet file"),
+        C("sft", "--out is --data's directory", [*F, "{root}/chats/chats.jsonl", "--out", "{root}/chats",
+                                                 "--overwrite"], fragment="holds the input"),
+        C("sft", "--out is --init-from", [*F, "{root}/chats/chats.jsonl", "--out", "{root}/run", "--overwrite"],
+          fragment="is the input"),
+        C("sft", "--init-from NaN weights", [*F, "{root}/chats/chats.jsonl", "--init-from", "{root}/run_nan"],
+          setup="nan_weights", fragment="NaN"),
+        C("sft", "--init-from a config.yaml python tag", [*F, "{root}/chats/chats.jsonl", "--init-from",
+                                                          "{root}/run_tag"], setup="config_tag", fragment="YAML"),
+        C("sft", "--init-from a tokenizer.json nested 100,000 deep", [*F, "{root}/chats/chats.jsonl", "--init-from",
+                                                                     "{root}/run_tok_deep"], setup="tok_deep",
+          fragment="deeply"),
+        C("sft", "--init-from a directory that is no run", [*F, "{root}/chats/chats.jsonl", "--init-from",
+                                                            "{root}/datadir"], fragment="not a run directory"),
+        C("sft", "learning rate NaN", [*F, "{root}/chats/chats.jsonl", "--learning-rate", "nan"], fragment="finite"),
+        C("sft", "--exact-match-every -1", [*F, "{root}/chats/chats.jsonl", "--exact-match-every", "-1"],
+          fragment="exact-match-every"),
+        C("sft", "--resume: forged state.json losses", ["sft", "--resume", "{root}/chat_losses"], setup="chat_losses",
+          fragment="losses"),
+        C("sft", "--resume: forged RNG state", ["sft", "--resume", "{root}/chat_rng"], setup="chat_rng",
+          fragment="does not fit"),
+        C("sft", "--resume: forged data fingerprint", ["sft", "--resume", "{root}/chat_sha"], setup="chat_data_sha",
+          fragment="training data differs"),
+        C("sft", "--resume: config.yaml edited to another shape", ["sft", "--resume", "{root}/chat_shape"],
+          setup="chat_shape", fragment="n_embd 16 -> 32"),
+        C("sft", "--resume: a stranger's run naming a URL", ["sft", "--resume", "{root}/chat_url"], setup="chat_url",
+          fragment="never downloads"),
+        C("sft", "--resume --data of other conversations", ["sft", "--resume", "{root}/chat_run", "--data",
+                                                            "{root}/chats/other.jsonl"],
+          fragment="training data differs"),
+        C("sft", "full disk", [*F, "{root}/chats/chats.jsonl", "--out", "{root}/sft_full"], full_disk=True,
+          started=True, fragment="the disk is full"),
+        C("chat", "a run without a chat template", ["chat", "{root}/run", "--message", "To"],
+          fragment="no chat template"),
+        C("chat", "--message outside the vocabulary", [*CH, "To \u20ac"], fragment="vocabulary"),
+        C("chat", "--system outside the vocabulary", [*CH, "To", "--system", "\u20ac"], fragment="vocabulary"),
+        C("chat", "a 12,000-character message", [*CH, "To be " * 2000], fragment="longer than the model's context"),
+        C("chat", "temperature NaN", [*CH, "To", "--temperature", "nan"], fragment="temperature"),
+        C("chat", "top_p 2", [*CH, "To", "--top-p", "2"], fragment="top_p"),
+        C("chat", "max new tokens -1", [*CH, "To", "--max-new-tokens", "-1"], fragment="max_new_tokens"),
+        C("chat", "seed over 64 bits", [*CH, "To", "--seed", str(2**70)], fragment="seed"),
+        C("chat", "--dtype float16", [*CH, "To", "--dtype", "float16"], fragment="dtype must be one of"),
+        C("chat", "temperature 1e-45", [*CH, "To", "--temperature", "1e-45"], ok=True),
+        C("chat", "int8 weights", [*CH, "To", "--dtype", "int8"], ok=True),
+        C("chat", "NaN weights", ["chat", "{root}/run_nan", "--message", "To"], setup="nan_weights", fragment="NaN"),
+    ]
+
+
+def eval_cases() -> list[Case]:
+    """quill eval --tasks (lm-evaluation-harness) and --dtype wherever it is a flag."""
+    E = ["eval", "{root}/run", "--include-path", "{root}/tasks", "--tasks"]
+    C = Case
+    return [
+        C("eval", "--tasks: an unknown task", [*E, "quill_audti"], fragment="did you mean quill_audit"),
+        C("eval", "--tasks: a YAML with a python tag", [*E, "quill_audit_tagged"], fragment="unknown task"),
+        C("eval", "--tasks: a YAML nested 50,000 deep", [*E, "quill_audit_deep"], fragment="unknown task"),
+        C("eval", "--tasks: --include-path missing", ["eval", "{root}/run", "--tasks", "quill_audit",
+                                                      "--include-path", "{root}/nothing"],
+          fragment="task directory not found"),
+        C("eval", "--tasks: --limit -1", [*E, "quill_audit", "--limit", "-1"], fragment="limit"),
+        C("eval", "--tasks: --limit NaN", [*E, "quill_audit", "--limit", "nan"], fragment="limit"),
+        C("eval", "--tasks: --num-fewshot -1", [*E, "quill_audit", "--num-fewshot", "-1"], fragment="num_fewshot"),
+        C("eval", "--tasks: --dtype int4", [*E, "quill_audit", "--dtype", "int4"], fragment="dtype must be one of"),
+        C("eval", "--data: --dtype fp8", ["eval", "{root}/run", "--data", "{root}/verse.txt", "--dtype", "fp8"],
+          fragment="dtype must be one of"),
+        C("sample", "--dtype float16", ["sample", "{root}/run", "--dtype", "float16"], fragment="dtype must be one of"),
+        C("sample", "--dtype of 300 characters", ["sample", "{root}/run", "--dtype", "x" * 300],
+          fragment="xxx...xxx"),
+        C("serve", "--dtype half", ["serve", "{root}/run", "--port", "0", "--dtype", "half"],
+          fragment="dtype must be one of"),
+    ]
+
+
+def core_cases() -> list[Case]:
+    """train, prepare, sample, tokenize, tokenizer train, plot, export-hf, import-hf, eval, ladder, serve."""
     T = ["train", "--data", "{root}/verse.txt", "--out", "{root}/out", *TINY_FLAGS]
     S = ["sample", "{root}/run", "--max-new-tokens", "5", "--seed", "1"]
     C = Case
@@ -610,6 +772,7 @@ class HttpCase:
     path: str = "/v1/completions"
     method: str = "POST"
     disconnect: bool = False  # send half the body, then hang up
+    server: str = "base"  # base: the trained run (no chat template); chat: the chat run
 
     @property
     def id(self) -> str:
@@ -617,6 +780,77 @@ class HttpCase:
 
 
 def http_cases() -> list[HttpCase]:
+    return completion_cases() + logprob_cases() + chat_http_cases()
+
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "To"}]
+
+
+def chat_http_cases() -> list[HttpCase]:
+    """/v1/chat/completions, on the chat run (and once on the run without a chat template)."""
+    def H(what: str, **kw: Any) -> HttpCase:
+        return HttpCase(f"chat: {what}", path=CHAT, **{"server": "chat", **kw})
+
+    turns = [{"role": "system", "content": "be"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "To"} for i in range(9_999)]
+    return [
+        H("a model without a chat template", json={"messages": USER}, server="base", fragment="no chat template"),
+        H("messages a string", json={"messages": "To"}, fragment="valid list"),
+        H("no messages", json={"messages": []}, fragment="at least 1"),
+        H("an unknown role", json={"messages": [{"role": "wizard", "content": "To"}]}, fragment="unknown role"),
+        H("roles out of order", json={"messages": [{"role": "assistant", "content": "To"}]},
+          fragment="roles out of order"),
+        H("content null", json={"messages": [{"role": "user", "content": None}]}, fragment="must be a string"),
+        H("an image content part", json={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+          fragment="only text content parts"),
+        H("10,000 messages", json={"messages": turns}, fragment="longer than the model's context"),
+        H("content nested 100,000 deep", body=b'{"messages": [{"role": "user", "content": ' + b"[" * 100_000
+          + b"]" * 100_000 + b"}]}", fragment="not valid JSON"),
+        H("content nested 500 deep", body=b'{"messages": [{"role": "user", "content": ' + b"[" * 500
+          + b"]" * 500 + b"}]}", fragment="messages"),
+        H("a message outside the vocabulary", json={"messages": [{"role": "user", "content": "To \u20ac"}]},
+          fragment="vocabulary"),
+        H("n 17", json={"messages": USER, "n": 17}, fragment="at most 16"),
+        H("max_tokens 10^30", json={"messages": USER, "max_tokens": 10**30}, fragment="at most 2048"),
+        H("tools", json={"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+          fragment="tools"),
+        H("logprobs: true", json={"messages": USER, "logprobs": True}, fragment="logprobs"),
+        H("5 stop strings", json={"messages": USER, "stop": list("abcde")}, fragment="at most 4"),
+        H("temperature NaN", body=b'{"messages": [{"role": "user", "content": "To"}], "temperature": NaN}',
+          fragment="finite"),
+        H("temperature 1e-45", json={"messages": USER, "temperature": 1e-45, "max_tokens": 4, "seed": 1},
+          status=200),
+        H("n 16, streamed", json={"messages": USER, "n": 16, "max_tokens": 4, "stream": True, "seed": 1},
+          status=200),
+    ]
+
+
+def logprob_cases() -> list[HttpCase]:
+    """`logprobs`, `echo` and token-id prompts on /v1/completions."""
+    H = HttpCase
+    return [
+        H("logprobs 6", json={"prompt": "To", "logprobs": 6}, fragment="less than or equal to 5"),
+        H("logprobs -1", json={"prompt": "To", "logprobs": -1}, fragment="greater than or equal to 0"),
+        H('logprobs "2"', json={"prompt": "To", "logprobs": "2"}, fragment="valid integer"),
+        H("logprobs true", json={"prompt": "To", "logprobs": True}, fragment="valid integer"),
+        H("a token id past the vocabulary", json={"prompt": [5, 10**6]}, fragment="outside the vocabulary"),
+        H("token id -1", json={"prompt": [5, -1]}, fragment="outside the vocabulary"),
+        H("token ids nested three deep", json={"prompt": [[[5]]]}, fragment="prompt"),
+        H("token ids longer than the context", json={"prompt": [5] * 17, "echo": True, "max_tokens": 0,
+                                                     "logprobs": 1}, fragment="context"),
+        H("max_tokens 0 without echo", json={"prompt": "To", "max_tokens": 0, "logprobs": 1}, fragment="echo"),
+        H("echo, max_tokens 0, logprobs 5", json={"prompt": "To", "echo": True, "max_tokens": 0, "logprobs": 5},
+          status=200),
+        H("an empty token-id prompt, echo and logprobs", json={"prompt": [[]], "echo": True, "max_tokens": 2,
+                                                               "logprobs": 2, "seed": 1}, status=200),
+        H("logprobs 5, echo, n 16, streamed", json={"prompt": "To", "echo": True, "max_tokens": 4, "logprobs": 5,
+                                                    "n": 16, "stream": True, "seed": 1}, status=200),
+    ]
+
+
+def completion_cases() -> list[HttpCase]:
     H = HttpCase
     stops = json.dumps([f"s{i}" for i in range(15_000)])
     return [
@@ -684,9 +918,10 @@ def send(url: str, case: HttpCase) -> tuple[int, Any]:
         return r.status_code, r.text
 
 
-def run_http_case(case: HttpCase, url: str, watch: LogWatch) -> Result:
+def run_http_case(case: HttpCase, urls: dict[str, str], watch: LogWatch) -> Result:
     import httpx
 
+    url = urls[case.server]
     seen = len(watch.tracebacks)
     status, body = send(url, case)
     problems = []
@@ -713,7 +948,8 @@ def run_http_case(case: HttpCase, url: str, watch: LogWatch) -> Result:
 
 
 @contextlib.contextmanager
-def running_server(root: Path) -> Iterator[tuple[str, LogWatch]]:
+def running_servers(root: Path) -> Iterator[tuple[dict[str, str], LogWatch]]:
+    """Two servers: "base" serves the trained run (no chat template), "chat" the chat run."""
     from quillgpt.checkpoint import load_run
     from quillgpt.serve import BackgroundServer, create_app
 
@@ -722,8 +958,9 @@ def running_server(root: Path) -> Iterator[tuple[str, LogWatch]]:
     for log in loggers:
         log.addHandler(watch)
     try:
-        with BackgroundServer(create_app(load_run(root / "run"))) as url:
-            yield url, watch
+        with BackgroundServer(create_app(load_run(root / "run"))) as base, \
+                BackgroundServer(create_app(load_run(root / "chat_run"))) as chat:
+            yield {"base": base, "chat": chat}, watch
     finally:
         for log in loggers:
             log.removeHandler(watch)
@@ -737,9 +974,9 @@ def run_all(root: Path, log: Callable[[str], None] = lambda m: None) -> list[Res
     for case in cli_cases():
         results.append(run_cli_case(case, root))
         log(f"{'held ' if results[-1].held else 'BROKE'} {case.id}: {results[-1].detail}")
-    with running_server(root) as (url, watch):
+    with running_servers(root) as (urls, watch):
         for hcase in http_cases():
-            results.append(run_http_case(hcase, url, watch))
+            results.append(run_http_case(hcase, urls, watch))
             log(f"{'held ' if results[-1].held else 'BROKE'} {hcase.id}: {results[-1].detail}")
     return results
 

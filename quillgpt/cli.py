@@ -174,7 +174,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.resume:
         if args.no_save:
             raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
+        resume_data = overrides.pop("data", None)  # where the conversations are now (checked)
         cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
+        if resume_data is not None:
+            cfg.train.data = str(resume_data)
     else:
         if args.allow_config_change:
             raise QuillError("--allow-config-change only applies with --resume RUN")
@@ -564,12 +567,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def eval_tasks(args: argparse.Namespace) -> int:
     """quill eval RUN --tasks ...: lm-evaluation-harness in process."""
+    from .inference import check_inference_dtype
     from .lm_eval_adapter import check_tasks, results_json, results_table, run_tasks, task_manager
 
+    check_inference_dtype(args.dtype)  # before the harness indexes its tasks (seconds)
     manager = task_manager(args.include_path, args.tasks.split(","))
-    from .inference import check_inference_dtype
-
-    check_inference_dtype(args.dtype)
     check_tasks(args.tasks.split(","), manager)  # before loading the model: a typo fails fast
     model, tokenizer = load_eval_model(args)
     start = time.perf_counter()

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .errors import QuillError
+from .errors import QuillError, shown
 from .runtime import native_bfloat16
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8", "auto")
@@ -162,7 +162,7 @@ def _quantize_modules(model: nn.Module, act: torch.dtype) -> None:
 
 def check_inference_dtype(dtype: str) -> None:
     if dtype not in INFERENCE_DTYPES:
-        raise QuillError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+        raise QuillError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {shown(dtype)}")
 
 
 def resolve_inference_dtype(dtype: str, device: torch.device | str) -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,8 +263,8 @@ def run_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Sequence[str],
     quiet_harness()
     manager = manager or task_manager(include_path, tasks)
     names = check_tasks(tasks, manager)
-    if limit is not None and limit <= 0:
-        raise QuillError(f"limit must be positive, got {limit}")
+    if limit is not None and not 0 < limit < math.inf:  # NaN too
+        raise QuillError(f"limit must be positive and finite, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise QuillError(f"num_fewshot must be >= 0, got {num_fewshot}")
     lm = QuillLM(model=model, tokenizer=tokenizer, batch_size=batch_size, unknown=unknown, progress=progress)

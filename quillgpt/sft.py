@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .chat import Message, add_chat_tokens, exact_match
 from .config import Config
 from .conversations import ConversationData, log_skipped, read_conversations
-from .errors import QuillError
+from .errors import QuillError, shown
 from .hf import resolve_init_run
 from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from .train import EvalHook, Trainer, TrainResult
@@ -78,6 +78,10 @@ def sft_data(cfg: Config, resume: str | Path | None = None,
     t = cfg.train
     if not t.data:
         raise QuillError("quill sft needs --data: a .jsonl (or .parquet) file of conversations")
+    if resume is not None and not Path(t.data).exists():
+        raise QuillError(f"the conversations {resume} was trained on ({shown(t.data)}) are not on this machine, "
+                         f"and resuming never downloads: pass --data with a local copy (its conversations "
+                         f"are checked against the checkpoint)")
     convs = read_conversations(t.data, skip_invalid=t.sft_skip_invalid)
     tokenizer = sft_tokenizer(cfg, convs.conversations, resume)
     convs.check_encodable(tokenizer, t.data, t.sft_skip_invalid)

@@ -23,7 +23,8 @@ HTTP_CASES = audit.http_cases()
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """The audit's directory: texts, a trained run, a BPE run and its HF export, hostile files."""
+    """The audit's directory: texts, a trained run and a chat run, a BPE run and its HF export,
+    conversation files, task YAMLs, hostile files."""
     path = tmp_path_factory.mktemp("audit")
     audit.build_fixtures(path)
     return path
@@ -38,14 +39,14 @@ def test_cli_case(root, case):
 @pytest.fixture(scope="module")
 def server(root):
     pytest.importorskip("fastapi", reason="quill serve needs the serve extra")
-    with audit.running_server(root) as (url, watch):
-        yield url, watch
+    with audit.running_servers(root) as (urls, watch):
+        yield urls, watch
 
 
 @pytest.mark.parametrize("case", HTTP_CASES, ids=[c.id for c in HTTP_CASES])
 def test_http_case(server, case):
-    url, watch = server
-    result = audit.run_http_case(case, url, watch)
+    urls, watch = server
+    result = audit.run_http_case(case, urls, watch)
     assert result.held, result.detail
     assert result.latency_s is not None  # the normal request after it completed (timed by the script)
 

@@ -203,6 +203,24 @@ def test_sft_resume_is_bitwise_identical(chats, base_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sft_resume_takes_data_where_the_conversations_are_now(chats, base_run, tmp_path, capsys):
+    """`quill sft --resume RUN --data FILE`: the run's conversations moved; FILE is read (and
+    checked against the checkpoint), never the path config.yaml names when it is gone."""
+    run = tmp_path / "chat"
+    sft_trainer(sft_cfg(chats, run, init_from=str(base_run), max_iters=4), progress=False, log=quiet).run()
+    moved = chats.rename(tmp_path / "moved.jsonl")
+    more = ["sft", "--resume", str(run), "--max-iters", "6", "--allow-config-change", "--no-progress"]
+    assert main(more) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "never downloads: pass --data" in err, err
+    other = write_chats(tmp_path / "other.jsonl", seed=1)
+    assert main([*more, "--data", str(other)]) == 2
+    assert "training data differs" in capsys.readouterr().err
+    assert main([*more, "--data", str(moved)]) == 0, capsys.readouterr().err
+    assert ckpt.load_train_state(run).state["config"]["train"]["data"] == str(moved)
+    assert len(ckpt.load_train_state(run).state["losses"]) == 6
+
+
 def test_sft_from_scratch_bf16_and_time_budget(chats, tmp_path, capsys):
     """Without --init-from: a fresh model and a tokenizer built from the conversations; bf16
     autocast and a time budget work as in quill train."""

@@ -155,6 +155,17 @@ def check_model(name: str | None, model_id: str) -> None:
                        param="model", type="not_found_error", code="model_not_found")
 
 
+def check_stop(stop: str | list[str] | None, settings: ServeSettings) -> list[str] | None:
+    """The stop strings as a list, within the server's limits (each is checked at every token)."""
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop and len(stop) > settings.max_stop:
+        raise APIError(400, f"stop: at most {settings.max_stop} stop strings, got {len(stop)}", param="stop")
+    if stop and any(len(s) > settings.max_stop_chars for s in stop):
+        raise APIError(400, f"stop: at most {settings.max_stop_chars} characters per stop string",
+                       param="stop")
+    return stop
+
+
 def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer: Tokenizer,
                      block_size: int) -> CompletionInput:
     """Check a parsed completion request against the model and the limits; encode the prompts."""
@@ -175,12 +186,7 @@ def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer
     if n * len(prompts) > settings.max_batch:
         raise APIError(400, f"n x prompts is {n * len(prompts)}, at most {settings.max_batch} "
                             "on this server", param="n")
-    stop = [req.stop] if isinstance(req.stop, str) else req.stop
-    if stop and len(stop) > settings.max_stop:
-        raise APIError(400, f"stop: at most {settings.max_stop} stop strings, got {len(stop)}", param="stop")
-    if stop and any(len(s) > settings.max_stop_chars for s in stop):
-        raise APIError(400, f"stop: at most {settings.max_stop_chars} characters per stop string",
-                       param="stop")
+    stop = check_stop(req.stop, settings)
     sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
                         req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
                         stop or None)
@@ -292,7 +298,7 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
     if n > settings.max_batch:
         raise APIError(400, f"n is {n}, at most {settings.max_batch} on this server", param="n")
     max_tokens = chat_max_tokens(req, settings, block_size)
-    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    stop = check_stop(req.stop, settings)
     sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
                         req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
                         stop or None)
