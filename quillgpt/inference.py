@@ -21,7 +21,7 @@ not arithmetic: bf16 weights halve the bytes per token and int8 weights halve th
 
 `set_inference_dtype(model, dtype)` converts a loaded model in place; `load_run(path,
 dtype=...)` calls it. On a CPU without native bf16, bf16 products are emulated and slower than
-fp32 (`quillgpt.optim.native_bfloat16`); the conversion then says so through `warn`.
+fp32 (`quillgpt.runtime.native_bfloat16`); the conversion then says so through `warn`.
 """
 
 from __future__ import annotations
