@@ -1,6 +1,6 @@
 """Held-out exact match of a skill before and after SFT (docs/chat.md).
 
-    python benchmarks/chat_skill.py --test data/reverse/test.jsonl --base runs/base --chat runs/reverse
+    python benchmarks/chat_skill.py --test data/reverse/test.jsonl --base runs/shakespeare-char-cpu --chat runs/reverse
 
 For every held-out conversation the model answers the messages before the last assistant turn,
 greedily, and the answer counts when it equals that turn exactly. Three rows:

@@ -5,20 +5,22 @@ bash, sh, console) from README.md and docs/*.md, and each `quill ...` line in it
 `&&`, behind `flock LOCK` or `timeout N`, or as `.venv/bin/quill`):
 
 - runs it through the real command line, `quillgpt.cli.main`, in a fresh directory laid out as a
-  clone's root (`configs/` beside it), with `$QUILL_CACHE` seeded with tiny-shakespeare and
-  GPT-2's ranks, the files a reader brings (`input.txt`, `mytext.txt`, `corpus_dir/`, ...) and the
-  run that `make demo` leaves (`runs/shakespeare-char-cpu`). The commands of one document run in
+  clone's root (`configs/`, `benchmarks/` and `tests/lm_eval_tasks/` beside it), with
+  `$QUILL_CACHE` seeded with tiny-shakespeare and GPT-2's ranks, the files a reader brings
+  (`input.txt`, `mytext.txt`, `corpus_dir/`, `held_out.txt`, `chats.jsonl`, ...) and the run that
+  `make demo` leaves (`runs/shakespeare-char-cpu`). The commands of one document run in
   its own directory, in order, so later commands find what earlier ones wrote, and a command that
   collides with an earlier one's run directory fails here as it would for the reader.
-- where it trains (`quill train`, `quill ladder`), a tiny override is appended: 2 steps, 1
-  evaluation batch, batches of 2, an 8-token sample, no torch.compile (compiling takes a minute
-  and is tested on its own); a ladder's `--budget-steps` becomes 2 and its `--time-budget` 1s,
+- where it trains (`quill train`, `quill sft`, `quill ladder`), a tiny override is appended: 2
+  steps, 1 evaluation batch, batches of 2, an 8-token sample, no torch.compile (compiling takes a
+  minute and is tested on its own); a ladder's `--budget-steps` becomes 2 and its `--time-budget` 1s,
   with the step times it plans from fixed at 10 ms, so the plan is the same on any machine.
-- a command that cannot run anywhere says so at the end of its line: `[online]` (a hub id),
-  `[gpu]` (GPUs; `torchrun` lines must say it), `[server]` (runs until stopped). Those are only
-  parsed: the subcommand and every flag must exist.
+- a command that cannot run anywhere says so at the end of its line: `[online]` (a hub id or
+  data set), `[gpu]` (GPUs; `torchrun` lines must say it), `[server]` (runs until stopped). Those
+  are only parsed: the subcommand and every flag must exist.
 - `python benchmarks/X.py ...` lines name a script that exists and flags its `--help` lists;
-  benchmarks measure for minutes, so they are not run here.
+  benchmarks measure for minutes, so they are not run here. The scripts that only write a data
+  set, in seconds (`DATA_SCRIPTS`), do run, in order with the `quill` commands that read it.
 
 Python blocks are examples of the library, not commands; they are not run.
 """
@@ -44,10 +46,12 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"", "bash", "sh", "shell", "console"}
 MARKERS = {"[online]", "[gpu]", "[server]"}
-TRAINS = {"train", "ladder"}
+TRAINS = {"train", "sft", "ladder"}
 TINY = ["--max-iters", "2", "--eval-iters", "1", "--batch-size", "2", "--sample-tokens", "8",
         "--compile", "false", "--no-progress"]
 LADDER_BUDGETS = {"--budget-steps": "2", "--time-budget": "1s"}
+DATA_SCRIPTS = {"benchmarks/reverse_words.py"}  # write conversations; no torch, a second
+CLONE_DIRS = ["configs", "benchmarks", "tests/lm_eval_tasks"]  # beside the commands, as in a clone
 DEMO = ["train", "--config", "shakespeare-char-cpu", "--out", "runs/shakespeare-char-cpu", "--overwrite"]
 
 
@@ -185,8 +189,10 @@ def shrink(argv: list[str]) -> list[str]:
     return argv + TINY
 
 
-def user_files(root: Path, text: str) -> None:
-    """The files the docs' commands stand for: a reader's own text, documents, a corpus folder."""
+def user_files(root: Path, shakespeare: str) -> None:
+    """The files the docs' commands stand for: a reader's own text, documents, a corpus folder, a
+    held-out text, conversations."""
+    text = shakespeare[:60_000]
     for name in ("input.txt", "mytext.txt", "my.txt", "corpus.txt"):
         (root / name).write_text(text, encoding="utf-8")
     pieces = [text[i:i + 5_000] for i in range(0, len(text), 5_000)]
@@ -196,6 +202,12 @@ def user_files(root: Path, text: str) -> None:
         (root / d).mkdir()
         for i, p in enumerate(pieces[:6]):
             (root / d / f"{i:02d}.txt").write_text(p, encoding="utf-8")
+    # tiny-shakespeare's end: its validation split, in none of the files above
+    (root / "held_out.txt").write_text(shakespeare[-10_000:], encoding="utf-8")
+    words = sorted(set(re.findall(r"\b[a-z]{3,8}\b", text.lower())))[:200]
+    chats = [{"messages": [{"role": "user", "content": f"reverse: {w}"}, {"role": "assistant", "content": w[::-1]}]}
+             for w in words]
+    (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
 
 
 @pytest.fixture
@@ -205,12 +217,14 @@ def clone(tmp_path, monkeypatch, shakespeare, gpt2_cache, capsys, request):
 
     root = tmp_path / "clone"
     root.mkdir()
-    (root / "configs").symlink_to(REPO / "configs", target_is_directory=True)
+    for name in CLONE_DIRS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(REPO / name, target_is_directory=True)
     shutil.copy(shakespeare, gpt2_cache.parent / "tinyshakespeare.txt")
-    user_files(root, shakespeare.read_text(encoding="utf-8")[:60_000])
+    user_files(root, shakespeare.read_text(encoding="utf-8"))
     monkeypatch.chdir(root)
     monkeypatch.setattr(ladder_run, "time_step", lambda cfg: 0.01)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("ROMEO:\n"))  # `quill sample --interactive`
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ROMEO:\n"))  # `quill sample --interactive`, `quill chat`
     # tiny models: one thread is as fast, and steadier when other jobs share the cores
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -223,9 +237,15 @@ def clone(tmp_path, monkeypatch, shakespeare, gpt2_cache, capsys, request):
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", [d.relative_to(REPO).as_posix() for d in DOCS])
 def test_doc_commands_run_as_written(doc, clone, capsys):
-    commands = [c for c in ALL if c.doc == doc and c.kind == "quill" and not c.marker]
+    commands = [c for c in ALL if c.doc == doc and not c.marker
+                and (c.kind == "quill" or c.kind == "benchmark" and c.argv[0] in DATA_SCRIPTS)]
     failures = []
     for c in commands:
+        if c.kind == "benchmark":  # writes the data the next commands read
+            proc = subprocess.run([sys.executable, *c.argv], capture_output=True, text=True)
+            if proc.returncode != 0:
+                failures.append(f"{c.where}\n    exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+            continue
         if c.argv[:1] == ["serve"]:  # it would never return
             failures.append(f"{c.where}\n    not run: quill serve runs until stopped; mark it [server]")
             continue
