@@ -25,8 +25,8 @@ characters of the tokens before it.
 
 one entry per token of the reply: its text, log-probability and UTF-8 bytes, and exactly the N
 most likely tokens at its place, most likely first (a sampled token need not be among them). A
-piece of a UTF-8 character is written as its bytes escaped ("\\xe2\\x80"), the way OpenAI's
-chat API writes it; `bytes` has the exact bytes, so a client joins the pieces of a character.
+piece of a UTF-8 character is written as its bytes escaped ("\\xe2\\x80", without the legacy
+"bytes:" prefix); `bytes` has the exact bytes, so a client joins the pieces of a character.
 The token that ends the reply (<|end|>) is not part of the content and is not listed.
 
 The engine reports them to a request as events: ("prompt_logprobs", [TokenLogprob list per row])
