@@ -360,3 +360,187 @@ def test_a_model_without_a_chat_template_opens_in_complete_mode(page):
     assert page.get_attribute("#tab-complete", "aria-selected") == "true" and page.is_visible("#prompt")
     page.click("#tab-chat")
     assert page.is_visible("#chat-note") and page.is_disabled("#message") and page.is_disabled("#send")
+
+
+# --- token probabilities: each generated token a span; its tip shows the API's logprobs ----------
+
+TIP = """() => { const tip = document.getElementById('token-tip'), p = tip.querySelector('.tip-p');
+  return {hidden: tip.hidden, logprob: p && Number(p.dataset.logprob), shown: p && p.textContent,
+          alts: [...tip.querySelectorAll('.tip-alts li')].map(li => [li.dataset.token, Number(li.dataset.logprob),
+                                                                     li.querySelector('.p').textContent])}; }"""
+
+
+def check_tip(tip: dict, logprob: float, alternatives: list[tuple[str, float]]) -> None:
+    """The tip shows the token's probability (in (0, 1], as a percentage) and the alternatives the
+    API lists for it, most likely first, with their probabilities."""
+    import math
+
+    assert not tip["hidden"]
+    assert tip["logprob"] == pytest.approx(logprob, abs=1e-5)
+    p = math.exp(tip["logprob"])
+    assert 0 < p <= 1 and float(tip["shown"].rstrip("%")) == pytest.approx(100 * p, abs=0.006)
+    assert [t for t, _, _ in tip["alts"]] == [t for t, _ in alternatives]
+    for (_, lp, shown), (_, want) in zip(tip["alts"], alternatives):
+        assert lp == pytest.approx(want, abs=1e-5)
+        assert float(shown.rstrip("%")) == pytest.approx(100 * math.exp(want), rel=0.01, abs=1e-6)
+
+
+def point_at(span) -> None:
+    """Hover a token; one with no width of its own (a newline) is focused instead, as a keyboard
+    user reaches it."""
+    box = span.bounding_box()
+    if box and box["width"] > 0:
+        span.hover()
+    else:
+        span.focus()
+
+
+def api(url: str, route: str, body: dict) -> dict:
+    import httpx
+
+    r = httpx.post(f"{url}{route}", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_complete_mode_tokens_show_their_probability_and_alternatives(page, server, run):
+    url, _ = server
+    page.fill("#prompt", "To be")
+    page.fill("#temperature", "0.8")
+    page.fill("#top_k", "10")
+    page.fill("#top_p", "1")
+    page.fill("#max_tokens", "20")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('generate').disabled === false "
+                           "&& document.getElementById('stats').textContent.includes('tokens/s')", timeout=60_000)
+    text = generate(run.model, run.tokenizer, "To be", max_new_tokens=20, temperature=0.8, top_k=10, seed=7)
+    spans = page.locator("#out-text .tok")
+    assert page.text_content("#out-text") == text
+    assert "".join(spans.all_text_contents()) == text  # every character is in a token's span
+    want = api(url, "/v1/completions", {"prompt": "To be", "max_tokens": 20, "temperature": 0.8, "top_k": 10,
+                                         "seed": 7, "logprobs": 5})["choices"][0]
+    assert want["text"] == text
+    lp = want["logprobs"]
+    assert spans.all_text_contents() == lp["tokens"] and spans.count() == 20  # one span per token
+    for k in range(spans.count()):
+        point_at(spans.nth(k))
+        alternatives = sorted(lp["top_logprobs"][k].items(), key=lambda kv: -kv[1])
+        check_tip(page.evaluate(TIP), lp["token_logprobs"][k], alternatives)
+        assert page.locator("#token-tip li.chosen").count() == 1  # the legacy API lists the chosen token
+    page.mouse.move(5, 5)
+    assert page.is_hidden("#token-tip")
+    # keyboard: one tab stop into the text, then arrow keys from token to token
+    page.focus("#generate")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('tok')")
+    assert page.evaluate("document.activeElement === document.querySelector('#out-text .tok')")
+    check_tip(page.evaluate(TIP), lp["token_logprobs"][0], sorted(lp["top_logprobs"][0].items(), key=lambda kv: -kv[1]))
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    check_tip(page.evaluate(TIP), lp["token_logprobs"][2], sorted(lp["top_logprobs"][2].items(), key=lambda kv: -kv[1]))
+    assert page.get_attribute("#out-text .tok:nth-child(3)", "aria-describedby") == "token-tip"
+    page.keyboard.press("End")
+    last = spans.count() - 1
+    check_tip(page.evaluate(TIP), lp["token_logprobs"][last],
+              sorted(lp["top_logprobs"][last].items(), key=lambda kv: -kv[1]))
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#token-tip")
+
+
+def test_chat_mode_tokens_show_their_probability_and_alternatives(browser, chat_server, chat_run, tmp_path):
+    from quillgpt.chat import replies
+
+    page, failed = open_page(browser, chat_server)
+    page.fill("#temperature", "0.9")
+    page.fill("#max_tokens", "16")
+    page.fill("#seed", "3")
+    page.fill("#message", "turn: heron")
+    page.press("#message", "Enter")
+    page.wait_for_function(IDLE, timeout=60_000)
+    convo = [{"role": "user", "content": "turn: heron"}]
+    reply = replies(chat_run.model, chat_run.tokenizer, [convo], max_new_tokens=16, temperature=0.9, seed=3)[0]
+    assert bubbles(page) == [("user", "turn: heron"), ("assistant", reply)]
+    spans = page.locator("#messages .assistant .tok")
+    assert "".join(spans.all_text_contents()) == reply
+    content = api(chat_server, "/v1/chat/completions", {
+        "messages": convo, "max_tokens": 16, "temperature": 0.9, "seed": 3, "logprobs": True,
+        "top_logprobs": 5})["choices"][0]["logprobs"]["content"]
+    assert spans.all_text_contents() == [e["token"] for e in content]
+    for k in range(spans.count()):
+        point_at(spans.nth(k))
+        check_tip(page.evaluate(TIP), content[k]["logprob"],
+                  [(a["token"], a["logprob"]) for a in content[k]["top_logprobs"]])
+    spans.nth(min(4, spans.count() - 1)).hover()
+    screenshot(page, tmp_path, "chat-token-tip.png")
+    # the reply keeps its tokens when the next one is regenerated
+    page.fill("#message", "turn: stone")
+    page.press("#message", "Enter")
+    page.wait_for_function(IDLE, timeout=60_000)
+    page.click("#regenerate")
+    page.wait_for_function(IDLE, timeout=60_000)
+    assert "".join(page.locator("#messages .assistant").first.locator(".tok").all_text_contents()) == reply
+    assert failed == []
+    page.close()
+
+
+def test_a_tap_shows_a_tokens_tip_on_a_phone(browser, chat_server):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True,
+                            bypass_csp=True)
+    page.goto(chat_server + "/", wait_until="domcontentloaded")
+    page.fill("#max_tokens", "12")
+    page.fill("#seed", "5")
+    page.fill("#message", "turn: stone")
+    page.press("#message", "Enter")
+    page.wait_for_function(IDLE, timeout=60_000)
+    spans = page.locator("#messages .assistant .tok")
+    widths = [(spans.nth(k).bounding_box() or {"width": 0})["width"] for k in range(spans.count())]
+    spans.nth(next(k for k, w in enumerate(widths) if w > 0)).tap()  # a newline has no width to tap
+    tip = page.evaluate(TIP)
+    assert not tip["hidden"] and len(tip["alts"]) == 5
+    box = page.locator("#token-tip").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390  # on screen at phone width
+    page.tap("#message")
+    assert page.is_hidden("#token-tip")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def bpe_server(tmp_path_factory):
+    """A byte-level BPE model (random weights) whose tokens are often single bytes: pieces of
+    characters (ü, é and — are two or three bytes)."""
+    from conftest import make_any_run
+
+    from quillgpt.config import ModelConfig
+    from quillgpt.tokenizers.bpe import ByteBPETokenizer
+
+    tok = ByteBPETokenizer.train("Über die Brücke, müde Grüße — naïve café.\n" * 30, 290)
+    path = make_any_run(tmp_path_factory.mktemp("browser-bpe") / "bpe",
+                        ModelConfig(block_size=128, n_layer=1, n_head=2, n_embd=32), tok)
+    with BackgroundServer(create_app(load_run(path))) as url:
+        yield url
+
+
+def test_pieces_of_a_character_share_its_span(browser, bpe_server):
+    page, failed = open_page(browser, bpe_server)
+    page.fill("#prompt", "Grü")
+    page.fill("#temperature", "1")
+    page.fill("#top_k", "0")
+    page.fill("#max_tokens", "60")
+    page.fill("#seed", "4")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('generate').disabled === false "
+                           "&& document.getElementById('stats').textContent.includes('tokens/s')", timeout=60_000)
+    want = api(bpe_server, "/v1/completions", {"prompt": "Grü", "max_tokens": 60, "temperature": 1, "seed": 4,
+                                               "logprobs": 5})["choices"][0]
+    spans = page.locator("#out-text .tok")
+    assert page.text_content("#out-text") == want["text"]
+    assert "".join(spans.all_text_contents()) == want["text"]  # all of it in token spans
+    tokens = [t for t in want["logprobs"]["tokens"] if t != "<|endoftext|>"]
+    pieces = [t for t in tokens if t.startswith("bytes:")]
+    assert pieces and spans.count() < len(tokens)  # some characters came in pieces, one span each
+    sections = page.evaluate("""() => [...document.querySelectorAll('#out-text .tok')].map(s => {
+        s.focus(); return document.querySelectorAll('#token-tip .tip-token').length; })""")
+    assert sum(sections) == len(tokens) and max(sections) >= 2  # each piece has its part of the tip
+    assert failed == []
+    page.close()

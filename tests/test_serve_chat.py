@@ -91,6 +91,20 @@ def test_greedy_reply_ends_at_end_of_turn_with_finish_stop(client, chat_run):
     assert r["choices"][0]["finish_reason"] == ("stop" if r["usage"]["completion_tokens"] < 40 else "length")
 
 
+def test_greedy_reply_logprobs_list_its_tokens(client, chat_run):
+    """Greedy, each listed token is the most likely one; the tokens' texts make up the reply
+    (test_serve_chat_logprobs.py checks the values against a forward pass)."""
+    r = client.post("/v1/chat/completions", json={"messages": CONV, "max_tokens": 40, "temperature": 0,
+                                                  "logprobs": True, "top_logprobs": 2}).json()
+    choice = r["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert all(e["token"] == e["top_logprobs"][0]["token"] for e in content)
+    assert all(bytes(e["bytes"]).decode("utf-8") == e["token"] for e in content)
+    assert len(content) + (choice["finish_reason"] == "stop") == r["usage"]["completion_tokens"]
+    assert not any(t in e["token"] for e in content for t in CHAT_TOKENS)
+
+
 def test_stream_is_delta_chunks_ending_in_done(client, chat_run):
     r = client.post("/v1/chat/completions", json={"messages": CONV, "max_tokens": 15, "seed": 1, "stream": True,
                                                   "stream_options": {"include_usage": True}})
@@ -143,7 +157,7 @@ BAD = [
     ({"messages": CONV, "n": 17}, 400, "n", "at most 16"),
     ({"messages": CONV, "stop": [""]}, 400, "stop", "empty"),
     ({"messages": CONV, "stream": "yes"}, 400, "stream", None),
-    ({"messages": CONV, "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": CONV, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
     ({"messages": CONV, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ({"messages": CONV, "model": "gpt-4o"}, 404, "model", "not found"),
 ]

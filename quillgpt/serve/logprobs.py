@@ -1,4 +1,7 @@
-"""OpenAI's legacy `logprobs` for /v1/completions: how likely each token was.
+"""How likely each token was, in OpenAI's two shapes: the legacy `logprobs` of /v1/completions
+and the newer one of /v1/chat/completions. One way of computing them, two ways of writing them.
+
+/v1/completions:
 
     "logprobs": {"tokens": ["Hello", ","], "token_logprobs": [null, -2.31],
                  "top_logprobs": [null, {",": -2.31, " world": -2.9}], "text_offset": [0, 5]}
@@ -14,10 +17,22 @@ own (a piece of a character) is written as OpenAI writes it, "bytes:\\xe2\\x80".
 where each token starts in the choice's text (the echoed prompt included), counting the
 characters of the tokens before it.
 
+/v1/chat/completions: `logprobs: true` and `top_logprobs: N` (0 to 20) ask for
+
+    "logprobs": {"content": [{"token": "Hel", "logprob": -0.12, "bytes": [72, 101, 108],
+                              "top_logprobs": [{"token": "Hel", "logprob": -0.12, "bytes": [...]}, ...]}],
+                 "refusal": null}
+
+one entry per token of the reply: its text, log-probability and UTF-8 bytes, and exactly the N
+most likely tokens at its place, most likely first (a sampled token need not be among them). A
+piece of a UTF-8 character is written as its bytes escaped ("\\xe2\\x80", without the legacy
+"bytes:" prefix); `bytes` has the exact bytes, so a client joins the pieces of a character.
+The token that ends the reply (<|end|>) is not part of the content and is not listed.
+
 The engine reports them to a request as events: ("prompt_logprobs", [TokenLogprob list per row])
 once, before generating, and ("logprobs", [TokenLogprob or None per row]) at every step.
-`LogprobsCollector` turns those into each choice's `logprobs` object, whole or (streaming) in
-the pieces produced since the last chunk.
+`LogprobsCollector` turns those into each choice's `logprobs` object (`ChoiceLogprobs`, legacy;
+`ChatChoiceLogprobs`, chat), whole or (streaming) in the pieces produced since the last chunk.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from ..scoring import PositionScores
 from ..tokenizers import Tokenizer
 
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions' top_logprobs
 
 
 @dataclass
@@ -68,16 +84,25 @@ def prompt_entries(ids: list[int], scores: PositionScores) -> list[TokenLogprob]
     return out
 
 
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """One token as text; a piece of a UTF-8 character as "bytes:\\xNN..." (OpenAI's way)."""
-    text = tokenizer.decode([token])
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """One token's bytes: a byte-level BPE token's own, else its text in UTF-8."""
     decode_bytes = getattr(tokenizer, "decode_bytes", None)
-    if "\ufffd" in text and callable(decode_bytes):
-        raw = decode_bytes([token])
+    return decode_bytes([token]) if callable(decode_bytes) else tokenizer.decode([token]).encode("utf-8")
+
+
+def escaped(raw: bytes) -> str:
+    return "".join(f"\\x{b:02x}" for b in raw)
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """One token as text; a piece of a UTF-8 character as "bytes:\\xNN..." (OpenAI's legacy way)."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        raw = token_bytes(tokenizer, token)
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            return "bytes:" + escaped(raw)
     return text
 
 
@@ -120,11 +145,55 @@ class ChoiceLogprobs:
         return self.openai(start)
 
 
-class LogprobsCollector:
-    """Every choice's logprobs of one request, from the engine's events."""
+class ChatChoiceLogprobs:
+    """The `logprobs` object of one chat choice (OpenAI's newer shape), built token by token;
+    the tokens in `skip` (those that end a reply) are left out."""
 
-    def __init__(self, tokenizer: Tokenizer, rows: int, top: int):
-        self.choices = [ChoiceLogprobs(tokenizer, top) for _ in range(rows)]
+    def __init__(self, tokenizer: Tokenizer, top: int, skip: frozenset[int] = frozenset()):
+        self.tokenizer, self.top, self.skip = tokenizer, top, skip
+        self.content: list[dict[str, Any]] = []
+        self.sent = 0  # entries already streamed
+        self._described: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes)
+
+    def describe(self, token: int, logprob: float) -> dict[str, Any]:
+        """{token, logprob, bytes} of one token: its text (a piece of a character: its bytes escaped)."""
+        if token not in self._described:
+            raw = token_bytes(self.tokenizer, token)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = escaped(raw)
+            self._described[token] = (text, list(raw))
+        text, raw_list = self._described[token]
+        return {"token": text, "logprob": logprob, "bytes": list(raw_list)}
+
+    def add(self, entry: TokenLogprob) -> None:
+        if entry.token in self.skip or entry.logprob is None:
+            return
+        top = [self.describe(t, lp) for t, lp in entry.top[: self.top]]
+        self.content.append({**self.describe(entry.token, entry.logprob), "top_logprobs": top})
+
+    def openai(self, start: int = 0) -> dict[str, Any]:
+        """OpenAI's object for the entries from `start` on."""
+        return {"content": self.content[start:], "refusal": None}
+
+    def take(self) -> dict[str, Any] | None:
+        """The entries not yet streamed (None if there are none), marked as streamed."""
+        if self.sent == len(self.content):
+            return None
+        start, self.sent = self.sent, len(self.content)
+        return self.openai(start)
+
+
+class LogprobsCollector:
+    """Every choice's logprobs of one request, from the engine's events: the legacy shape, or
+    (`chat`) the chat shape without the tokens in `end_ids`."""
+
+    def __init__(self, tokenizer: Tokenizer, rows: int, top: int, chat: bool = False,
+                 end_ids: frozenset[int] = frozenset()):
+        self.choices: list[ChoiceLogprobs] | list[ChatChoiceLogprobs] = (
+            [ChatChoiceLogprobs(tokenizer, top, end_ids) for _ in range(rows)] if chat
+            else [ChoiceLogprobs(tokenizer, top) for _ in range(rows)])
 
     def consume(self, event: tuple) -> bool:
         """Take a "prompt_logprobs" or "logprobs" event; False for any other event."""

@@ -229,14 +229,17 @@ async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
 
 # --- chat answers -----------------------------------------------------------------------------
 
-async def wait_for_job(request: Request, job: Job, rows: int) -> tuple[list[str], list[str], list[int]]:
-    """The texts, finish reasons and token counts of a whole job; a client that disconnects
-    first cancels it (APIError 499), a failed generation is APIError 500."""
+async def wait_for_job(request: Request, job: Job, rows: int, logprobs: LogprobsCollector | None = None
+                       ) -> tuple[list[str], list[str], list[int]]:
+    """The texts, finish reasons and token counts of a whole job (its logprobs go to `logprobs`);
+    a client that disconnects first cancels it (APIError 499), a failed generation is APIError 500."""
     texts, finish, tokens, failed = [""] * rows, ["length"] * rows, [0] * rows, None
 
     async def collect() -> None:
         nonlocal finish, tokens, failed
         while (event := await job.events.get())[0] != "end":
+            if logprobs is not None and logprobs.consume(event):
+                continue
             if event[0] == "pieces":
                 for b, piece in enumerate(event[1]):
                     texts[b] += piece
@@ -264,18 +267,22 @@ async def wait_for_job(request: Request, job: Job, rows: int) -> tuple[list[str]
     return texts, finish, tokens
 
 
-async def chat_answer(request: Request, job: Job, head: dict, prompt_tokens: int) -> JSONResponse:
-    """A whole chat completion: one assistant message per choice."""
-    texts, finish, tokens = await wait_for_job(request, job, len(job.rows))
-    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+async def chat_answer(request: Request, job: Job, head: dict, prompt_tokens: int,
+                      logprobs: LogprobsCollector | None = None) -> JSONResponse:
+    """A whole chat completion: one assistant message per choice (with its logprobs if asked)."""
+    texts, finish, tokens = await wait_for_job(request, job, len(job.rows), logprobs)
+    choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                "logprobs": logprobs.choices[i].openai() if logprobs else None,
                 "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                          "usage": usage([prompt_tokens] * len(texts), tokens)})
 
 
-async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool,
+                   logprobs: LogprobsCollector | None = None) -> AsyncIterator[str]:
     """OpenAI's chat stream: a first chunk with the role, `delta` chunks with content, a last
-    chunk per choice with its finish_reason, the usage if asked, then `data: [DONE]`."""
+    chunk per choice with its finish_reason, the usage if asked, then `data: [DONE]`. With
+    logprobs, a choice's chunk carries those of the tokens since its previous chunk."""
     extra = {"usage": None} if include_usage else {}
 
     def chunk(choices: list[dict], **fields: Any) -> str:
@@ -283,11 +290,14 @@ async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool
         return f"data: {json.dumps(body)}\n\n"
 
     def choice(i: int, delta: dict, finish: str | None = None) -> dict:
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        lp = logprobs.choices[i].take() if logprobs else None
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     try:
         yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(job.rows))])
         while (event := await job.events.get())[0] != "end":
+            if logprobs is not None and logprobs.consume(event):
+                continue
             if event[0] == "pieces":
                 yield chunk([choice(i, {"content": p}) for i, p in enumerate(event[1]) if p])
             elif event[0] == "finish":
@@ -417,18 +427,22 @@ class Routes:
         checked = await asyncio.to_thread(check_chat, req, self.settings, self.model_id,
                                           self.engine.tokenizer, self.block_size)
         job = self.engine.new_job([checked.prompt_ids], checked.n, checked.sampling, checked.seed,
-                                  asyncio.get_running_loop())
+                                  asyncio.get_running_loop(), checked.logprobs)
         job.end_ids = checked.end_ids
+        lp = None
+        if checked.logprobs is not None:
+            lp = LogprobsCollector(self.engine.tokenizer, len(job.rows), checked.logprobs, chat=True,
+                                   end_ids=checked.end_ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_id,
                 "system_fingerprint": None}
         self.submit(job)
         prompt_tokens = len(checked.prompt_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(chat_sse(job, head, prompt_tokens, include_usage),
+            return StreamingResponse(chat_sse(job, head, prompt_tokens, include_usage, lp),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await chat_answer(request, job, head, prompt_tokens)
+        return await chat_answer(request, job, head, prompt_tokens, lp)
 
 
 # --- the app --------------------------------------------------------------------------------

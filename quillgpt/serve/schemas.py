@@ -17,7 +17,7 @@ from ..chat import ConversationError, check_messages, end_ids, has_chat_template
 from ..errors import QuillError, shown
 from ..generate import check_sampling_args, encode_prompt
 from ..tokenizers import Tokenizer
-from .logprobs import MAX_LOGPROBS
+from .logprobs import MAX_LOGPROBS, MAX_TOP_LOGPROBS
 
 
 @dataclass
@@ -213,6 +213,7 @@ class ChatInput:
     sampling: Sampling
     seed: int
     end_ids: frozenset[int]  # tokens that end a reply
+    logprobs: int | None = None  # alternatives per token (top_logprobs); None: no logprobs
 
 
 def chat_request_schema() -> Any:
@@ -251,6 +252,7 @@ def chat_request_schema() -> Any:
         stream: bool | None = None
         stream_options: StreamOptions | None = None
         logprobs: bool | None = None
+        top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
         tools: list[Any] | None = None
         user: str | None = None
 
@@ -290,8 +292,7 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
         raise APIError(400, f"model {model_id!r} has no chat template (its tokenizer lacks the chat "
                             f"tokens); fine-tune it with quill sft, or use /v1/completions",
                        param="messages", code="no_chat_template")
-    if req.logprobs:
-        raise APIError(400, "logprobs is not supported", param="logprobs")
+    logprobs = chat_logprobs(req, tokenizer)
     if req.tools:
         raise APIError(400, "tools are not supported", param="tools")
     n = req.n or 1
@@ -313,7 +314,21 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
     except (ConversationError, QuillError) as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
-    return ChatInput(ids, n, sampling, seed, frozenset(end_ids(tokenizer)))
+    return ChatInput(ids, n, sampling, seed, frozenset(end_ids(tokenizer)), logprobs)
+
+
+def chat_logprobs(req: Any, tokenizer: Tokenizer) -> int | None:
+    """Alternatives per token the request asks for (None: no logprobs). As OpenAI: top_logprobs
+    needs logprobs true; it is also at most the model's vocabulary."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    if not req.logprobs:
+        return None
+    top = req.top_logprobs or 0
+    if top > tokenizer.vocab_size:
+        raise APIError(400, f"top_logprobs: at most {tokenizer.vocab_size}, the size of this model's "
+                            f"vocabulary, got {top}", param="top_logprobs")
+    return top
 
 
 def prompt_texts_and_ids(prompt: Any, tokenizer: Tokenizer, block_size: int

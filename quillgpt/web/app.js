@@ -81,22 +81,29 @@ async function stream(url, body, onChunk) {
 }
 
 // Runs one streamed request: stats while it runs, errors shown, the buttons set back after.
-// Text is handed to onText at most once per frame, however fast the model writes: the page
-// stays responsive (and Stop clickable) while a small model streams thousands of tokens a second.
-async function run(url, body, onText, onFinish) {
+// Text and its tokens' logprobs go to `out` (a TokenText) at most once per frame, however fast
+// the model writes: the page stays responsive (and Stop clickable) while a small model streams
+// thousands of tokens a second. onFrame runs after each of those updates.
+async function run(url, body, out, onFrame) {
   showError("");
+  hideTip();
   $("stats").textContent = "waiting…";
   setRunning(true);
   const started = performance.now();
   let tokens = 0;
   let finish = null;
   let pending = "";
+  let entries = [];
   let frame = 0;
   const flush = () => {
     if (frame) cancelAnimationFrame(frame);
     frame = 0;
-    if (pending) onText(pending);
+    if (pending || entries.length) {
+      out.add(pending, entries);
+      if (onFrame) onFrame();
+    }
     pending = "";
+    entries = [];
   };
   try {
     await stream(url, body, (msg) => {
@@ -107,6 +114,7 @@ async function run(url, body, onText, onFinish) {
           pending += text;
           if (!msg.usage) tokens += 1; // one chunk per decoding step while streaming
         }
+        if (c.logprobs) entries.push(...logprobEntries(c.logprobs));
         if (c.finish_reason) finish = c.finish_reason;
       }
       if (!frame) frame = requestAnimationFrame(() => { frame = 0; flush(); showStats(tokens, started, false); });
@@ -124,10 +132,227 @@ async function run(url, body, onText, onFinish) {
     showError(String(e.message || e));
     return { ok: false };
   } finally {
+    out.end();
     controller = null;
     setRunning(false);
-    if (onFinish) onFinish();
   }
+}
+
+// --- tokens: each generated token its own span, with its probability and the alternatives ----------
+
+// A chunk's logprobs, either API's shape, as [{token, bytes, logprob, alts: [{token, logprob}]}]:
+// chat's `content` list, or the completions API's legacy columns (whose pieces of a character
+// are written "bytes:\\xNN").
+function logprobEntries(lp) {
+  if (lp.content) {
+    return lp.content.map((e) => ({ token: e.token, bytes: new Uint8Array(e.bytes), logprob: e.logprob,
+      alts: e.top_logprobs.map((a) => ({ token: a.token, logprob: a.logprob })) }));
+  }
+  return lp.tokens.map((token, i) => ({
+    token,
+    bytes: token.startsWith("bytes:")
+      ? new Uint8Array([...token.matchAll(/\\x([0-9a-f]{2})/g)].map((m) => parseInt(m[1], 16)))
+      : new TextEncoder().encode(token),
+    logprob: lp.token_logprobs[i],
+    alts: Object.entries(lp.top_logprobs[i] || {}).map(([t, l]) => ({ token: t, logprob: l }))
+      .sort((a, b) => b.logprob - a.logprob),
+  }));
+}
+
+const tokenData = new WeakMap(); // span -> the tokens it shows (more than one: pieces of a character)
+
+// Generated text in `el`, one span per token. A token's logprobs can come a chunk before its
+// text (text that may be the start of a stop string is held back), so text and tokens queue up
+// and a span is made once its token's text has arrived. Tokens that are only pieces of a UTF-8
+// character share the span of the character. Each frame appends its spans as one fragment.
+class TokenText {
+  constructor(el) {
+    this.el = el;
+    this.text = ""; // text arrived, not yet in a span
+    this.queue = []; // tokens whose text has not arrived yet: {text, parts}
+    this.carry = []; // pieces of a character still incomplete
+    this.decoder = new TextDecoder();
+    this.first = true;
+  }
+
+  add(text, entries) {
+    this.text += text;
+    for (const e of entries) {
+      this.carry.push(e);
+      const piece = this.decoder.decode(e.bytes, { stream: true });
+      if (piece) {
+        this.queue.push({ text: piece, parts: this.carry });
+        this.carry = [];
+      }
+    }
+    this.render(false);
+  }
+
+  // the stream ended (or stopped): what is left; a token cut by a stop string keeps its data
+  end() {
+    const rest = this.decoder.decode(); // a character left unfinished: U+FFFD, as the server writes it
+    if (rest && this.carry.length) this.queue.push({ text: rest, parts: this.carry });
+    this.carry = [];
+    this.render(true);
+    this.queue = [];
+  }
+
+  render(final) {
+    const frag = document.createDocumentFragment();
+    while (this.text) {
+      const tok = this.queue[0];
+      if (tok && this.text.startsWith(tok.text)) {
+        frag.append(this.span(tok.text, tok.parts));
+        this.text = this.text.slice(tok.text.length);
+        this.queue.shift();
+      } else if (tok && tok.text.startsWith(this.text)) {
+        if (!final) break; // the rest of this token's text is still held back
+        frag.append(this.span(this.text, tok.parts));
+        this.text = "";
+      } else {
+        frag.append(this.text); // text without its token's logprobs: shown as it is
+        this.text = "";
+        this.queue = [];
+      }
+    }
+    if (frag.childNodes.length) this.el.append(frag);
+  }
+
+  span(text, parts) {
+    const s = document.createElement("span");
+    s.className = "tok";
+    s.textContent = text;
+    s.tabIndex = this.first ? 0 : -1; // one tab stop per text; arrow keys move between tokens
+    this.first = false;
+    tokenData.set(s, parts);
+    return s;
+  }
+}
+
+function percent(logprob) {
+  const p = Math.exp(logprob) * 100;
+  return p >= 0.01 ? `${p.toFixed(2)}%` : `${p.toExponential(1)}%`;
+}
+
+function tokenLabel(token) {
+  if (token.startsWith("bytes:")) return token.slice(6); // a piece of a character (completions)
+  return `“${token.replace(/\n/g, "\\n").replace(/\r/g, "\\r").replace(/\t/g, "\\t")}”`;
+}
+
+function tipSection(e) {
+  const section = document.createElement("div");
+  section.className = "tip-token";
+  const head = document.createElement("p");
+  head.className = "tip-head";
+  const label = document.createElement("code");
+  label.textContent = tokenLabel(e.token);
+  const p = document.createElement("b");
+  p.className = "tip-p";
+  p.dataset.logprob = String(e.logprob);
+  p.textContent = percent(e.logprob);
+  head.append(label, " ", p);
+  const list = document.createElement("ol");
+  list.className = "tip-alts";
+  list.setAttribute("aria-label", "most likely tokens here");
+  for (const a of e.alts) {
+    const li = document.createElement("li");
+    li.dataset.token = a.token;
+    li.dataset.logprob = String(a.logprob);
+    if (a.token === e.token) li.className = "chosen";
+    const name = document.createElement("code");
+    name.textContent = tokenLabel(a.token);
+    const track = document.createElement("span"); // the bar: the probability out of 100%
+    track.className = "track";
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${(Math.exp(a.logprob) * 100).toFixed(1)}%`;
+    track.append(bar);
+    const value = document.createElement("span");
+    value.className = "p";
+    value.textContent = percent(a.logprob);
+    li.append(name, track, value);
+    list.append(li);
+  }
+  const caption = document.createElement("p");
+  caption.className = "tip-caption";
+  caption.textContent = e.alts.length ? "likeliest here:" : "";
+  section.append(head, caption, list);
+  return section;
+}
+
+let tipFor = null; // the token span the tip describes
+
+function showTip(span) {
+  const parts = tokenData.get(span);
+  if (!parts) return;
+  if (tipFor !== span) {
+    if (tipFor) tipFor.removeAttribute("aria-describedby");
+    $("token-tip").replaceChildren(...parts.map(tipSection));
+    span.setAttribute("aria-describedby", "token-tip");
+    tipFor = span;
+  }
+  $("token-tip").hidden = false;
+  placeTip();
+}
+
+function hideTip() {
+  if (tipFor) tipFor.removeAttribute("aria-describedby");
+  tipFor = null;
+  $("token-tip").hidden = true;
+}
+
+// below the token, or above it where there is no room below; always inside the window
+function placeTip() {
+  if (!tipFor) return;
+  const tip = $("token-tip");
+  const r = tipFor.getBoundingClientRect();
+  const left = Math.max(4, Math.min(r.left, window.innerWidth - tip.offsetWidth - 4));
+  const below = r.bottom + 6;
+  const top = below + tip.offsetHeight <= window.innerHeight ? below : Math.max(4, r.top - tip.offsetHeight - 6);
+  tip.style.left = `${left}px`;
+  tip.style.top = `${top}px`;
+}
+
+// keyboard: ←/→ the previous/next token of the same text, Home/End its first/last, Esc hides the tip
+function moveToken(event) {
+  const span = event.target.closest(".tok");
+  if (!span) return;
+  if (event.key === "Escape") {
+    hideTip();
+    return;
+  }
+  const all = event.key === "Home" || event.key === "End" ? [...span.parentElement.querySelectorAll(".tok")] : null;
+  let next = null;
+  if (event.key === "ArrowRight") next = span.nextElementSibling;
+  else if (event.key === "ArrowLeft") next = span.previousElementSibling;
+  else if (all) next = event.key === "Home" ? all[0] : all[all.length - 1];
+  else return;
+  event.preventDefault();
+  if (!next || !next.classList.contains("tok")) return;
+  span.tabIndex = -1;
+  next.tabIndex = 0;
+  next.focus();
+}
+
+function watchTokens(box) {
+  box.addEventListener("mouseover", (e) => {
+    const span = e.target.closest(".tok");
+    if (span) showTip(span);
+  });
+  box.addEventListener("mouseout", (e) => {
+    if (!e.target.closest(".tok") || e.relatedTarget?.closest?.(".tok")) return;
+    const focused = document.activeElement;
+    if (focused && focused.classList.contains("tok")) showTip(focused);
+    else hideTip();
+  });
+  box.addEventListener("focusin", (e) => {
+    const span = e.target.closest(".tok");
+    if (span) showTip(span);
+  });
+  box.addEventListener("focusout", (e) => {
+    if (!e.relatedTarget?.closest?.(".tok")) hideTip();
+  });
+  box.addEventListener("keydown", moveToken);
 }
 
 // --- complete mode --------------------------------------------------------------------------------
@@ -137,8 +362,7 @@ async function generate(event) {
   const body = { prompt: $("prompt").value, ...sampling() };
   $("out-prompt").textContent = body.prompt;
   $("out-text").textContent = "";
-  const out = $("out-text");
-  await run("/v1/completions", body, (text) => { out.append(text); });
+  await run("/v1/completions", { ...body, logprobs: 5 }, new TokenText($("out-text")));
 }
 
 // --- chat mode ------------------------------------------------------------------------------------
@@ -190,8 +414,8 @@ async function reply() {
   $("messages").append(li);
   scrollToEnd();
   const text = li.querySelector(".text");
-  const result = await run("/v1/chat/completions", { messages, ...sampling() }, (piece) => {
-    text.append(piece);
+  const body = { messages, ...sampling(), logprobs: true, top_logprobs: 5 };
+  const result = await run("/v1/chat/completions", body, new TokenText(text), () => {
     li.classList.remove("pending");
     scrollToEnd();
   });
@@ -228,11 +452,13 @@ async function send(event) {
 async function regenerate() {
   if (controller || !history.length || history[history.length - 1].role !== "assistant") return;
   history.pop();
-  renderMessages();
+  $("messages").lastElementChild.remove(); // the replies before keep their tokens
+  updateChatButtons();
   await reply();
 }
 
 function clearChat() {
+  hideTip();
   history = [];
   renderMessages();
   showError("");
@@ -289,6 +515,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("message").addEventListener("input", growComposer);
   $("system").addEventListener("input", showSystemState);
   $("regenerate").addEventListener("click", regenerate);
+  watchTokens($("out-text"));
+  watchTokens($("messages"));
+  document.addEventListener("scroll", placeTip, true);
+  window.addEventListener("resize", placeTip);
   $("clear").addEventListener("click", clearChat);
   setMode(chat ? "chat" : "complete");
   setRunning(false);
