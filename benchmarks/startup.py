@@ -14,8 +14,8 @@ Both train nanoGPT's CPU recipe (`shakespeare-char-cpu`: 4 layers, 128 wide, con
 
 Rounds alternate between the commands; the tables give medians. For quill the phases come
 from a harness around the real CLI (`quill_phases`): interpreter start and imports; setup (data,
-model, optimizer); the first evaluation; the steps (with their evaluations); the end (sample,
-checkpoint, loss.png). For nanoGPT the first evaluation's end is when it prints `step 0:`.
+model, optimizer); the first evaluation; the steps (with their evaluations, up to the end of the
+last step); the end (the final evaluation, sample, checkpoint, loss.png). For nanoGPT the first evaluation's end is when it prints `step 0:`.
 
     flock /tmp/quill-bench.lock python benchmarks/startup.py --nanogpt ~/nanoGPT [--before DIR]
         [--iters 300] [--rounds 5] [--data ../shared/data/tinyshakespeare.txt]
@@ -52,14 +52,15 @@ import json, sys, time
 marks = {}
 import quillgpt.train as train, quillgpt.cli as cli
 marks["imports"] = time.time()
-init, step, finish = train.Trainer.__init__, train.Trainer.train_step, train.Trainer._finish
+init, step = train.Trainer.__init__, train.Trainer.train_step
 def _init(self, *a, **k):
     init(self, *a, **k); marks["setup"] = time.time()
 def _step(self, s):
-    marks.setdefault("first_eval", time.time()); return step(self, s)
-def _finish(self, *a, **k):
-    marks["steps"] = time.time(); return finish(self, *a, **k)
-train.Trainer.__init__, train.Trainer.train_step, train.Trainer._finish = _init, _step, _finish
+    marks.setdefault("first_eval", time.time())
+    out = step(self, s)
+    marks["steps"] = time.time()  # the last step's end: evaluations after it count as the end
+    return out
+train.Trainer.__init__, train.Trainer.train_step = _init, _step
 code = cli.main(sys.argv[1:])
 marks["end"] = time.time()
 print(json.dumps(marks), file=sys.stderr)

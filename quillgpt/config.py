@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import numbers
 import types
@@ -308,10 +309,15 @@ def keys_markdown() -> str:
     return "\n".join(rows)
 
 
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    """Every key's annotation, resolved once (the CLI asks for each key's type several times)."""
+    return typing.get_type_hints(ModelConfig) | typing.get_type_hints(TrainConfig)
+
+
 def key_type(name: str) -> tuple[type, bool]:
     """The base type of a key and whether it may be None."""
-    hints = typing.get_type_hints(ModelConfig) | typing.get_type_hints(TrainConfig)
-    tp = hints[name]
+    tp = _type_hints()[name]
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import distributed as qdist
 from .config import Config, config_from_dict, load_config
 from .data import BatchSource, Splits, TokenData, check_lengths, data_fingerprint
-from .download import cache_dir
+from .download import KNOWN_DATASETS, cache_dir
 from .errors import QuillError, shown
 from .fileio import check_apart, sweep_temporaries
 from .prepared import is_prepared_dir, load_prepared
@@ -179,7 +179,7 @@ def resume_data(run_dir: Path, cfg: Config, data: str | None, fingerprint: str) 
     run's tokenizer says. Without: the prepared data in this machine's cache with that
     fingerprint (where the first session put it)."""
     if data is not None:
-        if re.match(r"[a-z]+://", str(data)):
+        if re.match(r"[a-z]+://", str(data)) or (str(data) in KNOWN_DATASETS and not Path(data).exists()):
             raise QuillError(f"--resume never downloads; pass --data with a local copy of {shown(data)}")
         local = copy.deepcopy(cfg)
         local.train.data, local.train.tokenizer = str(data), resume_tokenizer_spec(run_dir, cfg.train.tokenizer)

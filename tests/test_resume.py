@@ -214,8 +214,9 @@ def test_resume_never_downloads_nor_reads_the_data_its_config_names(small_text, 
         assert "not in this machine's cache" in line and "--data" in line
         assert files_of(run) == before
         assert not (tmp_path / "empty-cache" / "prepared").exists()  # secret.txt was never read
-    assert main(["train", "--resume", str(run), "--data", "https://example.com/corpus.txt"]) == 2
-    assert "never downloads" in capsys.readouterr().err
+    for name in ("https://example.com/corpus.txt", "shakespeare"):  # a URL, a data set quill downloads
+        assert main(["train", "--resume", str(run), "--data", name]) == 2
+        assert "never downloads" in capsys.readouterr().err
     # the user points at the data: checked against the checkpoint, then the run goes on
     assert main(["train", "--resume", str(run), "--data", str(small_text), "--max-iters", "6",
                  "--allow-config-change", "--no-progress"]) == 0
