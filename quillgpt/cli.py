@@ -227,12 +227,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory written by quill train")
     p.add_argument("--prompt", default="", help="text to continue (default: none, the model starts afresh)")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
-    p.add_argument("--min-p", type=float, default=None,
-                   help="drop tokens less likely than this times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    add_sampling_flags(p)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable; \\n and \\t are newline and tab)")
     p.add_argument("--overflow", choices=["shift", "slide"], default="shift",
@@ -245,6 +240,16 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     add_dtype_flag(p)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling controls of `quill sample` and `quill chat` (see quillgpt.generate)."""
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, deterministic (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
 
 
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
@@ -334,12 +339,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--message", help="send this one message, print the reply, exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, deterministic (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
-    p.add_argument("--min-p", type=float, default=None,
-                   help="drop tokens less likely than this times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, default=None, help="fixes the replies (reply n uses seed + n)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")

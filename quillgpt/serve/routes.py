@@ -155,41 +155,9 @@ def usage(prompt_tokens: list[int], tokens: list[int]) -> dict[str, int]:
 async def complete(request: Request, job: Job, head: dict, echo: list[str],
                    prompt_tokens: list[int], logprobs: LogprobsCollector | None = None) -> JSONResponse:
     """Wait for the whole job; if the client disconnects first, cancel it (frees its slot)."""
-    texts = list(echo)
-    finish, tokens, failed = ["length"] * len(texts), [0] * len(texts), None
-
-    async def collect() -> None:
-        nonlocal finish, tokens, failed
-        while (event := await job.events.get())[0] != "end":
-            if logprobs is not None and logprobs.consume(event):
-                continue
-            if event[0] == "pieces":
-                for b, piece in enumerate(event[1]):
-                    texts[b] += piece
-            elif event[0] == "finish":
-                finish, tokens = event[1], event[2]
-            elif event[0] == "error":
-                failed = event[1]
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    collecting = asyncio.ensure_future(collect())
-    watching = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-        if not collecting.done():  # the client left (or we were cancelled): free the slot
-            job.cancelled.set()
-            collecting.cancel()
-    if not collecting.done() or collecting.cancelled():
-        raise APIError(499, "client closed the request", type="client_closed")
-    if failed:
-        raise APIError(500, failed, type="server_error")
-    choices = [{"text": t, "index": i, "logprobs": logprobs.choices[i].openai() if logprobs else None,
-                "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+    texts, finish, tokens = await wait_for_job(request, job, len(echo), logprobs)
+    choices = [{"text": e + t, "index": i, "logprobs": logprobs.choices[i].openai() if logprobs else None,
+                "finish_reason": f} for i, (e, t, f) in enumerate(zip(echo, texts, finish))]
     return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, tokens)})
 
 
@@ -227,7 +195,7 @@ async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
         job.cancelled.set()  # a no-op when finished; stops the worker when the client left
 
 
-# --- chat answers -----------------------------------------------------------------------------
+# --- whole answers (completions and chat) -------------------------------------------------
 
 async def wait_for_job(request: Request, job: Job, rows: int, logprobs: LogprobsCollector | None = None
                        ) -> tuple[list[str], list[str], list[int]]:

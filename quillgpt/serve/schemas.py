@@ -80,22 +80,20 @@ class CompletionInput:
 
 # --- the request schema ---------------------------------------------------------------------
 
-def completion_request_schema() -> Any:
-    """The /v1/completions request schema (built lazily: pydantic comes with the serve extra)."""
+def _sampling_request() -> Any:
+    """The parameters both request schemas share (OpenAI's, plus top_k, min_p,
+    repetition_penalty); parameters a schema does not know are ignored. Strict: no strings for
+    numbers, no booleans for integers, no NaN or infinity. Built lazily: pydantic comes with the
+    serve extra."""
     from pydantic import BaseModel, ConfigDict, Field
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore")
         include_usage: bool = False
 
-    class CompletionRequest(BaseModel):
-        """OpenAI's completion parameters (plus top_k, min_p, repetition_penalty); others ignored.
-        Strict: no strings for numbers, no booleans for integers, no NaN or infinity."""
-
+    class SamplingRequest(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
         model: str | None = None
-        prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids
-        max_tokens: int | None = Field(default=None, ge=0)
         temperature: float | None = Field(default=None, ge=0)
         top_p: float | None = Field(default=None, gt=0, le=1)
         top_k: int | None = Field(default=None, ge=0)
@@ -106,10 +104,21 @@ def completion_request_schema() -> Any:
         n: int | None = Field(default=None, ge=1)
         stream: bool | None = None
         stream_options: StreamOptions | None = None
+        user: str | None = None
+
+    return SamplingRequest
+
+
+def completion_request_schema() -> Any:
+    """The /v1/completions request schema."""
+    from pydantic import Field
+
+    class CompletionRequest(_sampling_request()):
+        prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids
+        max_tokens: int | None = Field(default=None, ge=0)
         echo: bool | None = None
         logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
         best_of: int | None = None
-        user: str | None = None
 
     return CompletionRequest
 
@@ -217,13 +226,8 @@ class ChatInput:
 
 
 def chat_request_schema() -> Any:
-    """The /v1/chat/completions request schema (OpenAI's chat parameters, plus top_k, min_p,
-    repetition_penalty); parameters it does not know are ignored."""
+    """The /v1/chat/completions request schema."""
     from pydantic import BaseModel, ConfigDict, Field
-
-    class StreamOptions(BaseModel):
-        model_config = ConfigDict(strict=True, extra="ignore")
-        include_usage: bool = False
 
     class ContentPart(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore")
@@ -235,26 +239,13 @@ def chat_request_schema() -> Any:
         role: str
         content: str | list[ContentPart] | None = None
 
-    class ChatRequest(BaseModel):
-        model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-        model: str | None = None
+    class ChatRequest(_sampling_request()):
         messages: list[ChatMessage] = Field(min_length=1)
         max_tokens: int | None = Field(default=None, ge=1)
         max_completion_tokens: int | None = Field(default=None, ge=1)
-        temperature: float | None = Field(default=None, ge=0)
-        top_p: float | None = Field(default=None, gt=0, le=1)
-        top_k: int | None = Field(default=None, ge=0)
-        min_p: float | None = Field(default=None, ge=0, le=1)
-        repetition_penalty: float | None = Field(default=None, gt=0)
-        stop: str | list[str] | None = None
-        seed: int | None = Field(default=None, ge=0, le=2**62)
-        n: int | None = Field(default=None, ge=1)
-        stream: bool | None = None
-        stream_options: StreamOptions | None = None
         logprobs: bool | None = None
         top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
         tools: list[Any] | None = None
-        user: str | None = None
 
     return ChatRequest
 
