@@ -117,6 +117,15 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str
     return {n: tuple(t.shape) for n, t in saved.items()}, {n for n in names if n in saved}
 
 
+def name_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """'missing a, b; unexpected c': at most five names of each."""
+    def some(names: list[str]) -> str:
+        return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+    parts = [f"missing {some(missing)}"] if missing else []
+    return "; ".join(parts + ([f"unexpected {some(unexpected)}"] if unexpected else []))
+
+
 def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
     """QuillError unless the weights file's header lists the tensors the config's model has, in
     their shapes: checked before the model is allocated (a config edited to a huge model, or
@@ -127,12 +136,7 @@ def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
     missing = [k for k in want if k in required and k not in have]
     unexpected = [k for k in have if k not in want]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise QuillError(f"{path} does not match the model of config.yaml: {'; '.join(parts)}")
+        raise QuillError(f"{path} does not match the model of config.yaml: {name_mismatch(missing, unexpected)}")
     for name, shape in want.items():
         if name in have and have[name] != shape:
             raise QuillError(f"{path}: {name} has shape {have[name]}, the model of config.yaml "
@@ -155,12 +159,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing = [k for k in expected if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise QuillError(f"{path} does not match the model: {'; '.join(parts)}")
+        raise QuillError(f"{path} does not match the model: {name_mismatch(missing, unexpected)}")
     for name, t in tensors.items():
         if t.shape != expected[name].shape:
             raise QuillError(
