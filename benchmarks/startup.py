@@ -15,7 +15,8 @@ Both train nanoGPT's CPU recipe (`shakespeare-char-cpu`: 4 layers, 128 wide, con
 Rounds alternate between the commands; the tables give medians. For quill the phases come
 from a harness around the real CLI (`quill_phases`): interpreter start and imports; setup (data,
 model, optimizer); the first evaluation; the steps (with their evaluations, up to the end of the
-last step); the end (the final evaluation, sample, checkpoint, loss.png). For nanoGPT the first evaluation's end is when it prints `step 0:`.
+last step); the end (the final evaluation, sample, checkpoint, loss.png). For nanoGPT the first
+evaluation's end is when it prints `step 0:`.
 
     flock /tmp/quill-bench.lock python benchmarks/startup.py --nanogpt ~/nanoGPT [--before DIR]
         [--iters 300] [--rounds 5] [--data ../shared/data/tinyshakespeare.txt]
