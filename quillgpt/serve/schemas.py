@@ -175,6 +175,21 @@ def check_stop(stop: str | list[str] | None, settings: ServeSettings) -> list[st
     return stop
 
 
+def checked_sampling(req: Any, max_tokens: int, settings: ServeSettings) -> Sampling:
+    """The request's sampling settings (OpenAI's defaults where unset), checked as the CLI checks
+    them; both completion routes use it."""
+    stop = check_stop(req.stop, settings)
+    sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
+                        req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
+                        stop or None)
+    try:
+        check_sampling_args(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                            sampling.repetition_penalty, max_tokens, sampling.stop)
+    except QuillError as e:
+        raise APIError(400, str(e), param="stop") from None
+    return sampling
+
+
 def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer: Tokenizer,
                      block_size: int) -> CompletionInput:
     """Check a parsed completion request against the model and the limits; encode the prompts."""
@@ -195,13 +210,8 @@ def check_completion(req: Any, settings: ServeSettings, model_id: str, tokenizer
     if n * len(prompts) > settings.max_batch:
         raise APIError(400, f"n x prompts is {n * len(prompts)}, at most {settings.max_batch} "
                             "on this server", param="n")
-    stop = check_stop(req.stop, settings)
-    sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
-                        req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
-                        stop or None)
+    sampling = checked_sampling(req, max_tokens, settings)
     try:
-        check_sampling_args(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
-                            sampling.repetition_penalty, max_tokens, sampling.stop)
         if encoded is None:
             encoded = [encode_prompt(tokenizer, p, block_size) for p in prompts]
     except QuillError as e:
@@ -290,15 +300,7 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
     if n > settings.max_batch:
         raise APIError(400, f"n is {n}, at most {settings.max_batch} on this server", param="n")
     max_tokens = chat_max_tokens(req, settings, block_size)
-    stop = check_stop(req.stop, settings)
-    sampling = Sampling(max_tokens, 1.0 if req.temperature is None else req.temperature,
-                        req.top_k or None, req.top_p, req.min_p, req.repetition_penalty or 1.0,
-                        stop or None)
-    try:
-        check_sampling_args(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
-                            sampling.repetition_penalty, max_tokens, sampling.stop)
-    except QuillError as e:
-        raise APIError(400, str(e), param="stop") from None
+    sampling = checked_sampling(req, max_tokens, settings)
     try:
         messages = check_messages(chat_messages(req))
         ids = prompt_ids(tokenizer, messages, block_size)
