@@ -1,6 +1,6 @@
 """Held-out exact match of a skill before and after SFT (docs/chat.md).
 
-    python benchmarks/chat_skill.py --test data/reverse/test.jsonl --base runs/shakespeare-char-cpu --chat runs/reverse
+    python benchmarks/chat_skill.py --test out/reverse/test.jsonl --base runs/shakespeare-char-cpu --chat runs/reverse
 
 For every held-out conversation the model answers the messages before the last assistant turn,
 greedily, and the answer counts when it equals that turn exactly. Three rows:
@@ -15,16 +15,21 @@ greedily, and the answer counts when it equals that turn exactly. Three rows:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from quillgpt.chat import add_chat_tokens, exact_match, last_reply
-from quillgpt.checkpoint import load_run
-from quillgpt.conversations import read_conversations
-from quillgpt.generate import generate_batch
-from quillgpt.hf import grow_vocabulary
-from quillgpt.model import GPT
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from benchmarks.script import run_main  # noqa: E402
+from quillgpt.chat import add_chat_tokens, exact_match, last_reply  # noqa: E402
+from quillgpt.checkpoint import load_run  # noqa: E402
+from quillgpt.conversations import read_conversations  # noqa: E402
+from quillgpt.generate import generate_batch  # noqa: E402
+from quillgpt.hf import grow_vocabulary  # noqa: E402
+from quillgpt.model import GPT  # noqa: E402
 
 
 def base_with_template(run_dir: str):
@@ -75,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main, text_file  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -239,7 +240,8 @@ def bench_loading(args: argparse.Namespace, shakespeare: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "tinyshakespeare.txt"))
+    parser.add_argument("--data", default="shakespeare",
+                        help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     parser.add_argument("--megabytes", type=float, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -247,9 +249,7 @@ def main() -> None:
                         help="process counts to time besides 1 and all cores")
     parser.add_argument("--skip-prepare", action="store_true")
     args = parser.parse_args()
-    shakespeare = Path(args.data)
-    if not shakespeare.is_file():
-        raise SystemExit(f"{shakespeare} not found: pass --data tinyshakespeare.txt")
+    shakespeare = text_file(args.data)
     print(f"machine: {machine()}\n")
     if not args.skip_prepare:
         bench_prepare(args, shakespeare)
@@ -257,4 +257,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,7 +10,7 @@ training characters, the last 10% held out) ~8 times. Every run has the same ste
 batches; only the dropout layout differs.
 
     flock /tmp/quill-bench.lock python benchmarks/dropout.py [--iters 1000] [--max-megabytes 0.1]
-        [--data ../shared/data/tinyshakespeare.txt]
+        [--data FILE]
 
 Prints a Markdown table: final and best val loss (evaluated every 250 steps on 50 batches of
 each split) and the final train-split estimate.
@@ -29,6 +29,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
 
@@ -56,9 +57,9 @@ def run(data: str, iters: int, max_megabytes: float, layout: dict) -> dict:
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(here.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--data", default="shakespeare",
+                        help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--max-megabytes", type=float, default=0.1)
     args = parser.parse_args()
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,9 +23,9 @@ is printed at the end. `--smoke` runs the same code on the CPU with tiny shapes 
 (tests/test_gpu_check.py runs it), compiling with the `eager` backend (dynamo's tracing without
 inductor's code generation, whose C++ build alone takes about a minute on 2 cores).
 
-    timeout 540 python benchmarks/gpu_check.py --out gpu.json    # <= 8 minutes on one H100/H200
-    python benchmarks/gpu_check.py --smoke --out smoke.json       # CPU, < 1 minute
-    python benchmarks/gpu_check.py --table gpu.json               # print the table of a JSON again
+    timeout 540 python benchmarks/gpu_check.py --out out/gpu.json    # <= 8 minutes on one H100/H200
+    python benchmarks/gpu_check.py --smoke --out out/smoke.json       # CPU, < 1 minute
+    python benchmarks/gpu_check.py --table out/gpu.json               # print the table of a JSON again
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def one_line(e: BaseException) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically: a reader (or a kill) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -13,7 +13,7 @@ This script trains the same recipe both ways, for several seeds:
 For each it reports the recipe's 20-batch val estimate at step 2000 and the loss over the whole
 val split (every non-overlapping 64-token window), which has no sampling noise.
 
-    python benchmarks/nanogpt_parity.py [--seeds 1337 1 2 3] [--data ../shared/data/tinyshakespeare.txt]
+    python benchmarks/nanogpt_parity.py [--seeds 1337 1 2 3] [--data FILE]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from benchmarks.script import run_main  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.model import GPT  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
@@ -97,7 +98,8 @@ def nanogpt_loop(cfg, train: np.ndarray, val: np.ndarray, seed: int) -> tuple[fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2, 3])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"))
+    ap.add_argument("--data", default="shakespeare",
+                    help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
@@ -120,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,7 +1,7 @@
 """SFT batches: padding each batch to its longest conversation vs packing conversations into full
 rows with document masks. Which trains on more conversation tokens per second here?
 
-    flock /tmp/quill-bench.lock python benchmarks/sft_batching.py --data data/reverse/train.jsonl
+    flock /tmp/quill-bench.lock python benchmarks/sft_batching.py --data out/reverse/train.jsonl
 
 Both train the same model (forward, backward, AdamW step) on the same conversations:
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quillgpt.model as model_module  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main  # noqa: E402
 from quillgpt.chat import add_chat_tokens  # noqa: E402
 from quillgpt.config import ModelConfig  # noqa: E402
 from quillgpt.conversations import RenderStats, read_conversations, render_rows  # noqa: E402
@@ -146,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

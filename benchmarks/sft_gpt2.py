@@ -1,6 +1,6 @@
 """SFT of an imported GPT-2-small-shaped model on the CPU: seconds per optimizer step, fp32 and bf16.
 
-    flock /tmp/quill-bench.lock python benchmarks/sft_gpt2.py --data data/reverse/train.jsonl
+    flock /tmp/quill-bench.lock python benchmarks/sft_gpt2.py --data out/reverse/train.jsonl
 
 A GPT-2 small (12 layers, 12 heads, 768 wide, context 1024, GPT-2's 50,257-token vocabulary)
 with random weights is written as a Hugging Face directory (`export_hf`), and `quill sft
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main  # noqa: E402
 from quillgpt import checkpoint as ckpt  # noqa: E402
 from quillgpt.config import Config, ModelConfig, TrainConfig, load_config  # noqa: E402
 from quillgpt.download import cache_dir  # noqa: E402
@@ -95,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

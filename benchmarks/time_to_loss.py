@@ -8,7 +8,7 @@ reported is training wall time, evaluations excluded (as modded-nanogpt's record
 The configs take turns for `--rounds` rounds; medians are reported.
 
     python benchmarks/time_to_loss.py [--configs shakespeare-char-cpu speedrun-cpu] [--target 1.886]
-        [--data ../shared/data/tinyshakespeare.txt] [--rounds 3] [--set key=value ...]
+        [--data FILE] [--rounds 3] [--set key=value ...]
 
 Reference (GUIDE.md): nanoGPT's CPU recipe reaches 1.886 after 2000 iterations, 91 s on these machines.
 """
@@ -27,6 +27,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
 
@@ -104,7 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["shakespeare-char-cpu", "speedrun-cpu"])
     ap.add_argument("--target", type=float, default=1.886)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"))
+    ap.add_argument("--data", default="shakespeare",
+                    help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
     ap.add_argument("--val-windows", type=int, default=512, help="val windows of 64 tokens evaluated")
     ap.add_argument("--rounds", type=int, default=1)
@@ -112,7 +114,7 @@ def main() -> None:
     ap.add_argument("--curve", action="store_true", help="print every evaluation")
     ap.add_argument("--full", action="store_true", help="train to each schedule's end; note the target on the way")
     args = ap.parse_args()
-    data = args.data if Path(args.data).exists() else None
+    data = args.data
     sets = dict(s.split("=", 1) for s in args.set)
     print(f"# time to val loss <= {args.target} ({args.val_windows} val windows of {WINDOW} tokens, "
           f"evaluated every {args.eval_every} steps; evaluation time excluded)")
@@ -148,4 +150,4 @@ def main() -> None:
         print(f"| {name} | {len(hits)}/{len(runs)} | {cells} | {sec / base:.2f}x | {last_val:.4f} | {last_step:.0f} |")
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,6 +33,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmark
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main, text_file  # noqa: E402
 from quillgpt.tokenizers.bpe import (  # noqa: E402
     ENDOFTEXT,
     GPT2_PATTERN,
@@ -103,12 +104,14 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "tinyshakespeare.txt"))
+    parser.add_argument("--data", default="shakespeare",
+                        help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     parser.add_argument("--ranks", default=str(SHARED / "gpt2.tiktoken"), help="GPT-2 ranks file")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--naive-merges", type=int, default=20)
     args = parser.parse_args()
+    args.data = str(text_file(args.data))
     text = Path(args.data).read_text(encoding="utf-8")
     n_bytes = len(text.encode("utf-8"))
     print(f"machine: {machine()}")
@@ -174,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

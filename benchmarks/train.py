@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
 from quillgpt.metrics import format_flops  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
@@ -93,9 +94,9 @@ def bench_preset(preset: str, data: str, rounds: int, steps: int, batch: int | N
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(here.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--data", default="shakespeare",
+                        help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round "
                                                               "(the larger preset uses a third)")
@@ -115,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
