@@ -1,5 +1,5 @@
 """One source for what each config key means: the dataclass fields. `quill train --help`, `quill
-ladder --help` and the README's table all come from it."""
+ladder --help` and the table in docs/model.md all come from it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from quillgpt.cli import build_parser
 from quillgpt.config import ALL_KEYS, key_help, keys_markdown
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+MODEL_DOC = Path(__file__).resolve().parent.parent / "docs" / "model.md"
 
 
 def test_every_key_has_a_meaning():
@@ -19,9 +19,9 @@ def test_every_key_has_a_meaning():
     assert not missing, f"config keys without a description: {missing}"
 
 
-def test_readme_table_is_the_config_table():
-    assert keys_markdown() in README.read_text(encoding="utf-8"), (
-        "README's config table differs from the config's descriptions; paste quillgpt.config.keys_markdown()")
+def test_docs_table_is_the_config_table():
+    assert keys_markdown() in MODEL_DOC.read_text(encoding="utf-8"), (
+        "docs/model.md's config table differs from the config's descriptions; paste quillgpt.config.keys_markdown()")
 
 
 def test_help_shows_every_flag_with_its_meaning_and_default():

@@ -1,8 +1,13 @@
 """Every command in the README's and docs/'s command blocks runs as written.
 
 A user copies commands. This test takes each fenced block that holds shell commands (no language,
-bash, sh, console) from README.md and docs/*.md, and each `quill ...` line in it (also after
-`&&`, behind `flock LOCK` or `timeout N`, or as `.venv/bin/quill`):
+bash, sh, console) from README.md and docs/*.md, and each `.venv/bin/quill ...` line in it (also
+after `&&`, behind `flock LOCK` or `timeout N`):
+
+- checks that it works in the shell a newcomer has after `make demo`: nothing of the project on
+  PATH, so every program the clone installs is named with `.venv/bin/` (`quill`, `python`, `pip`,
+  `lm-eval`, `torchrun`); `pip install` lines install with `constraints.txt` an extra that
+  pyproject.toml has; and what a command writes goes under `runs/` or `out/` (ignored by git);
 
 - runs it through the real command line, `quillgpt.cli.main`, in a fresh directory laid out as a
   clone's root (`configs/`, `benchmarks/` and `tests/lm_eval_tasks/` beside it), with
@@ -126,7 +131,7 @@ def doc_commands(path: Path) -> list[DocCommand]:
             kind = None
             if words[0] == "quill" or words[0].endswith("/quill"):
                 kind, argv = "quill", words[1:]
-            elif words[0] == "torchrun":
+            elif words[0] == "torchrun" or words[0].endswith("/torchrun"):
                 kind, argv = "torchrun", words[words.index("quillgpt") + 1:] if "quillgpt" in words else []
             elif (words[0] in ("python", "python3") or words[0].endswith("/python")) and len(words) > 1 \
                     and words[1].startswith("benchmarks/"):
@@ -148,6 +153,62 @@ def test_the_docs_commands_are_found():
     without_make = [c for c in quill if c.text.startswith(".venv/bin/quill train")]
     assert without_make and without_make[0].argv[:3] == ["train", "--config", "shakespeare-char-cpu"]
     assert split_comment("quill x --stop '#a' --y  # [gpu] b") == ("quill x --stop '#a' --y", "[gpu] b")
+
+
+# programs the clone's venv has and a newcomer's PATH does not
+VENV_PROGRAMS = {"quill", "python", "python3", "pip", "pip3", "lm-eval", "lm_eval", "torchrun", "pytest"}
+OUTPUT_DIRS = ("runs/", "out/")
+
+
+def shell_commands(path: Path):
+    """(line number, words) of every command in the shell blocks of a document, `&&` split."""
+    for number, line in shell_blocks(path.read_text(encoding="utf-8")):
+        code, _ = split_comment(line.strip())
+        for part in code.removeprefix("$ ").split("&&"):
+            try:
+                words = shlex.split(part)
+            except ValueError:
+                continue
+            while words and words[0] in ("flock", "timeout") and len(words) > 2:
+                words = words[2:]
+            if words:
+                yield number, words
+
+
+def test_every_command_runs_in_a_newcomers_shell():
+    """After `make demo` nothing of the project is on PATH: commands name `.venv/bin/` (the only
+    bare python is the system's `python3 -m venv`)."""
+    bare = [f"{doc.relative_to(REPO)}:{n}: {' '.join(w)}" for doc in DOCS for n, w in shell_commands(doc)
+            if w[0] in VENV_PROGRAMS and w[:3] != ["python3", "-m", "venv"]]
+    assert not bare, "write .venv/bin/PROGRAM (a newcomer's shell has no venv on PATH):\n" + "\n".join(bare)
+
+
+def test_pip_lines_install_an_extra_that_exists_with_the_constraints():
+    import tomllib
+
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+                 ["optional-dependencies"])
+    pips = [(doc, n, w) for doc in DOCS for n, w in shell_commands(doc) if Path(w[0]).name == "pip"]
+    assert pips
+    for doc, n, words in pips:
+        where = f"{doc.relative_to(REPO)}:{n}: {' '.join(words)}"
+        assert words[0] == ".venv/bin/pip" and "-c" in words and "constraints.txt" in words, where
+        for spec in (w for w in words if w.startswith(".[")):
+            assert set(spec[2:-1].split(",")) <= extras, f"{where}: no such extra in pyproject.toml"
+
+
+def test_recipes_write_under_runs_and_out():
+    """What a recipe writes in the clone stays out of git's way: runs/ and out/ are ignored (an
+    absolute path, such as a shared file system for several nodes, is the reader's choice)."""
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert all(d in ignored for d in OUTPUT_DIRS)
+    stray = []
+    for c in ALL:
+        outs = [c.argv[i + 1] for i, w in enumerate(c.argv[:-1]) if w in ("--out", "--json")]
+        if c.kind == "quill" and c.argv[:1] in (["export-hf"], ["import-hf"]) and len(c.argv) > 2:
+            outs.append(c.argv[2])
+        stray += [f"{c.where}: {o}" for o in outs if not o.startswith(OUTPUT_DIRS) and not Path(o).is_absolute()]
+    assert not stray, "write under runs/ or out/:\n" + "\n".join(stray)
 
 
 def test_commands_that_cannot_run_here_are_marked_and_parse():
