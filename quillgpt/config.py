@@ -156,6 +156,8 @@ class TrainConfig:
     dtype: str = key("float32", "float32 | bfloat16 | float16 | auto (fastest safe for the device)")
     compile: bool = key(False, "torch.compile the model (falls back with a message)")
     sample_tokens: int = key(200, "length of the sample printed at the end; 0 disables it")
+    sample_temperature: float | None = key(None, "the temperature this run recommends: the served page starts "
+                                                 "from it (quill sft: 0, greedy); None: 0.8")
     checkpoint_interval: int = key(0, "steps between train_state/ checkpoints; 0: every eval_interval")
     keep_last: int = key(2, "checkpoints kept in train_state/ (plus the one with the best val loss)")
     time_budget: str | None = key(None, "e.g. 90s, 5m, 1.5h: fit the whole run, LR decay included")
@@ -171,6 +173,8 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise QuillError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sample_temperature is not None and self.sample_temperature < 0:
+            raise QuillError(f"sample_temperature must be >= 0 (0: greedy), got {self.sample_temperature}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise QuillError(f"lr_decay_iters must be >= 1 (or empty: max_iters), got {self.lr_decay_iters}")
         if not 0 <= self.seed < SEED_LIMIT:

@@ -33,7 +33,7 @@ from .tokenizers import Tokenizer, load_tokenizer
 SAFE_ON_RESUME = {
     "max_iters", "lr_decay_iters", "learning_rate", "min_lr", "warmup_iters", "grad_clip",
     "eval_interval", "eval_iters", "log_interval", "checkpoint_interval", "keep_last",
-    "sample_tokens", "time_budget", "tensorboard", "device", "dtype", "compile",
+    "sample_tokens", "sample_temperature", "time_budget", "tensorboard", "device", "dtype", "compile",
     "lr_schedule", "cooldown_frac", "muon_lr",
     "eval_tasks", "eval_tasks_interval", "eval_tasks_limit", "eval_tasks_path",
 }

@@ -99,6 +99,8 @@ def sft_trainer(cfg: Config, overwrite: bool = False, save: bool = True, progres
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 speaks
         say = lambda msg: None  # noqa: E731
+    if cfg.train.sample_temperature is None:
+        cfg.train.sample_temperature = 0.0  # a learnt reply is the likeliest one: the page starts greedy
     cfg.validate()
     data = sft_data(cfg, resume, say)
     hooks = list(hooks)

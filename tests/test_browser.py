@@ -544,3 +544,83 @@ def test_pieces_of_a_character_share_its_span(browser, bpe_server):
     assert sum(sections) == len(tokens) and max(sections) >= 2  # each piece has its part of the tip
     assert failed == []
     page.close()
+
+
+# --- what a first visit meets: the icon, the card as people read it, hints that fit -------------
+
+def test_the_page_asks_for_nothing_the_server_lacks(browser, server):
+    """No 404 in the console on any load: the page names its icon (no /favicon.ico guess)."""
+    page = browser.new_page()
+    answers: list[tuple[str, int]] = []
+    page.on("response", lambda r: answers.append((r.url, r.status)))
+    messages: list[str] = []
+    page.on("console", lambda m: messages.append(m.text) if m.type in ("error", "warning") else None)
+    page.goto(server[0] + "/")
+    page.wait_for_load_state("networkidle")
+    icon = page.evaluate("() => document.querySelector('link[rel=icon]').href")
+    assert page.request.get(icon).status == 200
+    assert [a for a in answers if a[1] >= 400] == [] and messages == []
+    assert not any(url.endswith("/favicon.ico") for url, _ in answers)
+    page.close()
+
+
+def card(page) -> dict[str, str]:
+    return dict(zip(page.locator("#card dt").all_text_contents(), page.locator("#card dd").all_text_contents()))
+
+
+def test_the_model_card_reads_as_words_and_says_which_limit_is_which(page, run):
+    rows = card(page)
+    assert not {"True", "False", "None"} & {w for v in rows.values() for w in v.replace("/", " ").split()}
+    assert rows["dropout"] == "none" and rows["biases"] == "yes"  # the run: dropout 0.0, bias True
+    assert rows["longest reply"] == "1,000,000 tokens (the server's cap)"
+    assert "recommended" not in rows  # a run trained by quill train recommends nothing
+    # the panel's Max tokens is this reply's, and the page says so next to it
+    assert page.input_value("#max_tokens") == "200"
+    note = page.text_content("#settings-note")
+    assert "this reply" in note and "1000000" in note
+    assert page.input_value("#temperature") == "0.8"
+
+
+def test_a_chat_run_starts_at_its_recommended_temperature(browser, chat_server, chat_run):
+    """quill sft writes sample_temperature 0 (greedy) into the run; the page starts there."""
+    assert chat_run.config.train.sample_temperature == 0
+    page, failed = open_page(browser, chat_server)
+    assert page.input_value("#temperature") == "0"
+    assert card(page)["recommended"] == "greedy (temperature 0)"
+    assert failed == []
+    page.close()
+
+
+def test_the_phone_placeholder_names_no_keys_a_phone_lacks(browser, chat_server):
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    phone.goto(chat_server + "/", wait_until="domcontentloaded")
+    placeholder = phone.get_attribute("#message", "placeholder")
+    assert "Shift" not in placeholder and placeholder.startswith("Message the model")
+    phone.close()
+    laptop, _ = open_page(browser, chat_server)
+    assert "Shift+Enter" in laptop.get_attribute("#message", "placeholder")
+    laptop.close()
+
+
+def test_each_modes_status_line_stays_with_it(browser, chat_server):
+    page, failed = open_page(browser, chat_server)
+    page.click("#tab-complete")
+    page.fill("#prompt", "turn")
+    page.fill("#max_tokens", "8")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('generate').disabled === false "
+                           "&& document.getElementById('stats').textContent.includes('tokens/s')", timeout=60_000)
+    complete_stats = page.text_content("#stats")
+    page.click("#tab-chat")
+    assert page.is_hidden("#stats")  # Complete's figures are not Chat's
+    page.click("#tab-complete")
+    assert page.is_visible("#stats") and page.text_content("#stats") == complete_stats
+    page.click("#tab-chat")
+    page.fill("#message", "turn: stone")
+    page.press("#message", "Enter")
+    page.wait_for_function(IDLE, timeout=60_000)
+    assert page.is_visible("#stats") and page.text_content("#stats") != complete_stats
+    page.click("#tab-complete")
+    assert page.is_hidden("#stats")
+    assert failed == []
+    page.close()

@@ -93,6 +93,7 @@ def model_card(run: Run, model_id: str, settings: ServeSettings) -> dict[str, An
         "chat": has_chat_template(run.tokenizer),
         "data": name_only(t.data),
         "losses": final_losses(run.path),
+        "sampling": {"temperature": t.sample_temperature},  # what the run recommends (None: no advice)
         "limits": {"max_tokens": settings.max_tokens_cap, "max_batch": settings.max_batch,
                    "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue,
                    "max_stop": settings.max_stop},
@@ -286,7 +287,7 @@ PAGE_CSP = "default-src 'self'; style-src 'self'; script-src 'self'"
 
 def card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     """The model card as the page shows it: (what, value) rows."""
-    m, losses = card["model"], card["losses"]
+    m, losses, temperature = card["model"], card["losses"], card["sampling"]["temperature"]
 
     def fmt(x: float | None) -> str:
         return "–" if x is None else f"{x:.4f}"
@@ -302,15 +303,17 @@ def card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         ("context", f"{m['block_size']} tokens"),
         ("vocabulary", f"{m['vocab_size']} ({card['tokenizer']})"),
         ("chat template", "yes" if card["chat"] else "no"),
-        ("dropout / bias", f"{m['dropout']} / {m['bias']}"),
+        ("dropout", f"{m['dropout']:g}" if m["dropout"] else "none"),
+        ("biases", "yes" if m["bias"] else "no"),
         ("steps trained", "–" if losses["step"] is None else str(losses["step"])),
         ("train loss", fmt(losses["train_loss"])),
         ("val loss", fmt(losses["val_loss"])),
         ("best val loss", fmt(losses["best_val_loss"])),
         ("data", card["data"] or "–"),
         ("device", card["device"]),
-        ("max tokens", str(card["limits"]["max_tokens"])),
-    ]
+        ("longest reply", f"{card['limits']['max_tokens']:,} tokens (the server's cap)"),
+    ] + ([("recommended", "greedy (temperature 0)" if temperature == 0 else f"temperature {temperature:g}")]
+         if temperature is not None else [])
 
 
 def page_html(card: dict[str, Any]) -> str:
@@ -319,6 +322,7 @@ def page_html(card: dict[str, Any]) -> str:
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in card_rows(card))
     fields = {"MODEL_ID": html.escape(card["id"]), "CHAT": "true" if card["chat"] else "false",
               "MAX_TOKENS": str(card["limits"]["max_tokens"]), "CONTEXT": str(card["model"]["block_size"]),
+              "TEMPERATURE": "" if card["sampling"]["temperature"] is None else f"{card['sampling']['temperature']:g}",
               "CARD": rows}
     text = (WEB_DIR / "index.html").read_text(encoding="utf-8")
     for name, value in fields.items():

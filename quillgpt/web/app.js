@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const page = document.body.dataset;
 let controller = null; // AbortController of the running request; aborting frees the server's slot
 let history = []; // the conversation: {role, content}, system prompt not included
+let statsMode = null; // the mode whose request the stats line describes: shown in that mode only
 
 // --- shared: settings, errors, stats, streaming ---------------------------------------------------
 
@@ -87,6 +88,8 @@ async function stream(url, body, onChunk) {
 async function run(url, body, out, onFrame) {
   showError("");
   hideTip();
+  statsMode = document.body.dataset.mode;
+  $("stats").hidden = false;
   $("stats").textContent = "waiting…";
   setRunning(true);
   const started = performance.now();
@@ -488,7 +491,15 @@ function setMode(mode) {
   }
   showError("");
   document.body.dataset.mode = mode;
+  $("stats").hidden = statsMode !== mode; // each mode's last figures stay with it
   (mode === "chat" ? $("message") : $("prompt")).focus();
+}
+
+// The settings a run recommends (quill sft: greedy), and a composer hint that fits the keyboard:
+// a touch screen's keyboard has no Shift+Enter to speak of.
+function applyPageDefaults() {
+  if (page.temperature !== "" && !Number.isNaN(parseFloat(page.temperature))) $("temperature").value = page.temperature;
+  if (window.matchMedia("(pointer: coarse)").matches) $("message").placeholder = $("message").dataset.touchPlaceholder;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -497,6 +508,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("message").disabled = !chat;
   const cap = parseInt(page.maxTokens, 10);
   if (cap > 0) $("max_tokens").max = cap;
+  applyPageDefaults();
   $("tab-chat").addEventListener("click", () => setMode("chat"));
   $("tab-complete").addEventListener("click", () => setMode("complete"));
   $("form").addEventListener("submit", generate);
