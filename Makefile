@@ -1,6 +1,6 @@
 # The README's two commands.
 #   make demo   install, train the small Shakespeare model on CPU (1-3 min), print a sample
-#               (make demo DATA=FILE: on FILE instead)
+#               (make demo DATA=FILE: on FILE instead; DEMO_FLAGS='--max-iters 200': any quill train flags)
 #   make test   install the dev dependencies and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
 # a local copy of tiny-shakespeare in ../shared/data when there is one; else quill downloads it once.
 DATA ?= $(wildcard ../shared/data/tinyshakespeare.txt)
 DEMO_DATA := $(if $(DATA),--data $(DATA),)
+DEMO_FLAGS ?=
 
 .PHONY: demo test install install-dev lint
 
@@ -24,7 +25,7 @@ install-dev: $(BIN)/python
 	$(PIP_INSTALL) -e '.[dev]'
 
 demo: install
-	$(BIN)/quill train --config shakespeare-char-cpu $(DEMO_DATA) --out runs/shakespeare-char-cpu --overwrite
+	$(BIN)/quill train --config shakespeare-char-cpu $(DEMO_DATA) --out runs/shakespeare-char-cpu --overwrite $(DEMO_FLAGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
