@@ -442,7 +442,8 @@ class ChatSession:
     system: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[Message] = field(default_factory=list)
-    dropped: int = 0  # turns dropped from the history by the last `send`
+    dropped: int = 0  # messages dropped from the history by the last `send`
+    dropped_messages: list[Message] = field(default_factory=list)  # and which
     turn: int = 0
 
     def __post_init__(self) -> None:
@@ -455,23 +456,34 @@ class ChatSession:
         return ([Message("system", self.system)] if self.system else []) + self.history
 
     def send(self, text: str) -> Iterator[str]:
-        """Add the user's message and stream the reply; the reply joins the history at the end."""
+        """Add the user's message and stream the reply; the reply joins the history at the end,
+        or, when the caller stops the stream early (closes it, Ctrl-C), as far as it was given out."""
         block_size = self.model.config.block_size
         max_new = int(self.sampling.get("max_new_tokens", 256))
         budget = max(1, block_size - min(max_new, block_size // 2))  # room left for the reply
         user = Message("user", text)
         self.tokenizer.encode_ordinary(text)  # a character outside the vocabulary fails here
-        fitted, self.dropped = fit_history(self.tokenizer, self.messages() + [user], budget)
+        before = self.messages() + [user]
+        fitted, self.dropped = fit_history(self.tokenizer, before, budget)
+        first = 1 if self.system else 0
+        self.dropped_messages = before[first:first + self.dropped]
         if self.dropped:  # keep what fits, in the history too
-            self.history = fitted[1:] if self.system else fitted
-            self.history = self.history[:-1]
+            self.history = fitted[first:-1]
         seed = self.sampling.get("seed")
         settings = {**self.sampling, "seed": None if seed is None else seed + self.turn}
         reply = ""
-        for pieces in stream_replies(self.model, self.tokenizer, [fitted], **settings):
-            reply += pieces[0]
-            if pieces[0]:
-                yield pieces[0]
+        try:
+            for pieces in stream_replies(self.model, self.tokenizer, [fitted], **settings):
+                reply += pieces[0]
+                if pieces[0]:
+                    yield pieces[0]
+        except (GeneratorExit, KeyboardInterrupt):  # stopped early: keep what was given out
+            if reply:
+                self._keep(user, reply)
+            raise
+        self._keep(user, reply)
+
+    def _keep(self, user: Message, reply: str) -> None:
         self.history += [user, Message("assistant", reply)]
         self.turn += 1
 

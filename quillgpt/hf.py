@@ -627,8 +627,8 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     model takes the source's architecture (kind, vocabulary, layers, heads, width, bias) with
     `block_size` cropped to at most the source's, `cfg.train.tokenizer` points at the source's
     tokenizer (so `prepare_training_data(cfg)` encodes with it), and the learning rate drops
-    to 3e-5 (min_lr 3e-6) when it is still TrainConfig's default. Returns the tokenizer and a
-    state dict for `build_model(cfg.model)`.
+    to 3e-5 (min_lr 3e-6) unless a value was given (`Config.is_default`: an explicit 1e-3, the
+    training default, stays 1e-3). Returns the tokenizer and a state dict for `build_model(cfg.model)`.
     """
     run_dir = resolve_init_run(spec)
     run = ckpt.load_run(run_dir)
@@ -639,10 +639,9 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     user_dropout = {name: getattr(cfg.model, name) for name in ("dropout", *DROPOUT_SITES)}
     cfg.model = ModelConfig(**{**vars(src), "block_size": block_size, **user_dropout})
     cfg.train.tokenizer = str(run_dir / ckpt.TOKENIZER_FILE)
-    defaults = TrainConfig()
-    if cfg.train.learning_rate == defaults.learning_rate:
+    if cfg.is_default("learning_rate"):
         cfg.train.learning_rate = FINETUNE_LR
-        if cfg.train.min_lr == defaults.min_lr:
+        if cfg.is_default("min_lr"):
             cfg.train.min_lr = FINETUNE_LR / 10
     state = run.model.state_dict()
     if "transformer.wpe.weight" in state:  # crop the position embedding to the new context

@@ -219,3 +219,25 @@ def test_openai_client_chat_streamed_and_not(chat_run):
             oc.chat.completions.create(model="chat", messages=[{"role": "tool", "content": "x",
                                                                 "tool_call_id": "1"}])
 
+
+
+def test_quill_serve_names_the_chat_api_for_a_chat_run(runs, monkeypatch):
+    """The banner lists /v1/chat/completions for a chat model only; --help names both APIs and
+    does not call every run one that quill train wrote."""
+    import uvicorn
+
+    from quillgpt.cli import build_parser
+    from quillgpt.serve import serve
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # the banner, then stop
+    banners = {}
+    for run in runs:
+        lines: list[str] = []
+        serve(run.path, port=0, log=lines.append)
+        banners[run.path.name] = lines[0]
+    assert "(API: /v1/completions; Ctrl-C stops)" in banners["base"]
+    assert "(API: /v1/completions, /v1/chat/completions; Ctrl-C stops)" in banners["chat"]
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "serve" in a.choices)
+    text = " ".join(sub.choices["serve"].format_help().split())
+    assert "/v1/chat/completions" in text and "/v1/completions" in text
+    assert "written by quill train)" not in text and "quill sft" in text
