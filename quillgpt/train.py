@@ -36,7 +36,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as qdist
 from .config import Config
-from .data import TrainingData
+from .data import TokenData, TrainingData
 from .errors import QuillError
 from .generate import generate
 from .losses import batch_loss
@@ -44,19 +44,12 @@ from .metrics import MetricsLog, ProgressBar, RunRecorder, Throughput, flops_per
 from .model import count_params
 from .optim import apply_gradients, lr_at, make_optimizer, set_lr
 from .plot import plot_or_say
-from .resume import Checkpointer, resume_config  # noqa: F401 - resume_config: API
+from .resume import Checkpointer, check_resume, resume_config, run_dir_for  # noqa: F401 - resume_config: API
+from .resume import resume_data as resume_training_data
 from .runtime import autocast_context, resolve_device, resolve_dtype, rng_state
 from .train_control import CompiledModel, StopSignals, TimeBudget
 from .train_eval import EvalHook, EvaluationStopped, LossEvaluator
-from .train_setup import (
-    RunPlace,
-    initial_model,
-    out_of_memory_message,
-    run_place,
-    setup_lines,
-    start_process,
-    training_data,
-)
+from .train_setup import initial_model, out_of_memory_message, setup_lines, start_process
 
 __all__ = [  # the loop, and the names its users have imported from here since the first release
     "EvalHook", "TrainResult", "Trainer", "TrainingInterrupted", "autocast_context", "default_preset",
@@ -94,6 +87,40 @@ class TrainResult:
     tokens_per_s: float
     sample: str
     losses: list[float]  # the training loss of every step, in order
+
+
+@dataclass
+class RunPlace:
+    """Where a run writes and what it resumes."""
+
+    out: Path
+    save: bool  # this rank writes the run directory
+    resume_dir: Path | None
+    resumed: dict[str, Any] | None  # the checkpoint's loop state, checked before anything is built
+
+
+def run_place(cfg: Config, resume: str | Path | None, overwrite: bool, save: bool,
+              dist: qdist.DistInfo) -> RunPlace:
+    """The run directory (the run resumed, --out, or runs/<data name>; an existing run is replaced
+    only with `overwrite`), and the newest checkpoint of a resumed run, checked against `cfg`.
+    When the run is saved or resumed, `cfg.train.out` becomes the directory, as config.yaml says."""
+    resume_dir = Path(resume) if resume is not None else None
+    resumed = check_resume(resume_dir, cfg) if resume_dir is not None else None
+    out = run_dir_for(cfg, resume_dir, overwrite, save and dist.is_main)
+    if save or resume_dir is not None:
+        cfg.train.out = str(out)
+    return RunPlace(out, (save or resume_dir is not None) and dist.is_main, resume_dir, resumed)
+
+
+def training_data(cfg: Config, place: RunPlace, resume_data: str | None) -> TrainingData:
+    """The corpus `cfg` names; for a resumed run, the data with the checkpoint's fingerprint
+    (never downloaded: see `resume.resume_data`), and `cfg.train.data` says where it is now."""
+    if place.resume_dir is None or place.resumed is None:
+        return TokenData.from_config(cfg)
+    found = resume_training_data(place.resume_dir, cfg, resume_data, place.resumed["data_sha256"])
+    if resume_data is not None:
+        cfg.train.data = str(resume_data)
+    return found
 
 
 def settle_inputs(cfg: Config, place: RunPlace, data: TrainingData | None, resume_data: str | None,

@@ -2,15 +2,13 @@
 
 - `start_process`: everything process-wide: the config checked, torchrun's process group joined
   (when launched by it), the device, TF32 matmuls on CUDA, the log given to rank 0 only;
-- `run_place`: where the run writes (it sets `cfg.train.out`) and the checkpoint it resumes;
-- `training_data`: the corpus, or on resume the data with the checkpoint's fingerprint (it sets
-  `cfg.train.data` to where that is now);
 - `initial_model`: the model's weights, seeded the same on every rank, then each rank's own random
   stream (the only place the loop seeds the global generators; a resume restores them instead);
 - `setup_lines`: what the run says before it starts.
 
-`train.Trainer` calls them in this order; `train.settle_inputs` gathers the data and the edits
-that it and fine-tuning make to `cfg`.
+`train.Trainer` calls them in order, with `train.run_place` (the run directory, the checkpoint
+it resumes) and `train.settle_inputs` (the data, and the edits that it and fine-tuning make to
+`cfg`) in between.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,11 +23,9 @@ import torch.nn as nn
 from . import distributed as qdist
 from . import runtime
 from .config import Config
-from .data import TokenData, TrainingData
+from .data import TrainingData
 from .optim import check_optimizer
 from .registry import build_model
-from .resume import check_resume, run_dir_for
-from .resume import resume_data as resume_training_data
 from .runtime import resolve_device, seed_everything
 
 
@@ -60,40 +54,6 @@ def start_process(cfg: Config, progress: bool, log: Callable[[str], None] | None
         torch.backends.cudnn.allow_tf32 = True
     say = log or (lambda msg: print(msg, file=sys.stderr))
     return Process(dist, device, say if dist.is_main else (lambda msg: None), progress and dist.is_main)
-
-
-@dataclass
-class RunPlace:
-    """Where a run writes and what it resumes."""
-
-    out: Path
-    save: bool  # this rank writes the run directory
-    resume_dir: Path | None
-    resumed: dict[str, Any] | None  # the checkpoint's loop state, checked before anything is built
-
-
-def run_place(cfg: Config, resume: str | Path | None, overwrite: bool, save: bool,
-              dist: qdist.DistInfo) -> RunPlace:
-    """The run directory (the run resumed, --out, or runs/<data name>; an existing run is replaced
-    only with `overwrite`), and the newest checkpoint of a resumed run, checked against `cfg`.
-    When the run is saved or resumed, `cfg.train.out` becomes the directory, as config.yaml says."""
-    resume_dir = Path(resume) if resume is not None else None
-    resumed = check_resume(resume_dir, cfg) if resume_dir is not None else None
-    out = run_dir_for(cfg, resume_dir, overwrite, save and dist.is_main)
-    if save or resume_dir is not None:
-        cfg.train.out = str(out)
-    return RunPlace(out, (save or resume_dir is not None) and dist.is_main, resume_dir, resumed)
-
-
-def training_data(cfg: Config, place: RunPlace, resume_data: str | None) -> TrainingData:
-    """The corpus `cfg` names; for a resumed run, the data with the checkpoint's fingerprint
-    (never downloaded: see `resume.resume_data`), and `cfg.train.data` says where it is now."""
-    if place.resume_dir is None or place.resumed is None:
-        return TokenData.from_config(cfg)
-    found = resume_training_data(place.resume_dir, cfg, resume_data, place.resumed["data_sha256"])
-    if resume_data is not None:
-        cfg.train.data = str(resume_data)
-    return found
 
 
 def initial_model(cfg: Config, state: dict[str, torch.Tensor] | None, process: Process) -> nn.Module:
