@@ -18,8 +18,9 @@ LAYERS: dict[str, int] = {
     # 0-2: plain Python, no torch: the error type; atomic writes (which raise it); downloads and
     # the file cache
     "errors": 0, "fileio": 1, "download": 2,
-    # 2: settings and the device
-    "config": 2, "runtime": 2,
+    # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only);
+    # the built-in tools (calculator, python sandbox)
+    "config": 2, "runtime": 2, "terminal": 2, "tools": 2,
     # 3: tokenizers (standard library, regex, optional tiktoken)
     "tokenizers": 3,
     # 4: the models, each standing on config alone
