@@ -103,7 +103,7 @@ def init_weights(cfg: Config, log: Callable[[str], None]) -> dict[str, torch.Ten
         return None
     from .hf import init_from
 
-    _, state = init_from(cfg.train.init_from, cfg)
+    _, state = init_from(cfg.train.init_from, cfg, warn=lambda m: log(f"warning: {m}"))
     log(f"fine-tuning from {cfg.train.init_from}: learning rate {cfg.train.learning_rate:g}, "
         f"context {cfg.model.block_size}")
     return state

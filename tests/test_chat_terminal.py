@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -25,9 +26,10 @@ import pytest
 from quillgpt.chat import Message, replies
 from quillgpt.checkpoint import load_run
 from quillgpt.config import load_config
+from quillgpt.errors import QuillError
 from quillgpt.generate import generate
 from quillgpt.sft import sft_trainer
-from quillgpt.terminal import preview
+from quillgpt.terminal import preview, print_stream, prompt_loop
 from quillgpt.train import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,3 +134,59 @@ def test_quill_sample_interactive_at_a_terminal(runs):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.logfile_read.getvalue()[-2000:]
+
+
+# --- the pieces, in process -----------------------------------------------------------------------
+
+def pieces_with_ctrl_c(closed: list[str]):
+    """Yields a, b, c, d; Ctrl-C arrives while c is being produced."""
+    try:
+        yield "a"
+        yield "b"
+        os.kill(os.getpid(), signal.SIGINT)
+        yield "c"
+        yield "d"
+    finally:
+        closed.append("closed")
+
+
+def test_print_stream_stops_after_the_piece_in_hand_and_closes_the_stream():
+    out, closed = io.StringIO(), []
+    printed = print_stream(pieces_with_ctrl_c(closed), head="> ", interruptible=True, out=out)
+    assert (printed.text, printed.stopped, out.getvalue(), closed) == ("abc", True, "> abc\n", ["closed"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
+    out, closed = io.StringIO(), []
+    with pytest.raises(KeyboardInterrupt):  # not interruptible (quill sample --stream): Ctrl-C ends it
+        print_stream(pieces_with_ctrl_c(closed), out=out)
+    assert out.getvalue() == "ab\n" and closed == ["closed"]
+
+
+def test_print_stream_shows_nothing_when_the_first_piece_fails():
+    def bad():
+        raise QuillError("character 'é' is not in the vocabulary")
+        yield "never"
+
+    out, said = io.StringIO(), []
+    with pytest.raises(QuillError):
+        print_stream(bad(), head="prompt", before=lambda: said.append(1), out=out)
+    assert out.getvalue() == "" and said == []
+
+
+def test_the_prompt_loop_from_a_pipe(monkeypatch, capsys):
+    """Commands, unknown commands, errors that do not end the loop, /exit."""
+    lines = io.StringIO("hello\n\n/reset\n/nope\nbad\n/exit\nnever read\n")
+    monkeypatch.setattr(sys, "stdin", lines)
+    got, resets = [], []
+
+    def respond(line: str) -> None:
+        if line == "bad":
+            raise QuillError("a bad line")
+        got.append(line)
+
+    prompt_loop(respond, commands={"/reset": resets.append}, usage="/reset, /exit")
+    err = capsys.readouterr().err
+    assert got == ["hello"] and resets == [""] and lines.readline() == "never read\n"
+    assert "quill: error: unknown command /nope: /reset, /exit" in err and "quill: error: a bad line" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/nope is a prompt here\n"))  # no commands: all is input
+    prompt_loop(got.append)
+    assert got[-1] == "/nope is a prompt here"

@@ -405,8 +405,13 @@ def test_sft_keeps_every_value_typed_and_uses_its_own_defaults(chats, base_run, 
     assert (b.learning_rate, b.min_lr, b.sample_tokens) == (1e-3, 1e-4, 200)
     assert main(["train", "--init-from", str(base_run), "--data", str(small_text), "--lr", "1e-3",
                  "--max-iters", "1", "--eval-iters", "1", "--batch-size", "2", "--no-progress", "--no-save",
-                 "--sample-tokens", "0"]) == 0
-    assert f"fine-tuning from {base_run}: learning rate 0.001" in capsys.readouterr().err
+                 "--sample-tokens", "0", "--n-layer", "3", "--n-head", "2", "--tokenizer", "bpe:300"]) == 0
+    err = capsys.readouterr().err
+    assert f"fine-tuning from {base_run}: learning rate 0.001" in err
+    # what fine-tuning cannot honour (the source's shape and tokenizer) is said, in one line
+    [warning] = [line for line in err.splitlines() if line.startswith("warning: fine-tuning keeps")]
+    assert "n_layer 3 (the source's: 2)" in warning and "tokenizer bpe:300" in warning
+    assert "n_head" not in warning  # given, and the source's anyway
 
 
 def test_a_conversation_the_source_tokenizer_cannot_encode_names_its_line(tmp_path, capsys, base_run):
