@@ -467,9 +467,11 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
 def chat_template_fields(tokenizer: Tokenizer) -> dict[str, Any]:
     """tokenizer_config.json's chat fields for a chat model (`chat.jinja_template`, which gives
     `chat.render`'s ids), else none."""
-    from .chat import has_chat_template, jinja_template
+    from .chat import has_chat_template, has_tool_template, jinja_template
 
-    return {"chat_template": jinja_template()} if has_chat_template(tokenizer) else {}
+    if not has_chat_template(tokenizer):
+        return {}
+    return {"chat_template": jinja_template(tools=has_tool_template(tokenizer))}
 
 
 def chat_generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -528,7 +530,7 @@ def check_chat_template(directory: Path, warn: Callable[[str], None] | None) -> 
 
     path = directory / "tokenizer_config.json"
     template = read_json(path).get("chat_template") if path.is_file() else None
-    if template is not None and template != jinja_template() and warn is not None:
+    if template is not None and template not in (jinja_template(), jinja_template(tools=True)) and warn is not None:
         warn(f"{path}: its chat_template is not quillgpt's; quill chat and /v1/chat/completions render "
              f"conversations with quillgpt's template (docs/chat.md), so fine-tune with quill sft first")
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .chat import Message, add_chat_tokens, exact_match
+from .chat import Message, add_chat_tokens, exact_match, tools_text, uses_tools
 from .config import Config, TrainConfig
 from .conversations import ConversationData, log_skipped, read_conversations
 from .errors import QuillError, shown
@@ -75,17 +75,28 @@ class ReplyExactMatch:
         return {"val_exact_match": exact_match(model, self.tokenizer, self.conversations[: self.limit])}
 
 
+def conversation_text(conv: list[Message]) -> str:
+    """All the text a conversation renders: its tool list, contents and calls."""
+    tools = getattr(conv, "tools", None)
+    parts = [tools_text(tools)] if tools else []
+    for m in conv:
+        parts.append(m.content or "")
+        parts.extend(c.text() for c in m.tool_calls or [])
+    return "\n".join(parts)
+
+
 def sft_tokenizer(cfg: Config, conversations: list[list[Message]], resume: str | Path | None) -> Tokenizer:
-    """The run's tokenizer with the chat tokens: a resumed run's own, the source's
-    (`init_from`), or one built from the conversations' text."""
+    """The run's tokenizer with the chat tokens (and the tool tokens when a conversation uses
+    tools): a resumed run's own, the source's (`init_from`), or one built from the
+    conversations' text."""
     if resume is not None:
         tokenizer = load_tokenizer(Path(resume) / ckpt.TOKENIZER_FILE)
     elif cfg.train.init_from:
         tokenizer = load_tokenizer(resolve_init_run(cfg.train.init_from) / ckpt.TOKENIZER_FILE)
     else:
-        text = "\n".join(m.content for conv in conversations for m in conv)
+        text = "\n".join(conversation_text(conv) for conv in conversations)
         tokenizer = build_tokenizer(cfg.train.tokenizer, text)
-    return add_chat_tokens(tokenizer)
+    return add_chat_tokens(tokenizer, tools=any(uses_tools(conv) for conv in conversations))
 
 
 def sft_block_size(cfg: Config, resume: str | Path | None) -> int:

@@ -18,8 +18,9 @@ LAYERS: dict[str, int] = {
     # 0-2: plain Python, no torch: the error type; atomic writes (which raise it); downloads and
     # the file cache
     "errors": 0, "fileio": 1, "download": 2,
-    # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only)
-    "config": 2, "runtime": 2, "terminal": 2,
+    # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only);
+    # the built-in tools (calculator, python sandbox)
+    "config": 2, "runtime": 2, "terminal": 2, "tools": 2,
     # 3: tokenizers (standard library, regex, optional tiktoken)
     "tokenizers": 3,
     # 4: the models, each standing on config alone
@@ -34,6 +35,7 @@ LAYERS: dict[str, int] = {
     "generate": 11, "scoring": 11, "plot": 11, "distributed": 11, "evaluate": 12, "chat": 12,
     # 13: what a training run is made of; benchmark tasks through lm-evaluation-harness
     "metrics": 13, "resume": 13, "train_control": 13, "hf": 13, "conversations": 13, "lm_eval_adapter": 13,
+    "train_setup": 13, "train_eval": 13,
     # 14: the training loop
     "train": 14,
     # 15: what stands on the loop or on a loaded run
