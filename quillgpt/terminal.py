@@ -216,7 +216,7 @@ class ChatTerminal:
         if not dropped or self.told_overflow:
             return
         self.told_overflow = True
-        listing = ", ".join(f"{m.role} {preview(m.content)}" for m in dropped)
+        listing = ", ".join(f"{m.role} {preview(m.content or '')}" for m in dropped)
         eprint(f"(the conversation outgrew the model's context of {self.session.model.config.block_size} "
                f"tokens, so its oldest messages were dropped: {listing}; from now on the oldest turns "
                f"leave without a notice)")
