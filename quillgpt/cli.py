@@ -236,8 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- quill sft --------------------------------------------------------------------------------
 
 def add_sft(sub: argparse._SubParsersAction) -> None:
-    from .config import ALL_KEYS
-    from .sft import SFT_KEY_HELP
+    from .config import ALL_KEYS, SFT_KEY_HELP
 
     p = sub.add_parser("sft", help="fine-tune a model on conversations (chat)",
                        usage="quill sft --data CONVERSATIONS [--init-from RUN] [--KEY-NAME VALUE ...] [options]",
@@ -256,7 +255,8 @@ def add_sft(sub: argparse._SubParsersAction) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from .chat import last_reply, replies
-    from .sft import SFT_DEFAULTS, sft_trainer
+    from .config import SFT_DEFAULTS
+    from .sft import sft_trainer
 
     if args.exact_match_every < 0:
         raise QuillError(f"--exact-match-every must be >= 0, got {args.exact_match_every}")
