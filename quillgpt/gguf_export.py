@@ -110,8 +110,7 @@ def specials_by_id(tokenizer: Tokenizer) -> dict[int, str]:
 
 
 def bpe_vocab(tokenizer: ByteBPETokenizer) -> GGUFVocab:
-    from .hf import bpe_merges
-    from .tokenizers.bpe import GPT2_PATTERN, KNOWN_PATTERNS, token_to_printable
+    from .tokenizers.bpe import GPT2_PATTERN, KNOWN_PATTERNS, merges_from_ranks, token_to_printable
 
     if tokenizer.pattern != GPT2_PATTERN:
         raise QuillError(f"this BPE tokenizer pre-tokenizes by {KNOWN_PATTERNS.get(tokenizer.pattern, 'a pattern')} "
@@ -124,7 +123,11 @@ def bpe_vocab(tokenizer: ByteBPETokenizer) -> GGUFVocab:
     tokens = [specials[i] if i in specials else token_to_printable(tokenizer.decoder[i])
               for i in range(tokenizer.vocab_size)]
     types = [CONTROL if i in specials else NORMAL for i in range(tokenizer.vocab_size)]
-    merges = [f"{token_to_printable(a)} {token_to_printable(b)}" for a, b in bpe_merges(tokenizer.ranks)]
+    try:
+        pairs = merges_from_ranks(tokenizer.ranks)
+    except ValueError as e:
+        raise QuillError(f"{e}; GGUF's BPE needs every token to be a merge of two others") from None
+    merges = [f"{token_to_printable(a)} {token_to_printable(b)}" for a, b in pairs]
     bos = tokenizer.eot_id if tokenizer.eot_id is not None else eos
     return GGUFVocab("gpt2", tokens, types, merges, "gpt-2", bos, eos,
                      f"byte-level BPE ({len(merges):,} merges, GPT-2's pre-tokenizer)")
@@ -312,6 +315,7 @@ def export_gguf(run: str | Path | ckpt.Run, out: str | Path, dtype: str = "f32",
     `overwrite`. The file appears whole or not at all (written beside `out`, then renamed)."""
     if dtype not in DTYPES:
         raise QuillError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    gguf_package()
     out = Path(out)
     weights = ckpt.BEST_FILE if best else ckpt.MODEL_FILE
     if out.is_dir():
@@ -327,9 +331,18 @@ def export_gguf(run: str | Path | ckpt.Run, out: str | Path, dtype: str = "f32",
     return write_gguf(run, out, arch, dtype, vocab, weights, warn)
 
 
+def gguf_package():
+    """The `gguf` package (llama.cpp's writer), or QuillError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise QuillError("GGUF export needs the gguf package: pip install 'quillgpt[gguf]'") from None
+    return gguf
+
+
 def write_gguf(run: ckpt.Run, out: Path, arch: str, dtype: str, vocab: GGUFVocab, weights: str,
                warn: Callable[[str], None] | None) -> GGUFExport:
-    import gguf
+    gguf = gguf_package()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp")

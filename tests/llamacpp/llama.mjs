@@ -4,11 +4,13 @@
 //
 // REQUEST: {"model": PATH, "threads": N, "context": N, "ops": [OP, ...]}, each OP one of
 //   {"op": "tokenize", "text": S}                          -> {"ids": [...]} (special tokens as plain text)
-//   {"op": "greedy", "ids": [...], "n": N}                 -> {"ids": [...]} N tokens, temperature 0, EOG ignored
+//   {"op": "greedy", "ids": [...], "n": N, "window": W}    -> {"ids": [...]} N tokens, temperature 0, EOG ignored,
+//                                                             past W tokens the window moves as quill sample's does
 //   {"op": "logprobs", "ids": [...]}                       -> {"logprobs": [...]} log p(ids[i+1] | ids[..i])
 //   {"op": "chat", "messages": [...], "max_tokens": N}     -> {"text": S, "wrapper": NAME, "prompt_ids": [...]}
+//   {"op": "template", "messages": [...]}                  -> {"text", "ids"} or {"error"}: llama.cpp's own Jinja engine
 //   {"op": "decode_speed", "ids": [...], "n": N}           -> {"seconds": S, "tokens": N} greedy decode after the prompt
-// Model file metadata: {"op": "meta"} -> {"vocab_type", "eog": [...], "template"}.
+//   {"op": "meta", "ids": [...]}                           -> {"vocab_type", "eos", "bos", "template", "is_eog": [...]}
 import {readFileSync} from "node:fs";
 import {getLlama, LlamaChatSession, JinjaTemplateChatWrapper} from "node-llama-cpp";
 
@@ -19,13 +21,29 @@ const context = await model.createContext({contextSize: request.context ?? 256, 
                                             batchSize: request.context ?? 256, sequences: 1});
 const sequence = context.getSequence();
 
-async function greedy(ids, n) {
-    await sequence.clearHistory();
+async function greedy(ids, n, window) {
+    // Greedy decoding; past `window` tokens (the model's block_size) the window moves as quill's
+    // default overflow does: keep its last window/2 tokens and prefill them afresh at position 0.
+    const keep = Math.max(1, Math.floor(window / 2));
+    const all = [...ids];
+    let start = 0;
+    let pending = [...ids];
     const out = [];
-    if (n <= 0) return out;
-    for await (const token of sequence.evaluate(ids, {temperature: 0})) {
+    await sequence.clearHistory();
+    while (out.length < n) {
+        const items = pending.map((t, i) => i === pending.length - 1
+            ? [t, {generateNext: {token: true, options: {temperature: 0}}}] : t);
+        const results = await sequence.controlledEvaluate(items);
+        const token = results[results.length - 1].next.token;
         out.push(token);
-        if (out.length >= n) break;
+        all.push(token);
+        if (all.length - start > window) {
+            start = all.length - keep;
+            await sequence.clearHistory();
+            pending = all.slice(start);
+        } else {
+            pending = [token];
+        }
     }
     return out;
 }
@@ -57,6 +75,18 @@ async function chat(messages, maxTokens) {
     return {text, wrapper: wrapper.wrapperName, jinja: wrapper instanceof JinjaTemplateChatWrapper, prompt_ids: promptIds};
 }
 
+function nativeTemplate(messages) {
+    // llama.cpp's own Jinja engine (common/jinja, as llama-server and llama-cli run templates)
+    const template = model.fileInfo.metadata?.tokenizer?.chat_template;
+    const renderer = new llama._bindings.AddonJinjaRenderer(template);
+    try {
+        const text = renderer.render({messages, add_generation_prompt: true, bos_token: "", eos_token: ""});
+        return {text, ids: Array.from(model.tokenize(text, true))};
+    } catch (error) {
+        return {error: String(error.message).split("\n").find(line => line.includes("Jinja Exception")) ?? String(error)};
+    }
+}
+
 async function decodeSpeed(ids, n) {
     await sequence.clearHistory();
     let count = 0;
@@ -74,17 +104,17 @@ async function decodeSpeed(ids, n) {
 const results = [];
 for (const op of request.ops) {
     if (op.op === "tokenize") results.push({ids: Array.from(model.tokenize(op.text, false))});
-    else if (op.op === "greedy") results.push({ids: await greedy(op.ids, op.n)});
+    else if (op.op === "greedy") results.push({ids: await greedy(op.ids, op.n, op.window ?? request.context ?? 256)});
     else if (op.op === "logprobs") results.push({logprobs: await logprobs(op.ids)});
     else if (op.op === "chat") results.push(await chat(op.messages, op.max_tokens ?? 64));
+    else if (op.op === "template") results.push(nativeTemplate(op.messages));
     else if (op.op === "decode_speed") results.push(await decodeSpeed(op.ids, op.n));
     else if (op.op === "meta") results.push({
         vocab_type: model.fileInfo.metadata?.tokenizer?.ggml?.model,
-        eog: Array.from({length: model.tokens.trainContextSize ? 0 : 0}),
         eos: model.tokens.eos, bos: model.tokens.bos,
         template: model.fileInfo.metadata?.tokenizer?.chat_template ?? null,
         is_eog: (op.ids ?? []).map(t => model.isEogToken(t)),
-        n_vocab: model.tokens?.vocabSize ?? null,
+        train_context: model.trainContextSize,
     });
     else throw new Error(`unknown op ${op.op}`);
 }
