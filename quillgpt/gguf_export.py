@@ -21,7 +21,8 @@ What maps to what:
   its end-of-text token when a file names none, which would cut every reply at one character.
   The syllable tokenizer is refused (no llama.cpp pre-tokenizer cuts its chunks).
 - Chat runs carry their template (`chat.jinja_template`, which llama.cpp's Jinja engine runs) and
-  `<|end|>` as the end-of-generation token.
+  `<|end|>` as the end-of-generation token (a run with tools: `<|end_calls|>` as llama.cpp's
+  end-of-message token).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def write_metadata(writer: object, run: ckpt.Run, arch: str, dtype: str, vocab: 
     """The header's keys; True when the chat template went in."""
     import gguf
 
-    from .chat import has_chat_template, jinja_template
+    from .chat import CALLS_END_TOKEN, has_chat_template, has_tool_template, jinja_template
 
     cfg = run.config.model
     w: gguf.GGUFWriter = writer  # type: ignore[assignment]
@@ -294,7 +295,10 @@ def write_metadata(writer: object, run: ckpt.Run, arch: str, dtype: str, vocab: 
     w.add_add_eos_token(False)
     chat = has_chat_template(run.tokenizer)
     if chat:
-        w.add_chat_template(jinja_template())
+        tools = has_tool_template(run.tokenizer)
+        w.add_chat_template(jinja_template(tools=tools))
+        if tools:  # llama.cpp's end of message: an assistant message of tool calls ends there
+            w.add_eom_token_id(run.tokenizer.special_tokens[CALLS_END_TOKEN])
     return chat
 
 
