@@ -174,6 +174,30 @@ def test_chat_run_answers_with_its_template(llama, tmp_path, tokenizer, capsys):
     assert meta["eos"] == end and meta["is_eog"] == [True, False]
 
 
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Évalue une expression",
+                                           "parameters": {"type": "object", "properties": {
+                                               "expression": {"type": "string"}}, "required": ["expression"]}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "calculator", "arguments": "{\"expression\": \"2+2\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "4"}, {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "and 3·3?"}]
+
+
+def test_tool_run_template_renders_in_llama_cpp(llama, tmp_path):
+    from quillgpt.chat import add_chat_tokens
+
+    tok = add_chat_tokens(ByteBPETokenizer.train("What is 2+2? calculator expression " * 20, 300), tools=True)
+    run = make_run(tmp_path / "tools", ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=256), tok)
+    gguf = export(run, tmp_path / "tools.gguf")
+    calls_end = tok.special_tokens["<|end_calls|>"]
+    native, meta = llama.run(gguf, [{"op": "template", "messages": TOOL_CONVERSATION, "tools": TOOLS},
+                                    {"op": "meta", "ids": [calls_end, tok.special_tokens["<|end|>"]]}], context=256)
+    assert native["ids"] == render(tok, TOOL_CONVERSATION, add_generation_prompt=True, tools=TOOLS).ids
+    assert meta["is_eog"] == [True, True]  # <|end_calls|>: llama.cpp's end of message
+
+
 # --- precision -----------------------------------------------------------------------------------
 
 def first_divergence(a: list[int], b: list[int]) -> int:

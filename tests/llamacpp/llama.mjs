@@ -8,7 +8,7 @@
 //                                                             past W tokens the window moves as quill sample's does
 //   {"op": "logprobs", "ids": [...]}                       -> {"logprobs": [...]} log p(ids[i+1] | ids[..i])
 //   {"op": "chat", "messages": [...], "max_tokens": N}     -> {"text": S, "wrapper": NAME, "prompt_ids": [...]}
-//   {"op": "template", "messages": [...]}                  -> {"text", "ids"} or {"error"}: llama.cpp's own Jinja engine
+//   {"op": "template", "messages": [...], "tools": [...]} -> {"text", "ids"} or {"error"}: llama.cpp's own Jinja engine
 //   {"op": "decode_speed", "ids": [...], "n": N}           -> {"seconds": S, "tokens": N} greedy decode after the prompt
 //   {"op": "meta", "ids": [...]}                           -> {"vocab_type", "eos", "bos", "template", "is_eog": [...]}
 import {readFileSync} from "node:fs";
@@ -75,12 +75,12 @@ async function chat(messages, maxTokens) {
     return {text, wrapper: wrapper.wrapperName, jinja: wrapper instanceof JinjaTemplateChatWrapper, prompt_ids: promptIds};
 }
 
-function nativeTemplate(messages) {
+function nativeTemplate(messages, tools) {
     // llama.cpp's own Jinja engine (common/jinja, as llama-server and llama-cli run templates)
     const template = model.fileInfo.metadata?.tokenizer?.chat_template;
     const renderer = new llama._bindings.AddonJinjaRenderer(template);
     try {
-        const text = renderer.render({messages, add_generation_prompt: true, bos_token: "", eos_token: ""});
+        const text = renderer.render({messages, tools, add_generation_prompt: true, bos_token: "", eos_token: ""});
         return {text, ids: Array.from(model.tokenize(text, true))};
     } catch (error) {
         return {error: String(error.message).split("\n").find(line => line.includes("Jinja Exception")) ?? String(error)};
@@ -107,7 +107,7 @@ for (const op of request.ops) {
     else if (op.op === "greedy") results.push({ids: await greedy(op.ids, op.n, op.window ?? request.context ?? 256)});
     else if (op.op === "logprobs") results.push({logprobs: await logprobs(op.ids)});
     else if (op.op === "chat") results.push(await chat(op.messages, op.max_tokens ?? 64));
-    else if (op.op === "template") results.push(nativeTemplate(op.messages));
+    else if (op.op === "template") results.push(nativeTemplate(op.messages, op.tools ?? null));
     else if (op.op === "decode_speed") results.push(await decodeSpeed(op.ids, op.n));
     else if (op.op === "meta") results.push({
         vocab_type: model.fileInfo.metadata?.tokenizer?.ggml?.model,
