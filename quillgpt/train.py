@@ -134,7 +134,7 @@ def settle_inputs(cfg: Config, place: RunPlace, data: TrainingData | None, resum
     if place.resume_dir is None and cfg.train.init_from:
         from .hf import init_from
 
-        _, state = init_from(cfg.train.init_from, cfg)
+        _, state = init_from(cfg.train.init_from, cfg, warn=lambda m: log(f"warning: {m}"))
         log(f"fine-tuning from {cfg.train.init_from}: learning rate {cfg.train.learning_rate:g}, "
             f"context {cfg.model.block_size}")
     if data is None:
