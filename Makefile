@@ -2,6 +2,7 @@
 #   make demo   install, train the small Shakespeare model on CPU (1-3 min), print a sample
 #               (make demo DATA=FILE: on FILE instead; DEMO_FLAGS='--max-iters 200': any quill train flags)
 #   make test   install the dev dependencies and run the test suite
+#   make llamacpp  install llama.cpp for the GGUF tests (node-llama-cpp from npm; the tests do it too)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ DATA ?= $(wildcard ../shared/data/tinyshakespeare.txt)
 DEMO_DATA := $(if $(DATA),--data $(DATA),)
 DEMO_FLAGS ?=
 
-.PHONY: demo test install install-dev lint
+.PHONY: demo test install install-dev lint llamacpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +33,7 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check quillgpt tests benchmarks
+
+# The pinned node-llama-cpp (tests/llamacpp/package-lock.json): its prebuilt linux-x64 CPU llama.cpp.
+llamacpp:
+	cd tests/llamacpp && npm ci --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error

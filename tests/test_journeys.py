@@ -7,7 +7,7 @@ a first download leaves), and every command of each journey run by `bash` in ord
 this project on PATH and no virtual environment active:
 
 - README.md: `make demo`, then the tour: train → sample → sft → chat `--message` → eval → serve
-  and the official openai client → export;
+  and the official openai client → export (GGUF);
 - docs/eval.md, over the API: a tiny exportable run, `export-hf`, `quill serve`, the harness's own
   `lm-eval` scoring it over HTTP, and `quill eval --tasks` in process.
 
@@ -250,7 +250,7 @@ def test_the_journeys_are_found_in_the_docs():
     steps = {heading: steps_of(doc, heading, only) for doc, heading, only in JOURNEYS}
     tour = [s.text for s in steps["## A tour"]]
     order = ["quill sample", "reverse_words.py", "quill sft", "quill chat", "quill eval", "quill serve",
-             "from openai import OpenAI", "quill export-hf"]
+             "from openai import OpenAI", "quill export-gguf"]
     found = [next(i for i, t in enumerate(tour) if key in t) for key in order]
     assert found == sorted(found), tour  # the tour runs train -> sample -> sft -> chat -> eval -> serve -> export
     assert [s.text for s in steps["## The two commands"]] == ["make demo"]
@@ -271,7 +271,7 @@ def test_a_newcomer_follows_the_docs_in_a_fresh_clone(newcomer):
     assert "JULIET:" in said                                                      # quill sample
     assert (clone / "runs/reverse/tokenizer.json").is_file()                      # quill sft
     assert "quill_verse_choice" in said and "quill_sonnets" in said               # the harness's tables
-    assert (clone / "out/bpe-hf/config.json").is_file()                           # export-hf
+    assert (clone / "out/reverse.gguf").is_file()                                 # export-gguf
     assert (clone / "out/tiny-bpe-hf/tokenizer.json").is_file()
     # the recipes wrote under runs/ and out/ only: git sees nothing new in the clone
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
