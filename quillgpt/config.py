@@ -293,6 +293,8 @@ SFT_KEY_HELP: dict[str, tuple[str, str]] = {
     "max_iters": ("optimizer steps", f"{TrainConfig.max_iters}"),
     "sample_tokens": ("length of a text sample printed at the end",
                       f"{SFT_DEFAULTS['sample_tokens']}: a held-out conversation's reply is printed instead"),
+    "sample_temperature": ("the temperature this run recommends (the served page starts from it)",
+                           "0: greedy, a learnt reply is the likeliest one"),
     "sft_too_long": ("a conversation longer than the context is truncate(d) or drop(ped)",
                      f'"{TrainConfig.sft_too_long}"'),
     "sft_skip_invalid": ("skip (and count) invalid conversations instead of stopping",
