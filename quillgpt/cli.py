@@ -206,7 +206,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train a model. Settings come from defaults, then --config "
                                    "(a preset name or YAML file), then --key-name flags.")
     add_training_flags(p, "preset name (e.g. shakespeare-char-cpu) or YAML file; without it: "
-                          "shakespeare-char-cpu on a CPU, the defaults (nanoGPT's GPU recipe) on a GPU")
+                          "shakespeare-char-cpu on a CPU, the defaults (nanoGPT's GPU recipe in shape, "
+                          "without its dropout) on a GPU")
     add_config_flags(p)
 
 

@@ -67,7 +67,7 @@ CPU_PRESET = "shakespeare-char-cpu"
 def default_preset(overrides: dict[str, Any] | None = None) -> str | None:
     """The preset `quill train` starts from when it is given none. Where training runs on a CPU:
     nanoGPT's CPU recipe (0.8M parameters, context 64, 2000 steps: minutes on 2 cores), since the
-    defaults (nanoGPT's GPU recipe: 10.7M parameters, context 256, evaluation over 200 batches)
+    defaults (nanoGPT's GPU recipe in shape: 10.7M parameters, context 256, evaluation over 200 batches)
     take hours there. On a GPU, and when fine-tuning (`init_from` brings its own model): None,
     the defaults."""
     overrides = overrides or {}

@@ -205,7 +205,7 @@ def test_cli_train_with_the_seeds_names(small_text, tmp_path, capsys):
 
 
 def test_cli_train_without_config_on_a_cpu_uses_the_cpu_recipe(small_text, tmp_path, capsys):
-    """The defaults are nanoGPT's GPU recipe (10.7M parameters, 200-batch evaluations: hours on
+    """The defaults are nanoGPT's GPU recipe in shape (10.7M parameters, 200-batch evaluations: hours on
     2 cores); `quill train --data FILE` on a CPU starts from shakespeare-char-cpu instead."""
     from quillgpt.config import load_config
     from quillgpt.train import default_preset
