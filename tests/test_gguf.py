@@ -133,6 +133,16 @@ def test_rope_run_is_gptneox(llama, tmp_path, capsys):
     check_same_decoding(llama, run, gguf, capsys)
 
 
+def test_ascii_char_chat_run(llama, tmp_path, capsys):
+    """Characters of one byte each have no merges; GGUF's BPE still needs one (an inert one)."""
+    from quillgpt.chat import add_chat_tokens
+
+    ascii_page = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tAll: Speak, speak!  "
+    tok = add_chat_tokens(CharTokenizer.train(ascii_page + PROMPT))
+    run = make_run(tmp_path / "ascii", ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=128), tok)
+    check_same_decoding(llama, run, export(run, tmp_path / "ascii.gguf"), capsys, page=ascii_page)
+
+
 CONVERSATION = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "reverse: quill"},
                 {"role": "assistant", "content": "lliuq"}, {"role": "user", "content": "reverse: été"}]
 
