@@ -369,31 +369,33 @@ def wait_until(predicate, timeout: float = 600.0) -> None:
         time.sleep(0.02)
 
 
-def test_waiting_requests_with_the_same_settings_decode_as_one_batch(server, run):
+def test_requests_with_mixed_settings_join_the_running_batch(server, run):
+    """Continuous batching: while one long request decodes, requests with other settings join
+    it at the next token and finish first; each equals what it would get alone."""
     url, engine = server
     wait_until(lambda: engine.pending == 0)
-    asks = [{"prompt": p, "max_tokens": m, "seed": 100 + k, "temperature": 0.9, "top_k": 12, "n": n}
+    settings = [dict(temperature=0.9, top_k=12), dict(temperature=0.0), dict(temperature=1.2, top_p=0.8),
+                dict(temperature=0.7, min_p=0.1, repetition_penalty=1.3), dict(temperature=1.0)]
+    asks = [{"prompt": p, "max_tokens": m, "seed": 100 + k, "n": n, **settings[k]}
             for k, (p, m, n) in enumerate([("To", 5, 1), ("Whether 'tis", 30, 2), ("", 12, 1),
                                            ("The slings", 20, 1), ("O", 1, 3)])]
     answers: dict[int, dict] = {}
     with httpx.Client(timeout=60) as c:
-        # hold the worker busy (other settings), so that the asks queue up behind it
         with c.stream("POST", f"{url}/v1/completions",
                       json={"prompt": "To", "max_tokens": LONG, "temperature": 0.5, "stream": True}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            batches = engine.batches
             threads = [threading.Thread(target=lambda k=k, a=a: answers.__setitem__(
                 k, httpx.post(f"{url}/v1/completions", json=a, timeout=60).json())) for k, a in enumerate(asks)]
             for t in threads:
                 t.start()
-            wait_until(lambda: engine.pending == 1 + len(asks))
-        for t in threads:
-            t.join()
-    assert engine.batches == batches + 1  # all five requests (8 rows) in one batch
+            for t in threads:
+                t.join()
+            assert engine.pending == 1  # every ask was answered while the long request still ran
+            assert json.loads(next(x for x in lines if x.startswith("data: "))[6:])["choices"][0]["text"]
     for k, a in enumerate(asks):
         want = generate_batch(run.model, run.tokenizer, [a["prompt"]] * a["n"], max_new_tokens=a["max_tokens"],
-                              temperature=0.9, top_k=12, seed=a["seed"])
+                              seed=a["seed"], **settings[k])
         assert [c["text"] for c in answers[k]["choices"]] == want
         assert answers[k]["usage"]["completion_tokens"] == a["max_tokens"] * a["n"]
 
