@@ -18,15 +18,16 @@ LAYERS: dict[str, int] = {
     # 0-2: plain Python, no torch: the error type; atomic writes (which raise it); downloads and
     # the file cache
     "errors": 0, "fileio": 1, "download": 2,
-    # 2: settings and the device
-    "config": 2, "runtime": 2,
+    # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only);
+    # the built-in tools (calculator, python sandbox)
+    "config": 2, "runtime": 2, "terminal": 2, "tools": 2,
     # 3: tokenizers (standard library, regex, optional tiktoken)
     "tokenizers": 3,
     # 4: the models, each standing on config alone
     "model": 4, "ladder": 4,
-    # 5: which model a config names; optimisers; a model's precision for inference
-    # 5-6: the settings of a decoded row and how a token is drawn; the decode engine
-    "registry": 5, "optim": 5, "inference": 5, "sampling": 5, "engine": 6,
+    # 5: which model a config names; optimisers; a model's precision for inference; per-token
+    # losses; the settings of a decoded row and how a token is drawn. 6: the decode engine
+    "registry": 5, "optim": 5, "inference": 5, "losses": 5, "sampling": 5, "engine": 6,
     # 6-9: corpora -> text pieces -> token files (and their cache) -> batches
     "readers": 6, "prepared": 7, "prepare": 8, "data": 9,
     # 10: run directories on disk
