@@ -255,6 +255,7 @@ class Engine:
         self._waiting.append(row)
         return row.id
 
+    @torch.inference_mode()
     def cancel(self, row_id: int) -> None:
         """Stop a row now (a client went away): it frees its slot and yields no more events."""
         row = self._rows.pop(row_id, None)
@@ -315,7 +316,9 @@ class Engine:
                 self.cache = SlotCache(self.config, size(0), self.device, self.dtype)
             else:
                 self.cache.grow(size(self.cache.slots))
-        wants_seen = any(r.request.sampling.repetition_penalty != 1.0 for r in self._slots)
+        # once one row wanted it, every slot keeps its seen tokens (a later penalty row may land anywhere)
+        wants_seen = self._seen is not None or any(r.request.sampling.repetition_penalty != 1.0
+                                                   for r in self._slots)
         if wants_seen and (self._seen is None or self._seen.size(0) < rows):
             have = 0 if self._seen is None else self._seen.size(0)
             seen = torch.zeros(size(have), self.vocab_size, dtype=torch.bool, device=self.device)
@@ -450,7 +453,8 @@ class Engine:
         slots = None
         if self._seen is not None:
             slots = torch.tensor([r.slot for r in ready], device=self.device)
-            seen = self._seen[slots]
+            if sampler.penalty is not None:
+                seen = self._seen[slots]
         tokens = sampler.draw(logits, uniforms, seen)
         if slots is not None:
             self._seen[slots, tokens] = True

@@ -288,3 +288,35 @@ def test_the_model_keeps_its_training_mode(tok):
     model = random_model().train()
     complete(model, tok, [Request([1], Sampling(max_new_tokens=3))])
     assert model.training
+
+
+def test_leaving_rows_move_others_between_slots_and_penalties_stay_per_row(tok):
+    """A row cancelled from the middle of the batch: the last slot's row moves into its place
+    and goes on as if alone; a repetition-penalty row, then rows without one."""
+    model = random_model()
+    requests = [Request(ids(tok, p), s) for p, s in zip(["Whe", "To", "Or", "Be"], MIXED[1:] + MIXED[:1])]
+    engine = Engine(model, tok)
+    for r in requests[:3]:
+        engine.add(r)
+    got: dict[int, list[int]] = {}
+    for step in range(40):
+        if step == 2:
+            engine.cancel(0)  # outside any inference mode, as the server calls it
+            engine.add(requests[3])
+        for e in engine.step():
+            got.setdefault(e.row, []).append(e.token)
+    for i in (1, 2, 3):
+        assert got[i] == alone(model, tok, requests[i])
+    penalty = Request(ids(tok, "To"), Sampling(max_new_tokens=5, repetition_penalty=1.5, seed=1))
+    later = [Request(ids(tok, p), Sampling(max_new_tokens=8, seed=i)) for i, p in enumerate(["A", "B", "C"])]
+    engine = Engine(model, tok)
+    engine.add(penalty)
+    while not engine.idle:
+        engine.step()
+    out: dict[int, list[int]] = {}
+    for r in later + [penalty]:
+        engine.add(r)
+    while not engine.idle:
+        for e in engine.step():
+            out.setdefault(e.row, []).append(e.token)
+    assert [out[i] for i in range(1, 5)] == [alone(model, tok, r) for r in later + [penalty]]

@@ -188,17 +188,16 @@ class Engine:
                 if job is None:
                     return
                 self._start(job)
-            self._drop_cancelled()
-            if self.decoder.idle:
-                continue
             try:
+                self._drop_cancelled()
+                if self.decoder.idle:
+                    continue
                 events = self.decoder.step()
+                self.steps += 1
+                self._dispatch(events)
             except Exception as e:  # a bug or a device error: log it, tell the clients, keep serving
                 log.exception("generation failed; the requests being decoded get an error")
                 self._fail_running(f"generation failed: {type(e).__name__}: {e}")
-                continue
-            self.steps += 1
-            self._dispatch(events)
 
     def _end(self, job: Job) -> None:
         if job.ended:
@@ -252,12 +251,13 @@ class Engine:
 
     def _fail_running(self, message: str) -> None:
         self.failures += 1
-        for job in list(self._running.values()):
-            job.emit("error", message)
-            self._end(job)
+        jobs = list(self._running.values())
         # the failed step may have left the decoder half-way: start afresh
         self.decoder = decode_engine.Engine(self.model, self.tokenizer, **self._decoder_options)
         self._owner.clear()
+        for job in jobs:
+            job.emit("error", message)
+            self._end(job)
 
     def _dispatch(self, events: list[decode_engine.Event]) -> None:
         """One step's events to their jobs: pieces (and logprobs) per job; a finished job ends."""
