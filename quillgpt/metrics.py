@@ -206,10 +206,32 @@ class ProgressBar:
         self.bar.close()
 
 
+class Throughput:
+    """Tokens per second: over a window of steps (restarted after every logging step, so that
+    evaluations are not counted) and over the whole session."""
+
+    def __init__(self, tokens: int, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.session_tokens = self.window_tokens = tokens
+        self.session_start = self.window_start = clock()
+
+    def rate(self, tokens: int) -> float:
+        """Tokens per second since the window started (`tokens`: the count so far)."""
+        return (tokens - self.window_tokens) / max(self.clock() - self.window_start, 1e-9)
+
+    def restart(self, tokens: int) -> None:
+        self.window_start, self.window_tokens = self.clock(), tokens
+
+    def session_rate(self, tokens: int) -> float:
+        return (tokens - self.session_tokens) / max(self.clock() - self.session_start, 1e-9)
+
+
 class RunRecorder:
-    """What each logged step leaves behind: its metrics row (written on evaluation steps), the
-    best weights so far (RUN/best.safetensors, by val loss) and the model FLOP/s (and MFU, where
-    the device has a documented peak) shown beside tokens/s."""
+    """What each step leaves behind: its training loss (`add_loss`; kept on the device until
+    `flush_losses` copies them, one sync per log), and at each logged step its metrics row
+    (written on evaluation steps), the best weights so far (RUN/best.safetensors, by val loss)
+    and the model FLOP/s (and MFU, where the device has a documented peak) shown beside
+    tokens/s. `state()` is its part of a checkpoint."""
 
     def __init__(self, metrics: MetricsLog, model: nn.Module, dist: qdist.DistInfo, out: Path, save: bool,
                  device: torch.device, dtype: str, flops_per_token: float):
@@ -224,6 +246,33 @@ class RunRecorder:
         self.peak = peak_flops(device, dtype)  # per device; None: no documented peak
         self.best_val = float("inf")
         self.last_val: float | None = None
+        self.losses: list[float] = []  # every step's training loss, in order, on the host
+        self.pending: list[torch.Tensor] = []  # the losses of the steps since the last flush
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
+
+    def flush_losses(self) -> None:
+        """Copy the pending losses to the host (one sync), averaged over ranks (a collective)."""
+        if self.pending:
+            self.losses.extend(qdist.all_reduce_mean(torch.stack(self.pending), self.dist).tolist())
+            self.pending = []
+
+    def mean_loss(self, start: int, end: int) -> tuple[float, float]:
+        """The mean training loss of steps start+1..end, and the last one's (losses flushed)."""
+        window = self.losses[start:end]
+        return sum(window) / len(window), window[-1]
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the record (losses flushed first)."""
+        return {"metrics": self.metrics.rows, "losses": self.losses, "best_val_loss": self.best_val,
+                "val_loss": self.last_val}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.metrics.rows = state["metrics"]
+        self.losses = [float(x) for x in state["losses"]]
+        self.best_val = float(state["best_val_loss"])
+        self.last_val = state.get("val_loss")
 
     def flops_per_s(self, tokens_per_s: float | None) -> float | None:
         """The model FLOP/s achieved (all ranks together): tokens/s x training FLOPs per token."""
@@ -237,6 +286,11 @@ class RunRecorder:
             return None
         mfu = flops / (self.peak * self.dist.world_size)
         return mfu if mfu <= 1.0 else None
+
+    def show(self, bar: ProgressBar, loss: float, tokens_per_s: float, ev: dict[str, float] | None) -> None:
+        """A logged step's figures on the bar: the loss, speed, model FLOP/s, MFU and val loss."""
+        bar.show(loss, tokens_per_s, self.flops_per_s(tokens_per_s), self.mfu(tokens_per_s),
+                 ev["val"] if ev else None)
 
     def record(self, step: int, lr: float, train_loss: float, ev: dict[str, float] | None,
                tokens_per_s: float | None, extra: dict[str, float] | None = None) -> None:

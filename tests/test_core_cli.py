@@ -188,6 +188,22 @@ def test_cli_train_then_sample(small_text, tmp_path):
     assert r1.stdout.startswith("To be") and len(r1.stdout.rstrip("\n")) == len("To be") + 40
 
 
+def test_cli_train_with_the_seeds_names(small_text, tmp_path, capsys):
+    """The names the seed projects use, as the README lists them, train with their meanings."""
+    out = tmp_path / "seeds"
+    assert main(["train", "--data", str(small_text), "--out", str(out), "--steps", "20", "--lr", "3e-4",
+                 "--n-ctxt", "64", "--d-model", "64", "--num-layers", "2", "--num-heads", "2", "--batch-size", "4",
+                 "--eval-iters", "1", "--eval-interval", "10", "--sample-tokens", "0", "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert "done: 20 steps" in capsys.readouterr().err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["train"]["max_iters"], saved["train"]["learning_rate"]) == (20, 3e-4)
+    m = saved["model"]
+    assert (m["block_size"], m["n_embd"], m["n_layer"], m["n_head"]) == (64, 64, 2, 2)
+    code, err = run_main(["train", "--data", str(small_text), "--lr-dec", "5", "--no-save"], capsys)
+    assert_one_line_error(code, err, "unknown config key 'lr_dec'")
+
+
 def test_cli_train_without_config_on_a_cpu_uses_the_cpu_recipe(small_text, tmp_path, capsys):
     """The defaults are nanoGPT's GPU recipe (10.7M parameters, 200-batch evaluations: hours on
     2 cores); `quill train --data FILE` on a CPU starts from shakespeare-char-cpu instead."""

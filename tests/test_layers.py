@@ -34,8 +34,9 @@ LAYERS: dict[str, int] = {
     "checkpoint": 10,
     # 11-12: using a model: generation, scoring, plots, processes; evaluation
     "generate": 11, "scoring": 11, "plot": 11, "distributed": 11, "evaluate": 12, "chat": 12,
-    # 13: what a training run is made of; benchmark tasks through lm-evaluation-harness
+    # 13: what a training run is made of; benchmark tasks through lm-evaluation-harness; exports
     "metrics": 13, "resume": 13, "train_control": 13, "hf": 13, "conversations": 13, "lm_eval_adapter": 13,
+    "train_setup": 13, "train_eval": 13, "gguf_export": 13,
     # 14: the training loop
     "train": 14,
     # 15: what stands on the loop or on a loaded run

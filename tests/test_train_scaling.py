@@ -87,21 +87,52 @@ def test_bf16_on_a_cpu_without_it_warns(small_text, tmp_path, monkeypatch):
         assert train.peak_flops(torch.device("cpu"), dtype) is None
 
 
+class BrokenCompile(torch.nn.Module):
+    """What torch.compile returns, failing on its first call with `error`."""
+
+    def __init__(self, module, error: Exception):
+        super().__init__()
+        self._orig_mod, self.error = module, error
+
+    def forward(self, *args):
+        raise self.error
+
+
 def test_compile_failure_falls_back_to_eager_with_a_message(small_text, tmp_path, monkeypatch):
-    class Broken(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self._orig_mod = module
+    from torch._inductor.exc import InvalidCxxCompiler
 
-        def forward(self, *args):
-            raise RuntimeError("no C++ compiler found\nmore detail")
-
-    monkeypatch.setattr(torch, "compile", lambda m: Broken(m))
+    monkeypatch.setattr(torch, "compile", lambda m: BrokenCompile(m, InvalidCxxCompiler()))
     logs: list[str] = []
     result = Trainer(cfg_for(small_text, tmp_path / "r", max_iters=4, compile=True), save=False,
                      progress=False, log=logs.append).run()
     assert result.steps == 4
-    assert any("torch.compile failed (RuntimeError: no C++ compiler found)" in m for m in logs)
+    assert any("torch.compile failed (InvalidCxxCompiler: No working C++ compiler found" in m for m in logs), logs
+
+
+def model_errors():
+    """Errors of the model itself, met on the first compiled call: none is a compiler error."""
+    from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return [
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x3)"), RuntimeError, "shapes cannot"),
+        (TorchRuntimeError("RuntimeError when making fake tensor call: shapes"), TorchRuntimeError, "fake tensor"),
+        (oom, QuillError, "CUDA out of memory with batch_size 8"),
+        (BackendCompilerFailed(lambda *a: None, oom, None), QuillError, "CUDA out of memory with batch_size 8"),
+    ]
+
+
+@pytest.mark.parametrize("error, raised, message", model_errors(), ids=["shape", "traced", "oom", "oom-in-compiler"])
+def test_only_compiler_errors_fall_back_to_eager(small_text, tmp_path, monkeypatch, error, raised, message):
+    """A shape bug or out-of-memory on the first compiled step is raised as it is (out of memory
+    becomes the one-line advice), never retried eagerly as if the compiler had failed."""
+    monkeypatch.setattr(torch, "compile", lambda m: BrokenCompile(m, error))
+    logs: list[str] = []
+    trainer = Trainer(cfg_for(small_text, tmp_path / "r", max_iters=4, compile=True), save=False,
+                      progress=False, log=logs.append)
+    with pytest.raises(raised, match=message):
+        trainer.run()
+    assert not any("torch.compile failed" in m for m in logs), logs
 
 
 def test_parse_duration():
