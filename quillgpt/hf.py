@@ -34,7 +34,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from . import checkpoint as ckpt
-from .config import DROPOUT_SITES, Config, ModelConfig, TrainConfig
+from .config import DROPOUT_SITES, FINETUNE_LR, Config, ModelConfig, TrainConfig
 from .download import cache_dir
 from .errors import QuillError, shown
 from .fileio import atomic_write_bytes, atomic_write_text, check_apart
@@ -50,7 +50,6 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our model uses
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
-FINETUNE_LR = 3e-5  # default learning rate when fine-tuning from pretrained weights
 # an imported run starts with ModelConfig's dropout defaults (none), ready for fine-tuning
 USER_DROPOUT_DEFAULTS = {name: getattr(ModelConfig(), name) for name in ("dropout", *DROPOUT_SITES)}
 

@@ -209,7 +209,7 @@ class Trainer:
                                        iters=t.eval_iters, seed=t.seed, hooks=hooks)
         metrics = MetricsLog(self.out / ckpt.METRICS_FILE if self.save else None, self.start_time)
         self.recorder = RunRecorder(metrics, self.model, self.dist, self.out, self.save, self.device,
-                                    self.dtype, flops_per_token(self.model, self.n_params))
+                                    self.dtype, flops_per_token(self.model, self.n_params), self.log)
         self.checkpoints = Checkpointer(self.out, self.dist, self.save, t.keep_last)
         self.budget = TimeBudget(t.time_budget, self.start_time)
         self.tokens_seen = 0  # input tokens of every rank so far (batches may vary in length)

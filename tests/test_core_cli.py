@@ -339,3 +339,27 @@ def test_python_api_as_the_readme_shows(small_text, tmp_path):
     result = train(cfg, progress=False)
     run = lr(result.run_dir)
     assert len(gen(run.model, run.tokenizer, "To be", max_new_tokens=10, top_k=5, seed=0)) == 10
+
+
+def test_the_gpt2_preset_trains_on_gpt2_tokens(small_text, gpt2_cache, tmp_path):
+    """`--config gpt2-124m` tokenizes with GPT-2's tokenizer (the ranks from $QUILL_CACHE), not by
+    characters: the run's tokenizer, its vocabulary, and the very tokens it trains on."""
+    from quillgpt.data import TokenData
+    from quillgpt.tokenizers.gpt2 import gpt2_tokenizer
+    from quillgpt.train import Trainer
+
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, gradient_accumulation_steps=1,
+                max_iters=1, eval_iters=1, compile=False, dtype="float32", device="cpu", sample_tokens=0,
+                data=str(small_text), out=str(tmp_path / "run"))
+    cfg = load_config("gpt2-124m", tiny)
+    assert cfg.train.tokenizer == "gpt2"
+    trainer = Trainer(cfg, progress=False, log=lambda m: None)
+    assert trainer.tokenizer == gpt2_tokenizer() and cfg.model.vocab_size == 50257
+    assert trainer.model.transformer.wte.weight.shape[0] == 50257
+    ids = gpt2_tokenizer().encode(small_text.read_text(encoding="utf-8"))
+    assert isinstance(trainer.data, TokenData)
+    splits = trainer.data.splits
+    assert [int(i) for i in (*splits.train, *splits.val)] == ids + [50256]  # the text, then <|endoftext|>
+    x, y = trainer.batches.next()
+    assert int(x.max()) > 255  # merged tokens: no character or byte vocabulary has these ids
+    assert trainer.run().steps == 1
