@@ -189,9 +189,13 @@ def check_token_ids(splits: Splits, vocab_size: int, source: str, chunk: int = 1
 
 class BatchSource(Protocol):
     """Anything the loop draws batches from: inputs and targets (B, T) each, where a target of
-    -1 is not scored; and a state to checkpoint so that a resumed run draws the same batches."""
+    -1 is not scored; and a state to checkpoint so that a resumed run draws the same batches.
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    `next()` may return `(x, y, extra)`: the loop reads `x` and `y` and hands the whole tuple to
+    the data's `token_loss` (see `TrainingData`); `extra` is whatever that needs (weights,
+    advantages, ...)."""
+
+    def next(self) -> tuple[torch.Tensor, ...]: ...
 
     def state(self) -> torch.Tensor: ...
 
@@ -199,7 +203,13 @@ class BatchSource(Protocol):
 
 
 class TrainingData(Protocol):
-    """What a training run learns from: its tokenizer and batch sources for each split."""
+    """What a training run learns from: its tokenizer and batch sources for each split.
+
+    Optionally a method `token_loss(nll, batch) -> scalar tensor`: `nll` is the per-token
+    negative log-likelihood of the targets (`losses.token_nll`: float32, the shape of `y`, 0
+    where `y == -1`), `batch` the tuple `next()` returned. The loop then trains on its result as
+    the micro-batch loss (and divides it for gradient accumulation itself); without it, on the
+    mean over the scored tokens. Evaluation always reports that plain mean."""
 
     tokenizer: Tokenizer
 

@@ -37,6 +37,7 @@ from .config import Config
 from .data import TokenData, TrainingData
 from .errors import QuillError
 from .generate import generate
+from .losses import token_nll
 from .metrics import MetricsLog, ProgressBar, RunRecorder, flops_per_token, open_tensorboard, peak_flops  # noqa: F401
 from .model import count_params
 from .optim import check_optimizer, lr_at, make_optimizer, set_lr
@@ -169,7 +170,7 @@ class LossEvaluator:
                 batches = tr.data.batches(name, t.batch_size, t.seed + 1 + i, tr.device)
                 total = torch.zeros((), device=tr.device)
                 for _ in range(t.eval_iters):
-                    x, y = batches.next()
+                    x, y = batches.next()[:2]  # the plain mean, whatever token_loss the data has
                     with tr.autocast:
                         _, loss = tr.compiled("eval", x, y, tr.compile_fell_back)
                     total += loss.float()
@@ -257,6 +258,7 @@ class Trainer:
         init_state = init_weights(cfg, self.log) if self.resume_dir is None else None
         self.data = data if data is not None else training_data(cfg, self.resume_dir, resumed, resume_data)
         self.tokenizer = self.data.tokenizer
+        self.token_loss = getattr(self.data, "token_loss", None)
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.data_sha256 = self.data.fingerprint()
         seed_everything(t.seed)  # the same initial weights on every rank
@@ -353,11 +355,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         accum = t.gradient_accumulation_steps
         for micro in range(accum):
-            x, y = self.batches.next()
-            self.tokens_seen += x.numel() * self.dist.world_size
+            batch = self.batches.next()
+            self.tokens_seen += batch[0].numel() * self.dist.world_size
             last = micro == accum - 1
             with self.compiled.no_sync(last, self.dist), self.autocast:
-                _, loss = self.compiled("train", x, y, self.compile_fell_back)
+                loss = self.micro_loss(batch)
                 loss = loss / accum
             with self.compiled.no_sync(last, self.dist):
                 self.scaler.scale(loss).backward()
@@ -369,6 +371,18 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return total, lr
+
+    def micro_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The loss of one micro-batch: the model's mean over the scored tokens, or the data's
+        `token_loss` of the per-token NLL when it has one (see data.TrainingData)."""
+        x, y = batch[0], batch[1]
+        if self.token_loss is None:
+            return self.compiled("train", x, y, self.compile_fell_back)[1]
+        logits, _ = self.compiled("train", x, None, self.compile_fell_back)
+        loss = self.token_loss(token_nll(logits, y), batch)
+        if loss.dim() != 0:
+            raise ValueError(f"token_loss must return a scalar, got shape {tuple(loss.shape)}")
+        return loss
 
     def compile_fell_back(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # gradients of a failed compiled step, if any

@@ -3,15 +3,23 @@ hooks, used without editing or copying the loop."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
+from token_loss_data import WeightedData
 
 from quillgpt.config import load_config
 from quillgpt.data import TokenData
-from quillgpt.train import Trainer
+from quillgpt.runtime import autocast_context
+from quillgpt.train import Trainer, resume_config
 
 quiet = lambda msg: None  # noqa: E731
 
@@ -93,3 +101,110 @@ def test_other_training_data_plugs_in_and_masked_targets_are_not_scored(small_te
     result = Trainer(tiny_cfg(small_text, None, max_iters=6), save=False, progress=False, log=quiet,
                      data=MaskedData(inner, keep=5)).run()
     assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+# --- losses other than the mean: TrainingData.token_loss ----------------------------------------
+
+def hand_weighted_loss(model, batch, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted mean NLL of `WeightedData` written out from the logits, and the plain mean."""
+    x, y, w = batch
+    with autocast_context(torch.device("cpu"), dtype):
+        logits, _ = model(x)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    scored = y != -1
+    nll = -logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * scored
+    return (nll * w * scored).sum() / (w * scored).sum(), nll.sum() / scored.sum()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_loss_is_the_loss_the_trainer_optimises(small_text, dtype):
+    """With gradient accumulation 2: the trainer's step loss and its gradients are those of the
+    hand-computed weighted loss (each micro-batch divided by 2), not of the plain mean."""
+    cfg = tiny_cfg(small_text, None, max_iters=1, gradient_accumulation_steps=2, grad_clip=0.0, dtype=dtype)
+    data = WeightedData(TokenData.from_config(cfg))
+    trainer = Trainer(cfg, save=False, progress=False, log=quiet, data=data)
+    ref = copy.deepcopy(trainer.model)
+    grads: dict[str, torch.Tensor] = {}
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):  # the gradients the optimizer is about to apply
+        grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    total, _ = trainer.train_step(0)
+
+    same_batches = data.batches("train", cfg.train.batch_size, cfg.train.seed, trainer.device)
+    hand = plain = torch.zeros(())
+    for _ in range(2):
+        batch = same_batches.next()
+        weighted, mean = hand_weighted_loss(ref, batch, dtype)
+        (weighted / 2).backward()
+        hand, plain = hand + weighted.detach() / 2, plain + mean.detach() / 2
+        nll = data.seen[len(data.seen) - 2 + _]
+        assert nll.shape == batch[1].shape and nll.dtype == torch.float32
+        assert (nll[:, :3] == 0).all() and (nll[:, 3:] > 0).all()  # 0 where the target is -1
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(total, hand, **tol)
+    assert abs(float(hand - plain)) > 1e-3  # the weights change the loss: this check can fail
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **tol, msg=name)
+
+
+def test_without_token_loss_the_step_is_the_models_own_mean_bitwise(small_text):
+    cfg = tiny_cfg(small_text, None, max_iters=1, grad_clip=0.0)
+    data = TokenData.from_config(cfg)
+    trainer = Trainer(cfg, save=False, progress=False, log=quiet, data=data)
+    ref = copy.deepcopy(trainer.model)
+    x, y = data.batches("train", cfg.train.batch_size, cfg.train.seed, trainer.device).next()
+    total, _ = trainer.train_step(0)
+    assert torch.equal(total, ref(x, y)[1].detach())
+
+
+def test_evaluation_reports_the_plain_mean_and_a_run_with_token_loss_resumes(small_text, tmp_path):
+    cfg = tiny_cfg(small_text, tmp_path / "run", max_iters=6)
+    inner = TokenData.from_config(cfg)
+    trainer = Trainer(cfg, progress=False, log=quiet, data=WeightedData(inner))
+    ev = trainer.evaluate()
+    t = cfg.train
+    trainer.model.eval()
+    with torch.no_grad():
+        for i, split in enumerate(("train", "val")):
+            source = trainer.data.batches(split, t.batch_size, t.seed + 1 + i, trainer.device)
+            mean = sum(trainer.model(*source.next()[:2])[1] for _ in range(t.eval_iters)) / t.eval_iters
+            assert ev[split] == pytest.approx(float(mean), rel=1e-6)
+    trainer.model.train()
+    full = trainer.run()
+    # the same run stopped at step 4 and resumed to 6 (the same schedule): the same losses
+    half = tiny_cfg(small_text, tmp_path / "half", max_iters=4, lr_decay_iters=6)
+    Trainer(half, progress=False, log=quiet, data=WeightedData(inner)).run()
+    cfg = resume_config(tmp_path / "half", overrides={"max_iters": 6}, allow_config_change=True)
+    resumed = Trainer(cfg, progress=False, log=quiet, data=WeightedData(inner), resume=tmp_path / "half").run()
+    assert resumed.losses == full.losses
+
+
+def test_token_loss_must_return_a_scalar(small_text):
+    class PerToken(WeightedData):
+        def token_loss(self, nll, batch):
+            return nll
+
+    cfg = tiny_cfg(small_text, None, max_iters=1)
+    trainer = Trainer(cfg, save=False, progress=False, log=quiet, data=PerToken(TokenData.from_config(cfg)))
+    with pytest.raises(ValueError, match=r"token_loss must return a scalar, got shape \(4, 16\)"):
+        trainer.train_step(0)
+
+
+@pytest.mark.slow
+def test_token_loss_under_ddp_equals_one_process_with_accumulation(small_text, tmp_path):
+    script = Path(__file__).resolve().parent / "token_loss_data.py"
+    env = dict(os.environ, PYTHONPATH=str(script.parent.parent), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), str(small_text), str(tmp_path / "one"), "2"],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(small_text), str(tmp_path / "ddp"), "1"],
+                         env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ref, got = json.loads(one.stdout), json.loads(ddp.stdout)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
+    assert got["val"] == pytest.approx(ref["val"], rel=1e-5)
