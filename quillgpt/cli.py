@@ -203,6 +203,64 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill rl ---------------------------------------------------------------------------------
+
+def add_rl(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rl", help="improve a chat model with rewards it earns (reinforcement learning)",
+                       description="Reinforcement learning from verifiable rewards: a chat model (--init-from, "
+                                   "trained with quill sft) answers the tasks of --data (.jsonl, one {\"messages\": "
+                                   "[...], \"answer\": ...} per line) in groups of samples, --reward scores each "
+                                   "reply, and replies better than their group's mean become likelier. Every quill "
+                                   "train key is a flag. See docs/rl.md.")
+    p.add_argument("--config", help="preset name or YAML file (RL's defaults apply to the keys it leaves unset)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-save", action="store_true", help="write no run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest intact checkpoint (a python: "
+                   "reward must be named again with --reward)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changed schedule/logging keys such as --max-iters")
+    add_config_flags(p)
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .rewards import parse_reward
+    from .rl import rl_config, rl_trainer
+    from .train import resume_config
+
+    overrides = config_overrides(args)
+    reward = None
+    if args.resume:
+        if args.no_save:
+            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
+        moved = {k: overrides.pop(k) for k in ("data", "eval_data") if k in overrides}  # where they are now
+        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
+        for key, value in moved.items():
+            setattr(cfg.train, key, str(value))
+        if "reward" in overrides:  # named again: its code may run
+            reward = parse_reward(cfg.train.reward)
+    else:
+        if args.allow_config_change:
+            raise QuillError("--allow-config-change only applies with --resume RUN")
+        cfg = rl_config(args.config, overrides)
+    trainer = rl_trainer(cfg, overwrite=args.overwrite, save=not args.no_save, progress=not args.no_progress,
+                         start_time=START_TIME, resume=args.resume, reward=reward)
+    result = trainer.run()
+    if not trainer.dist.is_main:
+        return 0
+    rewards = [r["rl/reward"] for r in trainer.metrics if r.get("rl/reward")]
+    evals = [r for r in trainer.metrics if r.get("rl/pass@1")]
+    k = cfg.train.rl_pass_k
+    said = f", mean reward {float(rewards[-1]):.3f} (last logged)" if rewards else ""
+    if evals:
+        last = evals[-1]
+        said += f", held-out pass@1 {float(last['rl/pass@1']):.3f}, pass@{k} {float(last[f'rl/pass@{k}']):.3f}"
+    eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s{said}")
+    if result.run_dir is not None:
+        eprint(f"run saved to {result.run_dir}; talk to it with: quill chat {result.run_dir}")
+    return 0
+
+
 # --- quill plot -------------------------------------------------------------------------------
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
@@ -814,6 +872,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
     (add_sft, cmd_sft),
+    (add_rl, cmd_rl),
     (add_chat, cmd_chat),
     (add_prepare, cmd_prepare),
     (add_plot, cmd_plot),

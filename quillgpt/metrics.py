@@ -165,8 +165,10 @@ class ProgressBar:
         self.bar.update(1)
 
     def show(self, loss: float, tokens_per_s: float, flops_per_s: float | None, mfu: float | None,
-             val: float | None) -> None:
+             val: float | None, extra: dict[str, float] | None = None) -> None:
+        """`extra`: the data's own numbers ("rl/reward": shown as "reward")."""
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        postfix.update({k.rsplit("/", 1)[-1]: f"{v:.3g}" for k, v in (extra or {}).items()})
         if flops_per_s:
             postfix["model"] = format_flops(flops_per_s)
         if mfu is not None:

@@ -629,8 +629,8 @@ def rl_trainer(cfg: Config, overwrite: bool = False, save: bool = True, progress
     t = cfg.train
     if reward is None:
         if resume is not None and t.reward.startswith("python:"):
-            raise QuillError(f"{resume} was trained with the reward {shown(t.reward)}: name it again to run its code "
-                             f"(--reward {shown(t.reward)[1:-1]})")
+            raise QuillError(f"{resume} was trained with a python reward, whose code runs only when you name it: "
+                             f"--reward {t.reward[:400]!r}")
         reward = parse_reward(t.reward)
     elif reward.spec != t.reward:
         raise QuillError(f"the reward {shown(reward.spec)} is not the config's {shown(t.reward)}")

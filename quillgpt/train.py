@@ -199,12 +199,14 @@ class LossEvaluator:
         self.trainer.recorder.record(step, lr, train_loss, ev, tokens_per_s, extra)
 
     def evaluate_and_record(self, step: int, lr: float, train_loss: float | None,
-                            tokens_per_s: float | None, tick: Callable[[], None] | None = None
-                            ) -> dict[str, float]:
-        """Evaluate (and run the hooks that are due), then record this step's metrics row."""
+                            tokens_per_s: float | None, tick: Callable[[], None] | None = None,
+                            data_metrics: dict[str, float] | None = None
+                            ) -> tuple[dict[str, float], dict[str, float]]:
+        """Evaluate (and run the hooks that are due), then record this step's metrics row (with
+        the data's own numbers, `data_metrics`); returns the losses and the hooks' numbers."""
         ev, extra = self.evaluate(step, tick)
-        self.record(step, lr, train_loss, tokens_per_s, ev, extra)
-        return ev
+        self.record(step, lr, train_loss, tokens_per_s, ev, {**(data_metrics or {}), **extra})
+        return ev, extra
 
     @torch.no_grad()
     def hook_results(self, step: int, final: bool) -> dict[str, float]:
@@ -487,17 +489,30 @@ class Trainer:
         window = self.losses[last_logged:step]
         mean_loss = sum(window) / len(window)
         ev = None
+        own = self._data_metrics()
         if is_eval:
             bar.start_eval(step, self.evaluator.batches_per_eval)
-            ev = self.evaluator.evaluate_and_record(step, lr, mean_loss, tokens_per_s, bar.eval_tick)
+            ev, extra = self.evaluator.evaluate_and_record(step, lr, mean_loss, tokens_per_s, bar.eval_tick, own)
             bar.end_eval()
-            bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
+            more = "".join(f", {k} {v:.4g}" for k, v in extra.items())
+            bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{more}")
         else:
-            self.recorder.record(step, lr, mean_loss, None, tokens_per_s)
+            self.recorder.record(step, lr, mean_loss, None, tokens_per_s, own)
         rec = self.recorder
         bar.show(window[-1], tokens_per_s, rec.flops_per_s(tokens_per_s), rec.mfu(tokens_per_s),
-                 ev["val"] if ev else None)
+                 ev["val"] if ev else None, own)
         return ev
+
+    def _data_metrics(self) -> dict[str, float]:
+        """The data's own numbers since the last logged step (`metrics()`, e.g. RL's mean
+        reward), averaged over ranks: metrics.csv columns and the progress bar's."""
+        metrics = getattr(self.data, "metrics", None)
+        found = metrics() if callable(metrics) else {}
+        if not found or not self.dist.enabled:
+            return found
+        keys = sorted(found)
+        means = qdist.all_reduce_mean(torch.tensor([found[k] for k in keys], device=self.device), self.dist)
+        return dict(zip(keys, means.tolist()))
 
     def _flush_losses(self, pending: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy the losses of the steps since the last flush to the host (one sync), averaged
