@@ -621,10 +621,11 @@ def rl_data(cfg: Config, reward: Reward, resume: str | Path | None = None) -> Ro
 def rl_trainer(cfg: Config, overwrite: bool = False, save: bool = True, progress: bool = True,
                log: Callable[[str], None] | None = None, start_time: float | None = None,
                resume: str | Path | None = None, hooks: Sequence[EvalHook] = (),
-               reward: Reward | None = None) -> Trainer:
+               reward: Reward | None = None, more_eval: dict[str, str | Path] | None = None) -> Trainer:
     """A `Trainer` on the tasks of `cfg.train.data` (module docstring). `reward`: the parsed
     reward; without it, `cfg.train.reward` is parsed, except python code for a resumed run, which
-    the caller must name again (a run directory never brings code to run)."""
+    the caller must name again (a run directory never brings code to run). `more_eval` names
+    more held-out task files, scored as the held-out tasks are: columns "rl/NAME/pass@1", ..."""
     cfg.validate()
     t = cfg.train
     if reward is None:
@@ -636,6 +637,11 @@ def rl_trainer(cfg: Config, overwrite: bool = False, save: bool = True, progress
         raise QuillError(f"the reward {shown(reward.spec)} is not the config's {shown(t.reward)}")
     data = rl_data(cfg, reward, resume)
     all_hooks = [PassAtK(data, data.val_tasks, t.eval_interval), *hooks]
+    for name, path in (more_eval or {}).items():
+        tasks = read_tasks(path, reward)
+        for task in tasks:
+            data.prompt_ids[id(task)] = data._encode(task)
+        all_hooks.append(PassAtK(data, tasks, t.eval_interval, prefix=f"{name}/"))
     trainer = Trainer(cfg, overwrite=overwrite, save=save, progress=progress, log=log,
                       start_time=start_time, resume=resume, data=data, hooks=all_hooks)
     data.bind(trainer, resume)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_run
+
 from quillgpt import checkpoint as ckpt
 from quillgpt.chat import add_chat_tokens, end_ids, render
 from quillgpt.checkpoint import load_run
@@ -315,7 +315,8 @@ def test_bad_tasks_and_rewards_are_one_line_exit_2(chat_base, tmp_path, capsys):
     one_line_error(capsys, [*base, "--data", str(no_answer)], "line 1: no \"answer\" field")
     text = tmp_path / "text.jsonl"
     text.write_text(json.dumps({"messages": [{"role": "user", "content": "Add 1 and 2."}], "answer": "three"}) + "\n")
-    one_line_error(capsys, [*base, "--data", str(text), "--reward", "number"], "line 1: the answer 'three' is not a number")
+    one_line_error(capsys, [*base, "--data", str(text), "--reward", "number"],
+                   "line 1: the answer 'three' is not a number")
     one_line_error(capsys, [*base, "--data", str(good), "--reward", "python:missing.py:score"], "no such file")
     (tmp_path / "r.py").write_text("def other(m, r, **f):\n    return 1\n")
     one_line_error(capsys, [*base, "--data", str(good), "--reward", f"python:{tmp_path / 'r.py'}:score"],
