@@ -1,22 +1,37 @@
 """Conversations: the chat template, and replies from a model that has learnt it.
 
 A conversation is a list of messages in OpenAI's shape, `{"role": ..., "content": "..."}`: an
-optional system message first, then user and assistant turns taking turns, the user first.
-`render` turns it into token ids and a loss mask; it is the one place that knows the template,
-and it feeds training (`quill sft`), `quill chat`, the server and the exported Hugging Face
-`chat_template` (`jinja_template`, which gives the same ids).
+optional system message first, then user and assistant turns taking turns, the user first. An
+assistant message may instead (or as well) carry `tool_calls` (`id`, `type: "function"`,
+`function.name`, `function.arguments` as JSON text); the `role: "tool"` messages that follow
+answer them, each naming its call's `tool_call_id`, and the assistant speaks next. A
+conversation may come with `tools` (OpenAI's definitions; quillgpt.tools). `render` turns it
+into token ids and a loss mask; it is the one place that knows the template, and it feeds
+training (`quill sft`), `quill chat`, the server and the exported Hugging Face `chat_template`
+(`jinja_template`, which gives the same ids).
 
 The template uses four special tokens (Phi-3's names): a start token per role and one end of
 turn.
 
     <|system|>You reverse words.<|end|><|user|>reverse: quill<|end|><|assistant|>lliuq<|end|>
 
+A model that learns tools has four more (`add_chat_tokens(tok, tools=True)`): the tool list
+first, each definition as one line of JSON; each call as `<|tool_call|>NAME ARGUMENTS`; an
+assistant message of calls ends with `<|end_calls|>` (where the tools run) instead of `<|end|>`;
+each result as a `<|tool|>` turn.
+
+    <|tools|>{"type": "function", "function": {"name": "calculator", ...}}<|end|>
+    <|user|>What is 4821 times 37?<|end|>
+    <|assistant|><|tool_call|>calculator {"expression": "4821*37"}<|end_calls|>
+    <|tool|>178377<|end|><|assistant|>178377<|end|>
+
 A reply is asked for by ending the ids with `<|assistant|>` (`add_generation_prompt`), and it
-ends when the model writes `<|end|>`. The loss is on what the assistant writes: the content of
-each assistant turn and its `<|end|>`; system and user turns and the role tokens are context.
-The special tokens are special tokens of the run's tokenizer: message text is encoded with
-`encode_ordinary`, so a user who types "<|end|>" gets ordinary tokens. A tokenizer without them
-gets them appended (`add_chat_tokens`); the model's embedding grows to match (`quill sft`).
+ends when the model writes `<|end|>` (or `<|end_calls|>`). The loss is on what the assistant
+writes: the content of each assistant turn, its calls and the token that ends it; system, user
+and tool turns, the tool list and the role tokens are context. The special tokens are special
+tokens of the run's tokenizer: message text is encoded with `encode_ordinary`, so a user who
+types "<|end|>" gets ordinary tokens. A tokenizer without them gets them appended
+(`add_chat_tokens`); the model's embedding grows to match (`quill sft`).
 
     ids, mask = render(tokenizer, messages)              # training
     prompt = render(tokenizer, messages[:2], add_generation_prompt=True).ids
@@ -25,20 +40,27 @@ gets them appended (`add_chat_tokens`); the model's embedding grows to match (`q
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
-from .errors import QuillError
+from .errors import QuillError, shown
 from .generate import check_sampling_args, stream_texts
 from .tokenizers import Tokenizer
+from .tools import NAME, ToolError, check_tool_definitions, parse_arguments
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
 CHAT_TOKENS = (*ROLE_TOKENS.values(), END_TOKEN)
+TOOLS_TOKEN = "<|tools|>"  # the tool list: one JSON definition a line
+TOOL_TOKEN = "<|tool|>"  # a tool's result (role "tool")
+CALL_TOKEN = "<|tool_call|>"  # starts one call: NAME ARGUMENTS
+CALLS_END_TOKEN = "<|end_calls|>"  # ends an assistant message of calls: the tools run here
+TOOL_TOKENS = (TOOLS_TOKEN, TOOL_TOKEN, CALL_TOKEN, CALLS_END_TOKEN)
 
 
 class ConversationError(QuillError):
@@ -46,9 +68,43 @@ class ConversationError(QuillError):
 
 
 @dataclass
+class ToolCall:
+    """One call of an assistant message: its id, the function's name, its arguments (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def text(self) -> str:
+        """How the template writes it after <|tool_call|>."""
+        return f"{self.name} {self.arguments}"
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
 class Message:
     role: str
-    content: str
+    content: str | None  # None: an assistant message of tool calls alone
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call it answers
+
+    def openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class Conversation(list):
+    """A list of `Message`s with the tool definitions that come with it (`tools`, or None)."""
+
+    def __init__(self, messages: Sequence[Message] = (), tools: list[dict[str, Any]] | None = None):
+        super().__init__(messages)
+        self.tools = tools
 
 
 @dataclass
@@ -61,41 +117,108 @@ class Rendered:
 
 # --- messages -------------------------------------------------------------------------------
 
-def check_messages(messages: Any, for_training: bool = False) -> list[Message]:
-    """The messages as `Message`s, or ConversationError naming the first problem.
+def _tool_call(obj: Any, where: str) -> ToolCall:
+    """One entry of an assistant message's tool_calls, checked."""
+    if isinstance(obj, ToolCall):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise ConversationError(f"{where} must be an object with id, type and function")
+    call_id, fn = obj.get("id"), obj.get("function")
+    if not isinstance(call_id, str) or not call_id:
+        raise ConversationError(f"{where}: missing id (a non-empty string)")
+    if obj.get("type", "function") != "function":
+        raise ConversationError(f"{where}: type must be \"function\", got {shown(obj.get('type'))}")
+    if not isinstance(fn, Mapping):
+        raise ConversationError(f"{where}: missing function (an object with name and arguments)")
+    name, arguments = fn.get("name"), fn.get("arguments")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConversationError(f"{where}.function.name must be 1-64 letters, digits, _ or -, got {shown(name)}")
+    try:
+        parsed = parse_arguments(arguments, f"{where}.function.arguments")
+    except ToolError as e:
+        raise ConversationError(str(e)) from None
+    text = arguments if isinstance(arguments, str) else json.dumps(parsed, ensure_ascii=False)
+    return ToolCall(call_id, name, text)
 
-    An optional system message first, then user and assistant in turn, the user first. For
-    training at least one assistant turn; for a prompt (`for_training=False`) the last message
-    is the user's, since the reply comes next."""
-    if not isinstance(messages, list) or not messages:
-        raise ConversationError("messages must be a non-empty list")
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        if isinstance(m, Message):
-            m = {"role": m.role, "content": m.content}
-        if not isinstance(m, Mapping):
-            raise ConversationError(f"message {i} is not an object with role and content")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ConversationError(f"message {i}: unknown role {role!r} (system, user or assistant)")
-        if not isinstance(content, str):
-            raise ConversationError(f"message {i} ({role}): content must be a string, "
-                                    f"got {type(content).__name__}")
-        out.append(Message(role, content))
+
+def _message(m: Any, i: int) -> Message:
+    """One message as a `Message`, its fields checked (the order is checked by check_messages)."""
+    if isinstance(m, Message):
+        m = m.openai() | ({"tool_calls": m.tool_calls} if m.tool_calls else {})
+    if not isinstance(m, Mapping):
+        raise ConversationError(f"message {i} is not an object with role and content")
+    role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
+    if role not in ROLES:
+        raise ConversationError(f"message {i}: unknown role {shown(role)} (system, user, assistant or tool)")
+    if calls is not None and role != "assistant":
+        raise ConversationError(f"message {i} ({role}): only assistant messages carry tool_calls")
+    if calls is not None and (not isinstance(calls, list) or not calls):
+        raise ConversationError(f"message {i}: tool_calls must be a non-empty list")
+    tool_calls = [_tool_call(c, f"message {i}: tool_calls[{j}]") for j, c in enumerate(calls or [])] or None
+    if tool_calls and len({c.id for c in tool_calls}) != len(tool_calls):
+        raise ConversationError(f"message {i}: two tool calls share an id")
+    if not isinstance(content, str) and not (content is None and tool_calls):
+        raise ConversationError(f"message {i} ({role}): content must be a string, "
+                                f"got {type(content).__name__}")
+    call_id = m.get("tool_call_id")
+    if role == "tool" and (not isinstance(call_id, str) or not call_id):
+        raise ConversationError(f"message {i} (tool): missing tool_call_id (the id of the call it answers)")
+    return Message(role, content, tool_calls, call_id if role == "tool" else None)
+
+
+def _check_order(out: list[Message], for_training: bool) -> None:
+    """System first if at all; user and assistant in turn; the tool messages after an assistant
+    message of calls answer each of its calls once, and the assistant speaks next."""
     first = 1 if out[0].role == "system" else 0
+    expected, pending, caller = "user", {}, 0
     for i, m in enumerate(out[first:], start=first):
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if m.role == "tool":
+            if m.tool_call_id not in pending:
+                answered = f" of message {caller}" if pending else ""
+                raise ConversationError(f"message {i}: a tool message answering no call{answered} "
+                                        f"(tool_call_id {shown(m.tool_call_id)})")
+            del pending[m.tool_call_id]
+            continue
+        if pending:
+            raise ConversationError(f"message {i}: {m.role} before every call of message {caller} is answered "
+                                    f"(no tool message for {', '.join(map(repr, pending))})")
         if m.role != expected:
             where = "only as the first message" if m.role == "system" else f"a {expected} message"
             raise ConversationError(f"message {i}: roles out of order: {m.role} where the template "
                                     f"expects {where} (system first, then user and assistant in turn)")
-    if len(out) == first:
+        if m.role == "assistant" and m.tool_calls:
+            pending, caller, expected = {c.id: c for c in m.tool_calls}, i, "assistant"
+        else:
+            expected = "assistant" if m.role == "user" else "user"
+    if pending and (out[-1].role == "tool" or not for_training):
+        raise ConversationError(f"the calls of message {caller} are not all answered "
+                                f"(no tool message for {', '.join(map(repr, pending))})")
+
+
+def check_messages(messages: Any, for_training: bool = False, tools: Any = None) -> Conversation:
+    """The messages as a `Conversation` of `Message`s (with `tools`, checked), or
+    ConversationError naming the first problem.
+
+    An optional system message first, then user and assistant in turn, the user first; tool
+    messages answer the calls of the assistant message before them. For training at least one
+    assistant turn; for a prompt (`for_training=False`) the last message is the user's or a tool's,
+    since the reply comes next."""
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError("messages must be a non-empty list")
+    out = [_message(m, i) for i, m in enumerate(messages)]
+    if len(out) == (1 if out[0].role == "system" else 0):
         raise ConversationError("a system message alone: the conversation needs a user message")
+    _check_order(out, for_training)
     if for_training and not any(m.role == "assistant" for m in out):
         raise ConversationError("no assistant turn: nothing to learn from")
-    if not for_training and out[-1].role != "user":
-        raise ConversationError("the last message must be the user's: the reply comes next")
-    return out
+    if not for_training and out[-1].role not in ("user", "tool"):
+        raise ConversationError("the last message must be the user's (or a tool's): the reply comes next")
+    if tools is not None:
+        try:
+            tools = check_tool_definitions(tools)
+        except ToolError as e:
+            raise ConversationError(str(e)) from None
+    return Conversation(out, tools)
 
 
 # --- the template ---------------------------------------------------------------------------
@@ -105,35 +228,66 @@ def has_chat_template(tokenizer: Tokenizer) -> bool:
     return all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
 
 
-def add_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
-    """The tokenizer with the template's special tokens (appended where it lacks them)."""
-    return tokenizer.with_special_tokens(CHAT_TOKENS)
+def has_tool_template(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer has the tool tokens too (a model fine-tuned on tool conversations)."""
+    return has_chat_template(tokenizer) and all(t in tokenizer.special_tokens for t in TOOL_TOKENS)
 
 
-def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """The ids of the template's special tokens, or QuillError for a model without a template."""
+def add_chat_tokens(tokenizer: Tokenizer, tools: bool = False) -> Tokenizer:
+    """The tokenizer with the template's special tokens (appended where it lacks them); with
+    `tools`, the tool tokens too."""
+    return tokenizer.with_special_tokens(CHAT_TOKENS + (TOOL_TOKENS if tools else ()))
+
+
+def chat_token_ids(tokenizer: Tokenizer, tools: bool = False) -> dict[str, int]:
+    """The ids of the template's special tokens (and the tool tokens, with `tools`), or
+    QuillError for a model without them."""
     specials = tokenizer.special_tokens
     missing = [t for t in CHAT_TOKENS if t not in specials]
     if missing:
         raise QuillError(f"this model has no chat template (its tokenizer lacks {', '.join(missing)}); "
                          f"fine-tune it on conversations with quill sft first")
-    return {t: specials[t] for t in CHAT_TOKENS}
+    if tools and not all(t in specials for t in TOOL_TOKENS):
+        raise QuillError("this model has not learnt tools (its tokenizer lacks the tool tokens); fine-tune it "
+                         "on conversations with tool_calls with quill sft first (docs/tools.md)")
+    return {t: specials[t] for t in CHAT_TOKENS + (TOOL_TOKENS if tools else ())}
 
 
-def end_ids(tokenizer: Tokenizer) -> set[int]:
+def end_ids(tokenizer: Tokenizer, tools: bool = False) -> set[int]:
     """Tokens that end a reply: <|end|>, and any role token or <|endoftext|> should the model
-    write one."""
+    write one. <|tool_call|> is never one; <|end_calls|> is one unless `tools` (then the
+    calls it closes are run or handed to the client)."""
+    specials = tokenizer.special_tokens
     ids = set(chat_token_ids(tokenizer).values())
+    ids |= {specials[t] for t in (TOOLS_TOKEN, TOOL_TOKEN, CALLS_END_TOKEN) if t in specials}
+    if tools:
+        ids.discard(specials.get(CALLS_END_TOKEN, -1))
     if tokenizer.eot_id is not None:
         ids.add(tokenizer.eot_id)
     return ids
 
 
+def tools_text(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The tool list as the template writes it: one definition a line, as JSON (the text of
+    Jinja's `tojson` in transformers: non-ASCII kept, ", " and ": " separators)."""
+    return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+
+
+def uses_tools(messages: Sequence[Any], tools: Any = None) -> bool:
+    """Whether a conversation needs the tool tokens: a tool list, a call or a tool message."""
+    tools = tools if tools is not None else getattr(messages, "tools", None)
+    return bool(tools) or any(
+        (m.role == "tool" or m.tool_calls) if isinstance(m, Message)
+        else (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
 def render(tokenizer: Tokenizer, messages: Sequence[Message | Mapping[str, Any]],
-           add_generation_prompt: bool = False) -> Rendered:
-    """Token ids and loss mask of a conversation (module docstring). With
-    `add_generation_prompt` the ids end with <|assistant|>, where the reply starts."""
-    special = chat_token_ids(tokenizer)
+           add_generation_prompt: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> Rendered:
+    """Token ids and loss mask of a conversation (module docstring). `tools` (default: the
+    conversation's own, for a `Conversation`) are listed first. With `add_generation_prompt`
+    the ids end with <|assistant|>, where the reply starts."""
+    tools = tools if tools is not None else getattr(messages, "tools", None)
+    special = chat_token_ids(tokenizer, tools=uses_tools(messages, tools))
     ids: list[int] = []
     mask: list[bool] = []
 
@@ -141,21 +295,29 @@ def render(tokenizer: Tokenizer, messages: Sequence[Message | Mapping[str, Any]]
         ids.extend(tokens)
         mask.extend([learnt] * len(tokens))
 
-    for m in messages:
-        role, content = (m.role, m.content) if isinstance(m, Message) else (m["role"], m["content"])
-        learnt = role == "assistant"
-        add([special[ROLE_TOKENS[role]]], False)
-        add(tokenizer.encode_ordinary(content), learnt)
-        add([special[END_TOKEN]], learnt)
+    if tools:
+        add([special[TOOLS_TOKEN], *tokenizer.encode_ordinary(tools_text(tools)), special[END_TOKEN]], False)
+    for i, m in enumerate(messages):
+        m = m if isinstance(m, Message) else _message(m, i)
+        learnt = m.role == "assistant"
+        add([special[TOOL_TOKEN if m.role == "tool" else ROLE_TOKENS[m.role]]], False)
+        add(tokenizer.encode_ordinary(m.content or ""), learnt)
+        for call in m.tool_calls or []:
+            add([special[CALL_TOKEN], *tokenizer.encode_ordinary(call.text())], True)
+        add([special[CALLS_END_TOKEN if m.tool_calls else END_TOKEN]], learnt)
     if add_generation_prompt:
         add([special[ROLE_TOKENS["assistant"]]], False)
     return Rendered(ids, mask)
 
 
-def jinja_template() -> str:
+def jinja_template(tools: bool = False) -> str:
     """The template for Hugging Face tokenizers (`tokenizer_config.json`'s `chat_template`):
     `apply_chat_template(messages, add_generation_prompt=True)` gives `render`'s ids. It
-    checks the roles as `check_messages` does."""
+    checks the roles as `check_messages` does. With `tools`, the template of a model that has
+    learnt tools: `apply_chat_template(messages, tools=tools)` lists them, and tool_calls and
+    tool messages render as `render` renders them."""
+    if tools:
+        return _jinja_tools_template()
     r = ROLE_TOKENS
     return (
         "{%- for message in messages -%}"
@@ -173,6 +335,52 @@ def jinja_template() -> str:
         f"{{{{- '{r['system']}' if message['role'] == 'system' else "
         f"('{r['user']}' if message['role'] == 'user' else '{r['assistant']}') -}}}}"
         f"{{{{- message['content'] -}}}}{{{{- '{END_TOKEN}' -}}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- '{r['assistant']}' -}}}}{{%- endif -%}}"
+    )
+
+
+def _jinja_tools_template() -> str:
+    """`jinja_template(tools=True)`: the role order as a small state machine (`ns.expect`, the
+    role the next user/assistant message must have; `ns.pending`, calls not yet answered)."""
+    r, end = ROLE_TOKENS, END_TOKEN
+    return (
+        "{%- set ns = namespace(expect='user', pending=0) -%}"
+        f"{{%- if tools -%}}{{{{- '{TOOLS_TOKEN}' -}}}}"
+        "{%- for tool in tools -%}{{- tool | tojson -}}{%- if not loop.last -%}{{- '\n' -}}{%- endif -%}"
+        f"{{%- endfor -%}}{{{{- '{end}' -}}}}{{%- endif -%}}"
+        "{%- for message in messages -%}"
+        "{%- set role = message['role'] -%}"
+        "{%- if role not in ['system', 'user', 'assistant', 'tool'] -%}"
+        "{{- raise_exception('unknown role: ' + role) -}}"
+        "{%- elif role == 'system' -%}"
+        "{%- if not loop.first -%}{{- raise_exception('a system message may only come first') -}}{%- endif -%}"
+        f"{{{{- '{r['system']}' + message['content'] + '{end}' -}}}}"
+        "{%- elif role == 'tool' -%}"
+        "{%- if ns.pending == 0 -%}{{- raise_exception('a tool message answering no call') -}}{%- endif -%}"
+        "{%- set ns.pending = ns.pending - 1 -%}"
+        f"{{{{- '{TOOL_TOKEN}' + message['content'] + '{end}' -}}}}"
+        "{%- else -%}"
+        "{%- if ns.pending > 0 or role != ns.expect -%}"
+        "{{- raise_exception('roles must alternate: user, assistant (tool messages answering its calls), "
+        "user, ...') -}}"
+        "{%- endif -%}"
+        "{%- if role == 'user' -%}"
+        f"{{%- set ns.expect = 'assistant' -%}}{{{{- '{r['user']}' + message['content'] + '{end}' -}}}}"
+        "{%- else -%}"
+        f"{{{{- '{r['assistant']}' -}}}}{{%- if message['content'] -%}}{{{{- message['content'] -}}}}{{%- endif -%}}"
+        "{%- if message['tool_calls'] -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        f"{{{{- '{CALL_TOKEN}' + call['function']['name'] + ' ' -}}}}"
+        "{%- if call['function']['arguments'] is string -%}{{- call['function']['arguments'] -}}"
+        "{%- else -%}{{- call['function']['arguments'] | tojson -}}{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- set ns.pending = message['tool_calls'] | length -%}}{{{{- '{CALLS_END_TOKEN}' -}}}}"
+        "{%- else -%}"
+        f"{{%- set ns.expect = 'user' -%}}{{{{- '{end}' -}}}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{- '{r['assistant']}' -}}}}{{%- endif -%}}"
     )
@@ -198,7 +406,8 @@ def stream_replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequen
     produced: each step, one text piece per conversation. Conversation b samples with seed + b."""
     check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, stop)
     block_size = model.config.block_size
-    ids = [prompt_ids(tokenizer, check_messages(list(c)), block_size) for c in conversations]
+    ids = [prompt_ids(tokenizer, check_messages(list(c), tools=getattr(c, "tools", None)), block_size)
+           for c in conversations]
     yield from stream_texts(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, min_p,
                             repetition_penalty, stop, seed, end_ids=end_ids(tokenizer))
 
@@ -233,7 +442,8 @@ class ChatSession:
     system: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[Message] = field(default_factory=list)
-    dropped: int = 0  # turns dropped from the history by the last `send`
+    dropped: int = 0  # messages dropped from the history by the last `send`
+    dropped_messages: list[Message] = field(default_factory=list)  # and which
     turn: int = 0
 
     def __post_init__(self) -> None:
@@ -246,23 +456,34 @@ class ChatSession:
         return ([Message("system", self.system)] if self.system else []) + self.history
 
     def send(self, text: str) -> Iterator[str]:
-        """Add the user's message and stream the reply; the reply joins the history at the end."""
+        """Add the user's message and stream the reply; the reply joins the history at the end,
+        or, when the caller stops the stream early (closes it, Ctrl-C), as far as it was given out."""
         block_size = self.model.config.block_size
         max_new = int(self.sampling.get("max_new_tokens", 256))
         budget = max(1, block_size - min(max_new, block_size // 2))  # room left for the reply
         user = Message("user", text)
         self.tokenizer.encode_ordinary(text)  # a character outside the vocabulary fails here
-        fitted, self.dropped = fit_history(self.tokenizer, self.messages() + [user], budget)
+        before = self.messages() + [user]
+        fitted, self.dropped = fit_history(self.tokenizer, before, budget)
+        first = 1 if self.system else 0
+        self.dropped_messages = before[first:first + self.dropped]
         if self.dropped:  # keep what fits, in the history too
-            self.history = fitted[1:] if self.system else fitted
-            self.history = self.history[:-1]
+            self.history = fitted[first:-1]
         seed = self.sampling.get("seed")
         settings = {**self.sampling, "seed": None if seed is None else seed + self.turn}
         reply = ""
-        for pieces in stream_replies(self.model, self.tokenizer, [fitted], **settings):
-            reply += pieces[0]
-            if pieces[0]:
-                yield pieces[0]
+        try:
+            for pieces in stream_replies(self.model, self.tokenizer, [fitted], **settings):
+                reply += pieces[0]
+                if pieces[0]:
+                    yield pieces[0]
+        except (GeneratorExit, KeyboardInterrupt):  # stopped early: keep what was given out
+            if reply:
+                self._keep(user, reply)
+            raise
+        self._keep(user, reply)
+
+    def _keep(self, user: Message, reply: str) -> None:
         self.history += [user, Message("assistant", reply)]
         self.turn += 1
 
@@ -274,7 +495,7 @@ def last_reply(messages: Sequence[Message]) -> tuple[list[Message], str]:
     reference answer."""
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].role == "assistant":
-            return list(messages[:i]), messages[i].content
+            return Conversation(messages[:i], getattr(messages, "tools", None)), messages[i].content or ""
     raise ConversationError("no assistant turn to compare with")
 
 

@@ -1,9 +1,14 @@
 """`quill`: the command line. Thin: parse, call the library, print.
 
 Each subcommand is a pair of functions, `add_<name>(subparsers)` and `cmd_<name>(args)`,
-listed in COMMANDS at the bottom. Heavy imports (torch) happen inside the commands that need
-them, so `quill --help` and the tokenizer commands start fast.
+listed in COMMANDS at the bottom. The pieces several commands share are written once here:
+the training options and config-key flags (`add_training_flags`, `training_config`,
+`report_done`), a run and its weights (`add_weights_flags`, `open_run`), the sampling flags
+(`add_sampling_flags`, `sampling_settings`). The prompt loop and the streaming printer of
+`quill sample --interactive` and `quill chat` are the library's (`quillgpt.terminal`).
 
+Heavy imports (torch) happen inside the commands that need them, so `quill --help` and the
+tokenizer commands start fast. No parser guesses a shortened flag (`allow_abbrev=False`).
 Mistakes a user can make end as one line on stderr and exit status 2.
 """
 
@@ -12,12 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import QuillError
 
 START_TIME = time.time()
+RUN_HELP = "run directory (written by quill train, quill sft or quill import-hf)"
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -32,10 +38,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump), exit status 2, and defaults in --help."""
+    """argparse with one-line errors (no usage dump), exit status 2, defaults in --help, and no
+    prefix matching: `--lr-dec` is an unknown flag, never a guess at `--lr-decay-iters`."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -46,23 +54,38 @@ def eprint(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def warn_line(message: str) -> None:
+    eprint(f"warning: {message}")
+
+
 # --- config keys as flags ---------------------------------------------------------------------
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--key-name VALUE` flag per config key (values are checked by the config)."""
-    from .config import ALL_KEYS, key_help, key_type
+CONFIG_KEYS_TITLE = "config keys (override the preset; the defaults are before any preset)"
 
-    group = parser.add_argument_group("config keys (override the preset; the defaults are before any preset)")
-    for key in ALL_KEYS:
-        flag = "--" + key.replace("_", "-")
+
+def add_config_flags(parser: argparse.ArgumentParser, title: str = CONFIG_KEYS_TITLE,
+                     keys: Sequence[str] | None = None,
+                     shown: dict[str, tuple[str, str]] | None = None) -> None:
+    """One `--key-name VALUE` flag per config key in `keys` (default: all), plus the seeds'
+    names for it (`--steps`, `--lr`, ...: config.ALIASES); values are checked by the config.
+    `shown` replaces a key's (meaning, default) in --help where a command has its own."""
+    from .config import ALIASES, ALL_KEYS, key_help, key_type
+
+    also: dict[str, list[str]] = {}
+    for alias, key in ALIASES.items():
+        also.setdefault(key, []).append("--" + alias.replace("_", "-"))
+    parser.set_defaults(config_keys=True)
+    group = parser.add_argument_group(title)
+    for key in ALL_KEYS if keys is None else keys:
+        flags = ["--" + key.replace("_", "-"), *also.get(key, [])]
         tp, _ = key_type(key)
-        meaning, shown = key_help(key)
-        text = f"{meaning} (default: {shown})".replace("%", "%%")
+        meaning, default = (shown or {}).get(key) or key_help(key)
+        text = f"{meaning} (default: {default})".replace("%", "%%")
         if tp is bool:
-            group.add_argument(flag, dest=f"cfg_{key}", nargs="?", const="true",
+            group.add_argument(*flags, dest=f"cfg_{key}", nargs="?", const="true",
                                default=argparse.SUPPRESS, metavar="BOOL", help=text)
         else:
-            group.add_argument(flag, dest=f"cfg_{key}", default=argparse.SUPPRESS,
+            group.add_argument(*flags, dest=f"cfg_{key}", default=argparse.SUPPRESS,
                                metavar=tp.__name__.upper(), help=text)
 
 
@@ -70,26 +93,26 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
 
 
-def reject_unknown(extra: list[str]) -> None:
-    """Unknown `--flags` name the close matches among config keys and aliases."""
+def reject_unknown(extra: list[str], config_keys: bool) -> None:
+    """Unknown `--flags`: for a command that takes config keys, the close matches among the keys
+    and their aliases; for any other, the flags as argparse would name them."""
     if not extra:
         return
     from .config import unknown_key_message
 
     for item in extra:
-        if item.startswith("--"):
+        if item.startswith("--") and config_keys:
             raise QuillError(unknown_key_message(item[2:].split("=")[0].replace("-", "_")))
+        if item.startswith("-"):
+            raise QuillError(f"unrecognized arguments: {' '.join(extra)}")
     raise QuillError(f"unexpected argument {extra[0]!r}")
 
 
-# --- quill train ------------------------------------------------------------------------------
+# --- what quill train and quill sft share -----------------------------------------------------
 
-def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model on a text file",
-                       description="Train a model. Settings come from defaults, then --config "
-                                   "(a preset name or YAML file), then --key-name flags.")
-    p.add_argument("--config", help="preset name (e.g. shakespeare-char-cpu) or YAML file; without it: "
-                   "shakespeare-char-cpu on a CPU, the defaults (nanoGPT's GPU recipe) on a GPU")
+def add_training_flags(p: argparse.ArgumentParser, config_help: str) -> None:
+    """The run options of `quill train` and `quill sft` (the config keys come after a command's own)."""
+    p.add_argument("--config", help=config_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-save", action="store_true", help="write no run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,27 +120,100 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="continue RUN from its newest intact checkpoint (RUN/train_state/)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept changed schedule/logging keys such as --max-iters")
+
+
+def training_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> tuple[Any, Any, str | None]:
+    """(config, where --data says the data is now on --resume, the preset chosen for the user).
+
+    A new run: `defaults` (the command's own), then --config (or, given none, the preset for
+    this machine), then the flags the user typed. --resume: the run's own config, then the flags."""
+    from .config import load_config
+    from .train import default_preset, resume_config
+
+    overrides = config_overrides(args)
+    if args.resume:
+        if args.no_save:
+            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
+        resume_data = overrides.pop("data", None)  # never downloaded; checked against the run
+        return resume_config(args.resume, args.config, overrides, args.allow_config_change), resume_data, None
+    if args.allow_config_change:
+        raise QuillError("--allow-config-change only applies with --resume RUN")
+    chosen = default_preset(overrides) if args.config is None else None
+    return load_config(args.config or chosen, {**(defaults or {}), **overrides}), None, chosen
+
+
+def report_done(result: Any, then: str = "") -> None:
+    """The end of a training run: its figures, where it was saved (and `then`, what to do next)."""
+    eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
+           f"val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), "
+           f"{result.tokens_per_s:,.0f} tokens/s")
+    if result.run_dir is not None:
+        eprint(f"run saved to {result.run_dir}{then.format(run=result.run_dir)}")
+
+
+# --- a run, its weights, sampling ---------------------------------------------------------------
+
+def add_weights_flags(p: argparse.ArgumentParser, device: str = "cpu") -> None:
+    """--device, --best, --dtype: which weights of RUN, where, in what precision (`open_run`)."""
+    order = "cpu | auto" if device == "cpu" else "auto | cpu"
+    p.add_argument("--device", default=device, help=f"{order} | cuda | cuda:N | mps")
+    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
+    p.add_argument("--dtype", default="float32", metavar="DTYPE",
+                   help="float32 (default) | bfloat16 | int8 (weight-only, per-channel scales) | auto "
+                        "(bfloat16 where the hardware has it, else float32); see docs/generation.md")
+
+
+def weights_file(args: argparse.Namespace) -> str:
+    from .checkpoint import BEST_FILE, MODEL_FILE
+
+    return BEST_FILE if args.best else MODEL_FILE
+
+
+def open_run(args: argparse.Namespace) -> Any:
+    """The run `args.run` with the weights, device and precision the flags ask for."""
+    from .checkpoint import load_run
+    from .runtime import resolve_device
+
+    return load_run(args.run, resolve_device(args.device), weights_file(args), dtype=args.dtype, warn=warn_line)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, what: str) -> None:
+    """The sampling controls of `quill sample` and `quill chat` (see quillgpt.generate)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=what)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, deterministic (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+
+
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags as keyword arguments of the library, checked."""
+    from .generate import check_sampling_args
+
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    check_sampling_args(**settings)
+    return settings
+
+
+# --- quill train ------------------------------------------------------------------------------
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a text file",
+                       usage="quill train [--config PRESET_OR_YAML] [--data FILE] [--KEY-NAME VALUE ...] [options]",
+                       description="Train a model. Settings come from defaults, then --config "
+                                   "(a preset name or YAML file), then --key-name flags.")
+    add_training_flags(p, "preset name (e.g. shakespeare-char-cpu) or YAML file; without it: "
+                          "shakespeare-char-cpu on a CPU, the defaults (nanoGPT's GPU recipe) on a GPU")
     add_config_flags(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import Trainer, default_preset, resume_config, task_hooks
+    from .train import Trainer, task_hooks
 
-    chosen = None  # the preset picked for the user when they gave none
-    resume_data = None  # with --resume, --data says where the run's data is now (never downloaded)
-    if args.resume:
-        if args.no_save:
-            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
-        overrides = config_overrides(args)
-        resume_data = overrides.pop("data", None)
-        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
-    else:
-        if args.allow_config_change:
-            raise QuillError("--allow-config-change only applies with --resume RUN")
-        overrides = config_overrides(args)
-        chosen = default_preset(overrides) if args.config is None else None
-        cfg = load_config(args.config or chosen, overrides)
+    cfg, resume_data, chosen = training_config(args)
     hooks = task_hooks(cfg, eprint)
     trainer = Trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
                       progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
@@ -130,13 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.run()
     if not trainer.dist.is_main:
         return 0
-    eprint(
-        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
-        f"val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), "
-        f"{result.tokens_per_s:,.0f} tokens/s"
-    )
-    if result.run_dir is not None:
-        eprint(f"run saved to {result.run_dir}")
+    report_done(result)
     if result.sample:
         eprint("sample:")
         print(result.sample)
@@ -146,45 +236,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- quill sft --------------------------------------------------------------------------------
 
 def add_sft(sub: argparse._SubParsersAction) -> None:
+    from .config import ALL_KEYS
+    from .sft import SFT_KEY_HELP
+
     p = sub.add_parser("sft", help="fine-tune a model on conversations (chat)",
+                       usage="quill sft --data CONVERSATIONS [--init-from RUN] [--KEY-NAME VALUE ...] [options]",
                        description="Supervised fine-tuning on conversations in OpenAI's messages shape "
                                    "(--data chats.jsonl or .parquet) from --init-from RUN|HF_DIR|hub-id, "
                                    "or a fresh model. The loss is on the assistant's turns only; every "
                                    "quill train key is a flag. See docs/chat.md.")
-    p.add_argument("--config", help="preset name or YAML file; without it and without --init-from: "
-                   "shakespeare-char-cpu on a CPU, the defaults on a GPU")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--no-save", action="store_true", help="write no run directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest intact checkpoint")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept changed schedule/logging keys such as --max-iters")
     p.add_argument("--exact-match-every", type=int, default=0, metavar="N",
                    help="every N steps, score greedy replies to held-out conversations (val_exact_match)")
-    add_config_flags(p)
+    add_training_flags(p, "preset name or YAML file; without it and without --init-from: "
+                          "shakespeare-char-cpu on a CPU, the defaults on a GPU")
+    add_config_flags(p, "quill sft's keys (the defaults are quill sft's)", list(SFT_KEY_HELP), SFT_KEY_HELP)
+    add_config_flags(p, "the other config keys, as quill train's",
+                     [k for k in ALL_KEYS if k not in SFT_KEY_HELP])
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from .chat import last_reply, replies
-    from .config import load_config
-    from .sft import sft_trainer
-    from .train import default_preset, resume_config
+    from .sft import SFT_DEFAULTS, sft_trainer
 
-    overrides = config_overrides(args)
-    if args.resume:
-        if args.no_save:
-            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
-        resume_data = overrides.pop("data", None)  # where the conversations are now (checked)
-        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
-        if resume_data is not None:
-            cfg.train.data = str(resume_data)
-    else:
-        if args.allow_config_change:
-            raise QuillError("--allow-config-change only applies with --resume RUN")
-        overrides.setdefault("sample_tokens", 0)  # the end shows a reply instead
-        cfg = load_config(args.config or default_preset(overrides), overrides)
     if args.exact_match_every < 0:
         raise QuillError(f"--exact-match-every must be >= 0, got {args.exact_match_every}")
+    cfg, resume_data, _ = training_config(args, SFT_DEFAULTS)
+    if resume_data is not None:
+        cfg.train.data = str(resume_data)  # where the conversations are now (checked)
     trainer = sft_trainer(cfg, overwrite=args.overwrite, save=not args.no_save,
                           progress=not args.no_progress, start_time=START_TIME, resume=args.resume,
                           exact_match_every=args.exact_match_every)
@@ -194,11 +272,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     reply = replies(trainer.model, trainer.tokenizer, [prompt], max_new_tokens=64, temperature=0)[0]
     if not trainer.dist.is_main:
         return 0
-    eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, train loss {result.train_loss:.4f}, "
-           f"val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), "
-           f"{result.tokens_per_s:,.0f} tokens/s")
-    if result.run_dir is not None:
-        eprint(f"run saved to {result.run_dir}; talk to it with: quill chat {result.run_dir}")
+    report_done(result, then="; talk to it with: quill chat {run}")
     eprint(f"a held-out conversation, greedy: {prompt[-1].content!r} -> {reply!r} (reference {reference!r})")
     return 0
 
@@ -265,7 +339,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw a run's loss curves into RUN/loss.png")
-    p.add_argument("run", help="run directory written by quill train")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--output", help="image path (default RUN/loss.png)")
 
 
@@ -282,10 +356,9 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a trained run",
                        description="Continue a prompt with a trained run (KV-cached decoding; "
                                    "see docs/generation.md).")
-    p.add_argument("run", help="run directory written by quill train")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--prompt", default="", help="text to continue (default: none, the model starts afresh)")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    add_sampling_flags(p)
+    add_sampling_flags(p, 500, "tokens to generate per sample")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable; \\n and \\t are newline and tab)")
     p.add_argument("--overflow", choices=["shift", "slide"], default="shift",
@@ -293,186 +366,99 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (sample i uses seed+i)")
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--interactive", action="store_true",
-                   help="a small REPL: each line you type is a prompt to continue")
+                   help="a small REPL: each line you type is a prompt to continue (line editing and "
+                        "history at a terminal; Ctrl-C stops a sample, Ctrl-D or /exit quits)")
     p.add_argument("--seed", type=int, default=None, help="fixes the output (default: a random seed)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
-    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
-    add_dtype_flag(p)
-
-
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """The sampling controls of `quill sample` and `quill chat` (see quillgpt.generate)."""
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, deterministic (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
-    p.add_argument("--min-p", type=float, default=None,
-                   help="drop tokens less likely than this times the most likely one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
-
-
-def add_dtype_flag(p: argparse.ArgumentParser) -> None:
-    """`--dtype`: the weights' precision for inference (quillgpt.inference)."""
-    p.add_argument("--dtype", default="float32", metavar="DTYPE",
-                   help="float32 (default) | bfloat16 | int8 (weight-only, per-channel scales) | auto "
-                        "(bfloat16 where the hardware has it, else float32); see docs/generation.md")
-
-
-def warn_line(message: str) -> None:
-    eprint(f"warning: {message}")
+    add_weights_flags(p)
 
 
 def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def sample_pieces(run: Any, prompts: list[str], seed: int, settings: dict[str, Any]) -> Iterator[list[str]]:
+    """The one place `quill sample` decodes: each step, the new text piece of every prompt
+    (row b samples with seed + b, as `generate.generate_batch`)."""
+    from .generate import encode_prompt, start_ids, stream_texts
+
+    block_size = run.model.config.block_size
+    ids = [encode_prompt(run.tokenizer, p, block_size) or start_ids(run.tokenizer) for p in prompts]
+    return stream_texts(run.model, run.tokenizer, ids, seed=seed, **settings)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    import itertools
     import os
 
-    from .checkpoint import BEST_FILE, MODEL_FILE, load_run
-    from .generate import check_sampling_args, check_seed, generate_batch, generate_stream
-    from .runtime import resolve_device
+    from .generate import check_sampling_args, check_seed
+    from .terminal import print_stream, prompt_loop
 
     stop = [_unescape(s) for s in args.stop] if args.stop else None
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p,
-                        args.repetition_penalty, args.max_new_tokens, stop)
+    settings = sampling_settings(args)
+    check_sampling_args(stop=stop)
     if args.num_samples < 1:
         raise QuillError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_seed(args.seed, args.num_samples)
-    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE,
-                   dtype=args.dtype, warn=warn_line)
+    run = open_run(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, stop=stop, overflow=args.overflow)
+    settings.update(stop=stop, overflow=args.overflow)
 
-    def stream(prompt: str, seed: int) -> None:
-        pieces = generate_stream(run.model, run.tokenizer, prompt, seed=seed, **settings)
-        first = next(pieces, "")  # a bad prompt fails here, before anything is printed
-        sys.stdout.write(prompt + first)
-        sys.stdout.flush()
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    def stream(prompt: str, seed: int, interruptible: bool = False) -> None:
+        rows = sample_pieces(run, [prompt], seed, settings)
+        if print_stream((pieces[0] for pieces in rows), head=prompt, interruptible=interruptible).stopped:
+            eprint("(stopped)")
 
     if args.interactive:
-        eprint("quill sample: type a prompt and press Enter (\\n for a newline; Ctrl-D to quit)")
-        n = 0
-        while True:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-            line = sys.stdin.readline()
-            if not line:
-                eprint()
-                return 0
-            try:
-                stream(_unescape(line.rstrip("\n")), seed + n)
-            except QuillError as e:  # a bad prompt should not end the session
-                eprint(f"quill: error: {e}")
-            n += 1
+        eprint("quill sample: type a prompt and press Enter (\\n for a newline); Ctrl-C stops a sample, "
+               "Ctrl-D or /exit quits")
+        turns = itertools.count(seed)
+        prompt_loop(lambda line: stream(_unescape(line), next(turns), interruptible=True))
+        return 0
     if args.stream:
         for i in range(args.num_samples):
             if i:
                 print("---------------")
             stream(args.prompt, seed + i)
-    else:
-        # the same prompt as one batch: row i uses seed + i, as streamed sample i does
-        texts = generate_batch(run.model, run.tokenizer, [args.prompt] * args.num_samples,
-                               seed=seed, **settings)
-        print("\n---------------\n".join(args.prompt + t for t in texts))
+        return 0
+    texts = [""] * args.num_samples  # the same prompt as one batch: row i uses seed + i
+    for pieces in sample_pieces(run, [args.prompt] * args.num_samples, seed, settings):
+        texts = [t + p for t, p in zip(texts, pieces)]
+    print("\n---------------\n".join(args.prompt + t for t in texts))
     return 0
 
 
 # --- quill chat -------------------------------------------------------------------------------
 
-CHAT_HELP = "/system TEXT sets the system prompt (/system alone clears it), /reset starts over, /exit quits"
-
-
 def add_chat(sub: argparse._SubParsersAction) -> None:
+    from .terminal import CHAT_USAGE
+
     p = sub.add_parser("chat", help="talk to a chat model (one trained with quill sft)",
-                       description=f"Chat with RUN in the terminal: type a message, the reply streams back. "
-                                   f"{CHAT_HELP}. With --message: print one reply and exit.")
+                       description=f"Chat with RUN in the terminal: type a message, the reply streams back "
+                                   f"(line editing and history at a terminal). {CHAT_USAGE}. With "
+                                   f"--message: print one reply and exit.")
     p.add_argument("run", help="run directory of a chat model")
     p.add_argument("--message", help="send this one message, print the reply, exit")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    add_sampling_flags(p)
+    add_sampling_flags(p, 256, "longest reply in tokens")
     p.add_argument("--seed", type=int, default=None, help="fixes the replies (reply n uses seed + n)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps | auto")
-    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
-    add_dtype_flag(p)
-
-
-def _chat_turn(session: Any, text: str) -> None:
-    """Send one message and print the reply as it streams; say so when old turns were dropped."""
-    pieces = session.send(text)
-    first = next(pieces, "")  # a message the tokenizer cannot encode fails here, before any output
-    if session.dropped:
-        eprint(f"(the conversation outgrew the context of {session.model.config.block_size} tokens: "
-               f"its {session.dropped} oldest messages were dropped)")
-    sys.stdout.write(first)
-    sys.stdout.flush()
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def _chat_command(session: Any, line: str) -> bool:
-    """Handle /system, /reset, /exit; False to quit."""
-    command, _, rest = line.partition(" ")
-    if command == "/exit":
-        return False
-    if command == "/reset":
-        session.reset()
-        eprint("(conversation cleared)")
-    elif command == "/system":
-        session.system = rest.strip() or None
-        eprint(f"(system prompt {'set' if session.system else 'cleared'})")
-    else:
-        eprint(f"unknown command {command}: {CHAT_HELP}")
-    return True
+    add_weights_flags(p)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
-    from .checkpoint import BEST_FILE, MODEL_FILE, load_run
-    from .generate import check_sampling_args
     from .model import count_params
-    from .runtime import resolve_device
+    from .terminal import CHAT_USAGE, ChatTerminal
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-                        args.max_new_tokens)
-    run = load_run(args.run, resolve_device(args.device), BEST_FILE if args.best else MODEL_FILE,
-                   dtype=args.dtype, warn=warn_line)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    session = ChatSession(run.model, run.tokenizer, system=args.system, sampling=sampling)
+    sampling = dict(sampling_settings(args), seed=args.seed)
+    run = open_run(args)
+    terminal = ChatTerminal(ChatSession(run.model, run.tokenizer, system=args.system, sampling=sampling))
     if args.message is not None:
-        _chat_turn(session, args.message)
+        terminal.reply(args.message, interruptible=False)
         return 0
     eprint(f"quill chat: {args.run} ({count_params(run.model) / 1e6:.2f}M parameters, context "
-           f"{run.config.model.block_size} tokens). {CHAT_HELP}; Ctrl-D quits.")
-    while True:
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
-            eprint()
-            return 0
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not _chat_command(session, line.strip()):
-                return 0
-            continue
-        try:
-            _chat_turn(session, line)
-        except QuillError as e:  # a message the model cannot take should not end the session
-            eprint(f"quill: error: {e}")
+           f"{run.config.model.block_size} tokens). {CHAT_USAGE}.")
+    terminal.run()
+    return 0
 
 
 # --- quill import-hf / export-hf / eval (Hugging Face GPT-2 interop) -------------------------
@@ -497,7 +483,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from .model import count_params
 
     out = import_hf(args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
-                    warn=lambda m: eprint(f"warning: {m}"))
+                    warn=warn_line)
     run = load_run(out)
     m = run.config.model
     eprint(f"imported {args.src}: {count_params(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, "
@@ -521,7 +507,7 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from .hf import export_hf
 
-    out = export_hf(args.run, args.out, overwrite=args.overwrite, warn=lambda m: eprint(f"warning: {m}"))
+    out = export_hf(args.run, args.out, overwrite=args.overwrite, warn=warn_line)
     eprint(f"exported {args.run} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -550,29 +536,26 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unknown", choices=["error", "skip"], default="error",
                    help="characters outside a char-level vocabulary: stop (error, default) or drop them "
                         "and say how many (skip)")
-    p.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda | cuda:N | mps")
-    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="the figures as JSON: on stdout, or written to PATH (the table is then printed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_dtype_flag(p)
+    add_weights_flags(p)
 
 
 def load_eval_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer) of a run directory, or of a Hugging Face GPT-2 directory / hub id, in
     the precision --dtype asks for."""
-    from .checkpoint import BEST_FILE, MODEL_FILE, is_run_dir, load_run
-    from .runtime import resolve_device
+    from .checkpoint import is_run_dir
 
-    device = resolve_device(args.device)
     if is_run_dir(args.run):
-        run = load_run(args.run, device, BEST_FILE if args.best else MODEL_FILE, dtype=args.dtype, warn=warn_line)
+        run = open_run(args)
         return run.model, run.tokenizer
     from .hf import load_hf
     from .inference import set_inference_dtype
+    from .runtime import resolve_device
 
     hf = load_hf(args.run)
-    model = hf.model.to(device)
+    model = hf.model.to(resolve_device(args.device))
     set_inference_dtype(model, args.dtype, warn_line)
     return model, hf.tokenizer
 
@@ -648,6 +631,7 @@ def eval_tasks(args: argparse.Namespace) -> int:
 
 def add_ladder(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ladder", help="train bigram, single-head, multi-head, block and gpt side by side",
+                       usage="quill ladder [--config PRESET_OR_YAML] [--budget-steps N] [--KEY-NAME VALUE ...]",
                        description="Train every rung of the learning ladder on the same data with the "
                                    "same steps and optimizer, each into OUT/<rung>; print a table and "
                                    "write OUT/ladder.csv and OUT/ladder.png. The budget is --budget-steps "
@@ -785,26 +769,24 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 # --- quill serve ----------------------------------------------------------------------------
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="web playground and OpenAI-compatible completions API",
-                       description="Serve a run: a playground page at / and the OpenAI completions "
-                                   "API at /v1/completions (streaming included). See docs/serve.md.")
-    p.add_argument("run", help="run directory written by quill train")
+    p = sub.add_parser("serve", help="web playground and OpenAI-compatible API (completions, chat)",
+                       description="Serve a run: a playground page at /, OpenAI's completions API at "
+                                   "/v1/completions and, for a chat model (quill sft), its chat API at "
+                                   "/v1/chat/completions, streaming included. See docs/serve.md.")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated host names requests may name besides IP addresses, localhost "
                         "and --host ('*': any; see docs/serve.md)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--best", action="store_true", help="use the weights with the lowest val loss")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's logging: each request is logged at info")
-    add_dtype_flag(p)
+    add_weights_flags(p, device="auto")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .checkpoint import BEST_FILE, MODEL_FILE
     from .inference import check_inference_dtype
     from .runtime import resolve_device
     from .serve import ServeSettings, serve
@@ -818,9 +800,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
                              allowed_hosts=default_allowed_hosts(args.host, extra))
-    serve(args.run, args.host, args.port, resolve_device(args.device),
-          BEST_FILE if args.best else MODEL_FILE, settings, log=eprint, log_level=args.log_level,
-          dtype=args.dtype)
+    serve(args.run, args.host, args.port, resolve_device(args.device), weights_file(args), settings,
+          log=eprint, log_level=args.log_level, dtype=args.dtype)
     return 0
 
 
@@ -908,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
-        reject_unknown(extra)
+        reject_unknown(extra, getattr(args, "config_keys", False))
         return args.func(args) or 0
     except QuillError as e:
         eprint(f"quill: error: {e}")

@@ -271,6 +271,9 @@ def check_finite(section: Any, names: Any) -> None:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the keys given a value (by a config file or an override), as opposed to left at their
+    # defaults: a default may depend on the run (fine-tuning's learning rate, hf.init_from)
+    given: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def validate(self) -> None:
         self.model.validate()
@@ -288,6 +291,12 @@ class Config:
         section = _section_of(name)
         target = getattr(self, section)
         setattr(target, name, coerce(name, value))
+        self.given.add(name)
+
+    def is_default(self, name: str) -> bool:
+        """Whether key `name` was given no value and still has its default."""
+        section = getattr(self, _section_of(name))
+        return name not in self.given and getattr(section, name) == _FIELDS[name].default
 
     def update(self, values: dict[str, Any]) -> None:
         for key, value in flatten(values).items():

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chat import ConversationError, Message, check_messages, render
+from .chat import Conversation, ConversationError, Message, check_messages, render
 from .errors import QuillError
 from .tokenizers import Tokenizer
+from .tools import tool_names
 
 TOO_LONG = ("truncate", "drop")
 
@@ -67,13 +68,22 @@ class ConversationFile:
         self.conversations, self.places = keep, places
 
 
-def _conversation(obj: Any, where: str) -> list[Message]:
+def _conversation(obj: Any, where: str) -> Conversation:
+    """A line's conversation: its messages (and `tools`, whose names its calls must use)."""
+    tools = None
     if isinstance(obj, dict) and "messages" in obj:
-        obj = obj["messages"]
+        obj, tools = obj["messages"], obj.get("tools")
     elif isinstance(obj, dict):
         raise ConversationError(f"{where}: no \"messages\" field")
     try:
-        return check_messages(obj, for_training=True)
+        conv = check_messages(obj, for_training=True, tools=tools)
+        defined = set(tool_names(conv.tools))
+        for i, m in enumerate(conv):
+            for call in m.tool_calls or []:
+                if conv.tools is not None and call.name not in defined:
+                    raise ConversationError(f"message {i}: calls {call.name!r}, which the line's tools do not "
+                                            f"define ({', '.join(sorted(defined)) or 'none'})")
+        return conv
     except ConversationError as e:
         raise ConversationError(f"{where}: {e}") from None
 

@@ -467,9 +467,11 @@ def tokenizer_to_hf_files(tokenizer: Tokenizer, model_max_length: int) -> dict[s
 def chat_template_fields(tokenizer: Tokenizer) -> dict[str, Any]:
     """tokenizer_config.json's chat fields for a chat model (`chat.jinja_template`, which gives
     `chat.render`'s ids), else none."""
-    from .chat import has_chat_template, jinja_template
+    from .chat import has_chat_template, has_tool_template, jinja_template
 
-    return {"chat_template": jinja_template()} if has_chat_template(tokenizer) else {}
+    if not has_chat_template(tokenizer):
+        return {}
+    return {"chat_template": jinja_template(tools=has_tool_template(tokenizer))}
 
 
 def chat_generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -528,7 +530,7 @@ def check_chat_template(directory: Path, warn: Callable[[str], None] | None) -> 
 
     path = directory / "tokenizer_config.json"
     template = read_json(path).get("chat_template") if path.is_file() else None
-    if template is not None and template != jinja_template() and warn is not None:
+    if template is not None and template not in (jinja_template(), jinja_template(tools=True)) and warn is not None:
         warn(f"{path}: its chat_template is not quillgpt's; quill chat and /v1/chat/completions render "
              f"conversations with quillgpt's template (docs/chat.md), so fine-tune with quill sft first")
 
@@ -625,8 +627,8 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     model takes the source's architecture (kind, vocabulary, layers, heads, width, bias) with
     `block_size` cropped to at most the source's, `cfg.train.tokenizer` points at the source's
     tokenizer (so `prepare_training_data(cfg)` encodes with it), and the learning rate drops
-    to 3e-5 (min_lr 3e-6) when it is still TrainConfig's default. Returns the tokenizer and a
-    state dict for `build_model(cfg.model)`.
+    to 3e-5 (min_lr 3e-6) unless a value was given (`Config.is_default`: an explicit 1e-3, the
+    training default, stays 1e-3). Returns the tokenizer and a state dict for `build_model(cfg.model)`.
     """
     run_dir = resolve_init_run(spec)
     run = ckpt.load_run(run_dir)
@@ -637,10 +639,9 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     user_dropout = {name: getattr(cfg.model, name) for name in ("dropout", *DROPOUT_SITES)}
     cfg.model = ModelConfig(**{**vars(src), "block_size": block_size, **user_dropout})
     cfg.train.tokenizer = str(run_dir / ckpt.TOKENIZER_FILE)
-    defaults = TrainConfig()
-    if cfg.train.learning_rate == defaults.learning_rate:
+    if cfg.is_default("learning_rate"):
         cfg.train.learning_rate = FINETUNE_LR
-        if cfg.train.min_lr == defaults.min_lr:
+        if cfg.is_default("min_lr"):
             cfg.train.min_lr = FINETUNE_LR / 10
     state = run.model.state_dict()
     if "transformer.wpe.weight" in state:  # crop the position embedding to the new context

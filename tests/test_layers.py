@@ -20,8 +20,9 @@ LAYERS: dict[str, int] = {
     "errors": 0, "fileio": 1, "download": 2,
     # 2: RL's rewards (plain Python: a reply and its task in, a number out)
     "rewards": 2,
-    # 2: settings and the device
-    "config": 2, "runtime": 2,
+    # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only);
+    # the built-in tools (calculator, python sandbox)
+    "config": 2, "runtime": 2, "terminal": 2, "tools": 2,
     # 3: tokenizers (standard library, regex, optional tiktoken)
     "tokenizers": 3,
     # 4: the models, each standing on config alone

@@ -142,7 +142,7 @@ BAD = [
     ({"messages": [{"role": "user"}]}, 400, "messages", "content must be a string"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages", None),
     ({"messages": [{"role": "bot", "content": "x"}]}, 400, "messages", "unknown role 'bot'"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages", "unknown role 'tool'"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages", "missing tool_call_id"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages", "roles out of order"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "messages",
      "last message"),
@@ -215,7 +215,29 @@ def test_openai_client_chat_streamed_and_not(chat_run):
         greedy = oc.chat.completions.create(model="chat", messages=CONV, max_tokens=12, temperature=0,
                                             extra_body={"top_k": 1})
         assert greedy.choices[0].message.content == want(chat_run, max_new_tokens=12, temperature=0)[0]
-        with pytest.raises(openai.BadRequestError, match="unknown role"):
+        with pytest.raises(openai.BadRequestError, match="a tool message answering no call"):
             oc.chat.completions.create(model="chat", messages=[{"role": "tool", "content": "x",
                                                                 "tool_call_id": "1"}])
 
+
+
+def test_quill_serve_names_the_chat_api_for_a_chat_run(runs, monkeypatch):
+    """The banner lists /v1/chat/completions for a chat model only; --help names both APIs and
+    does not call every run one that quill train wrote."""
+    import uvicorn
+
+    from quillgpt.cli import build_parser
+    from quillgpt.serve import serve
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # the banner, then stop
+    banners = {}
+    for run in runs:
+        lines: list[str] = []
+        serve(run.path, port=0, log=lines.append)
+        banners[run.path.name] = lines[0]
+    assert "(API: /v1/completions; Ctrl-C stops)" in banners["base"]
+    assert "(API: /v1/completions, /v1/chat/completions; Ctrl-C stops)" in banners["chat"]
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "serve" in a.choices)
+    text = " ".join(sub.choices["serve"].format_help().split())
+    assert "/v1/chat/completions" in text and "/v1/completions" in text
+    assert "written by quill train)" not in text and "quill sft" in text

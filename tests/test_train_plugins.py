@@ -208,3 +208,30 @@ def test_token_loss_under_ddp_equals_one_process_with_accumulation(small_text, t
     ref, got = json.loads(one.stdout), json.loads(ddp.stdout)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
     assert got["val"] == pytest.approx(ref["val"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_token_loss_trains_through_torch_compile(small_text, monkeypatch):
+    """The compiled model gives the logits (dynamo traces and differentiates the graph; the
+    `aot_eager` backend skips only the C++ code generation, minutes on a CPU) and the losses are
+    eager's."""
+    def run(compile: bool) -> tuple[list[float], list[str]]:
+        cfg = tiny_cfg(small_text, None, max_iters=3, eval_interval=3, compile=compile)
+        logs: list[str] = []
+        result = Trainer(cfg, save=False, progress=False, log=logs.append,
+                         data=WeightedData(TokenData.from_config(cfg))).run()
+        return result.losses, logs
+
+    eager, _ = run(False)
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def aot_eager(model, **kwargs):
+        compiled_calls.append(model)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    compiled, logs = run(True)
+    assert len(compiled_calls) == 1 and not any("torch.compile" in line for line in logs), logs
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=1e-6)

@@ -248,6 +248,8 @@ def chat_request_schema() -> Any:
         model_config = ConfigDict(strict=True, extra="ignore")
         role: str
         content: str | list[ContentPart] | None = None
+        tool_calls: list[Any] | None = None  # checked by chat.check_messages
+        tool_call_id: str | None = None
 
     class ChatRequest(_sampling_request()):
         messages: list[ChatMessage] = Field(min_length=1)
@@ -260,9 +262,9 @@ def chat_request_schema() -> Any:
     return ChatRequest
 
 
-def chat_messages(req: Any) -> list[dict[str, str]]:
-    """The request's messages as {role, content} with text content: a list of text parts is
-    joined; OpenAI's "developer" role is the system prompt."""
+def chat_messages(req: Any) -> list[dict[str, Any]]:
+    """The request's messages as {role, content} with text content (and their tool_calls or
+    tool_call_id): a list of text parts is joined; OpenAI's "developer" role is the system prompt."""
     out = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -270,7 +272,12 @@ def chat_messages(req: Any) -> list[dict[str, str]]:
             if any(p.type != "text" or p.text is None for p in content):
                 raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
             content = "".join(p.text for p in content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls is not None:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
 
 

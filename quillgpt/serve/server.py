@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..chat import has_chat_template
 from ..checkpoint import MODEL_FILE
 from ..errors import QuillError, shown
 from ..model import count_params
@@ -54,8 +55,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     card = app.state.engine.run
     actual_port = sock.getsockname()[1]
     where = f"[{host}]" if ":" in host else host
+    api = "/v1/completions, /v1/chat/completions" if has_chat_template(card.tokenizer) else "/v1/completions"
     log(f"serving {Path(run_dir)} ({count_params(card.model) / 1e6:.2f}M parameters) on "
-        f"http://{where}:{actual_port}/  (API: /v1/completions; Ctrl-C stops)")
+        f"http://{where}:{actual_port}/  (API: {api}; Ctrl-C stops)")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])

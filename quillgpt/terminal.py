@@ -1,0 +1,235 @@
+"""The terminal side of `quill chat` and `quill sample --interactive`: one prompt loop, one
+streaming printer, and the chat prompt built from them.
+
+    prompt_loop(respond)                        # read lines until Ctrl-D or /exit; respond to each
+    print_stream(pieces, head=prompt)           # text pieces as they come, then a newline
+    ChatTerminal(session).run()                 # quill chat: a `chat.ChatSession` at the prompt
+
+At a terminal (stdin and stdout both a TTY) a line is read with readline: the arrow keys move
+and edit, Up/Down and Ctrl-R walk the lines typed before. From a pipe a line is read as it comes
+and the prompt goes to stderr, so stdout carries only the model's text.
+
+Ctrl-C at the prompt clears the line. Ctrl-C while a reply streams (`interruptible=True`)
+stops it after the piece being produced, so what the terminal shows is what was produced, and
+the loop returns to the prompt; a second Ctrl-C stops at once. Ctrl-D or /exit leaves. A
+QuillError from one input (a character outside the vocabulary, a prompt longer than the
+context) is one line on stderr and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import QuillError
+
+EXIT = "/exit"
+# What arrow and function keys send when nothing edits the line (a terminal without readline)
+ESCAPE_SEQUENCE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|O.|.)?")
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+# --- reading a line -----------------------------------------------------------------------------
+
+def line_editing() -> bool:
+    """Turn on readline's editing and history for `input()` when stdin and stdout are a
+    terminal; False where they are not (a pipe, a file) or where there is no readline."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    try:
+        import readline  # noqa: F401  (importing it is what gives input() line editing)
+    except ImportError:  # Windows: the console edits lines itself
+        return False
+    return True
+
+
+def read_line(prompt: str, editing: bool) -> str | None:
+    """One line typed by the user (without its newline), or None at the end of input (Ctrl-D)."""
+    if editing:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    line = line.rstrip("\n")
+    if sys.stdin.isatty():  # keys a terminal sent that nothing interpreted
+        line = ESCAPE_SEQUENCE.sub("", line)
+    return line
+
+
+# --- printing a stream ----------------------------------------------------------------------------
+
+@dataclass
+class Printed:
+    """What `print_stream` showed, and whether Ctrl-C cut it short."""
+
+    text: str
+    stopped: bool = False
+
+
+class _StopFlag:
+    """While a reply streams, Ctrl-C sets this flag instead of raising; a second one raises."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[_StopFlag]:
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, flag)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def print_stream(pieces: Iterable[str], head: str = "", before: Callable[[], None] | None = None,
+                 interruptible: bool = False, out: Any = None) -> Printed:
+    """Print `head`, then each piece as it comes, then a newline; returns what was printed.
+
+    The first piece is asked for before anything is printed, so input the model cannot take
+    fails with nothing shown; `before()` runs then (a notice about the input). With
+    `interruptible`, Ctrl-C stops the stream after the current piece (the generator is closed)
+    and `stopped` is set; without it, Ctrl-C raises KeyboardInterrupt as usual."""
+    out = out or sys.stdout
+    it = iter(pieces)
+    shown: list[str] = []
+    with _deferred_interrupt() if interruptible else _no_flag() as flag:
+        try:
+            first = next(it, "")
+            if before is not None:
+                before()
+            out.write(head + first)
+            out.flush()
+            shown.append(first)
+            for piece in it:
+                if flag.raised:
+                    break
+                out.write(piece)
+                out.flush()
+                shown.append(piece)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a generator that was cut short finishes now (a reply joins its history)
+            if shown:
+                out.write("\n")
+                out.flush()
+    return Printed("".join(shown), stopped=flag.raised)
+
+
+@contextmanager
+def _no_flag() -> Iterator[_StopFlag]:
+    yield _StopFlag()
+
+
+# --- the prompt loop ------------------------------------------------------------------------------
+
+def prompt_loop(respond: Callable[[str], Any], commands: Mapping[str, Callable[[str], Any]] | None = None,
+                usage: str = "", prompt: str = "> ") -> None:
+    """Read lines until Ctrl-D or /exit and pass each non-empty one to `respond`.
+
+    `commands` maps "/name" to a function of the rest of the line; with commands, a line that
+    starts with "/" and names none is answered with `usage`. Without them every line but /exit
+    is input."""
+    editing = line_editing()
+    while True:
+        try:
+            line = read_line(prompt, editing)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+            eprint()
+            continue
+        if line is None:
+            eprint()
+            return
+        if not line.strip():
+            continue
+        name, _, rest = line.strip().partition(" ")
+        if name == EXIT:
+            return
+        try:
+            if commands is not None and name.startswith("/"):
+                if name not in commands:
+                    raise QuillError(f"unknown command {name}: {usage}")
+                commands[name](rest.strip())
+            else:
+                respond(line)
+        except QuillError as e:  # input the model cannot take should not end the session
+            eprint(f"quill: error: {e}")
+        except KeyboardInterrupt:  # a second Ctrl-C during a reply
+            eprint("(stopped)")
+
+
+# --- quill chat -------------------------------------------------------------------------------------
+
+CHAT_USAGE = ("/system TEXT sets the system prompt (/system alone clears it), /reset starts over, "
+              "/exit or Ctrl-D quits, Ctrl-C stops a reply")
+
+
+def preview(text: str, limit: int = 32) -> str:
+    """A short quoted view of a message for a notice."""
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+class ChatTerminal:
+    """`quill chat`'s prompt: messages go to a `chat.ChatSession` (anything with `send(text)`
+    yielding text pieces, `dropped_messages`, `reset()`, `system` and `model.config.block_size`)
+    and the replies stream back. When the conversation first outgrows the model's context, one
+    notice says which messages left it; later turns drop their oldest quietly (after /reset the
+    notice is due again)."""
+
+    def __init__(self, session: Any, out: Any = None):
+        self.session = session
+        self.out = out
+        self.told_overflow = False
+
+    def reply(self, text: str, interruptible: bool = True) -> Printed:
+        printed = print_stream(self.session.send(text), before=self._say_dropped,
+                               interruptible=interruptible, out=self.out)
+        if printed.stopped:
+            eprint("(reply stopped; the conversation keeps what was shown)")
+        return printed
+
+    def _say_dropped(self) -> None:
+        dropped = self.session.dropped_messages
+        if not dropped or self.told_overflow:
+            return
+        self.told_overflow = True
+        listing = ", ".join(f"{m.role} {preview(m.content)}" for m in dropped)
+        eprint(f"(the conversation outgrew the model's context of {self.session.model.config.block_size} "
+               f"tokens, so its oldest messages were dropped: {listing}; from now on the oldest turns "
+               f"leave without a notice)")
+
+    def reset(self, rest: str = "") -> None:
+        self.session.reset()
+        self.told_overflow = False
+        eprint("(conversation cleared)")
+
+    def set_system(self, rest: str) -> None:
+        self.session.system = rest or None
+        eprint(f"(system prompt {'set' if self.session.system else 'cleared'})")
+
+    def run(self) -> None:
+        prompt_loop(self.reply, commands={"/reset": self.reset, "/system": self.set_system}, usage=CHAT_USAGE)
