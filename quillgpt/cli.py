@@ -280,43 +280,39 @@ def cmd_sft(args: argparse.Namespace) -> int:
 # --- quill rl ---------------------------------------------------------------------------------
 
 def add_rl(sub: argparse._SubParsersAction) -> None:
+    from .config import ALL_KEYS
+    from .rl import RL_KEY_HELP
+
     p = sub.add_parser("rl", help="improve a chat model with rewards it earns (reinforcement learning)",
+                       usage="quill rl --init-from RUN --data TASKS [--reward SPEC] [--KEY-NAME VALUE ...] [options]",
                        description="Reinforcement learning from verifiable rewards: a chat model (--init-from, "
                                    "trained with quill sft) answers the tasks of --data (.jsonl, one {\"messages\": "
                                    "[...], \"answer\": ...} per line) in groups of samples, --reward scores each "
                                    "reply, and replies better than their group's mean become likelier. Every quill "
                                    "train key is a flag. See docs/rl.md.")
-    p.add_argument("--config", help="preset name or YAML file (RL's defaults apply to the keys it leaves unset)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--no-save", action="store_true", help="write no run directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest intact checkpoint (a python: "
-                   "reward must be named again with --reward)")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept changed schedule/logging keys such as --max-iters")
-    add_config_flags(p)
+    add_training_flags(p, "preset name or YAML file (quill rl's defaults fill the keys it leaves unset)")
+    add_config_flags(p, "quill rl's keys (the defaults are quill rl's)", list(RL_KEY_HELP), RL_KEY_HELP)
+    add_config_flags(p, "the other config keys, as quill train's", [k for k in ALL_KEYS if k not in RL_KEY_HELP])
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
     from .rewards import parse_reward
     from .rl import rl_config, rl_trainer
-    from .train import resume_config
 
-    overrides = config_overrides(args)
     reward = None
     if args.resume:
-        if args.no_save:
-            raise QuillError("--resume writes into the run; it cannot be combined with --no-save")
-        moved = {k: overrides.pop(k) for k in ("data", "eval_data") if k in overrides}  # where they are now
-        cfg = resume_config(args.resume, args.config, overrides, args.allow_config_change)
-        for key, value in moved.items():
-            setattr(cfg.train, key, str(value))
-        if "reward" in overrides:  # named again: its code may run
+        moved = vars(args).pop("cfg_eval_data", None)  # where the held-out tasks are now (checked)
+        cfg, resume_data, _ = training_config(args)
+        if resume_data is not None:
+            cfg.train.data = str(resume_data)
+        if moved is not None:
+            cfg.train.eval_data = str(moved)
+        if "cfg_reward" in vars(args):  # named again: its code may run
             reward = parse_reward(cfg.train.reward)
     else:
         if args.allow_config_change:
             raise QuillError("--allow-config-change only applies with --resume RUN")
-        cfg = rl_config(args.config, overrides)
+        cfg = rl_config(args.config, config_overrides(args))
     trainer = rl_trainer(cfg, overwrite=args.overwrite, save=not args.no_save, progress=not args.no_progress,
                          start_time=START_TIME, resume=args.resume, reward=reward)
     result = trainer.run()
