@@ -2,6 +2,7 @@
 #   make demo   install, train the small Shakespeare model on CPU (1-3 min), print a sample
 #               (make demo DATA=FILE: on FILE instead)
 #   make test   install the dev dependencies and run the test suite
+#   make llamacpp  install llama.cpp for the GGUF tests (node-llama-cpp from npm; the tests do it too)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
 DATA ?= $(wildcard ../shared/data/tinyshakespeare.txt)
 DEMO_DATA := $(if $(DATA),--data $(DATA),)
 
-.PHONY: demo test install install-dev lint
+.PHONY: demo test install install-dev lint llamacpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +32,7 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check quillgpt tests benchmarks
+
+# The pinned node-llama-cpp (tests/llamacpp/package-lock.json): its prebuilt linux-x64 CPU llama.cpp.
+llamacpp:
+	cd tests/llamacpp && npm ci --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error

@@ -104,7 +104,7 @@ def main() -> None:
         cfg = load_config("shakespeare-char-cpu", {"data": args.data, "seed": seed, "sample_tokens": 0})
         trainer = Trainer(cfg, save=False, progress=False, log=lambda m: None)
         result = trainer.run()
-        train, val = np.asarray(trainer.splits.train), np.asarray(trainer.splits.val)
+        train, val = np.asarray(trainer.data.splits.train), np.asarray(trainer.data.splits.val)
         ours = (result.val_loss, full_val_loss(trainer.model, val))
         theirs = nanogpt_loop(cfg, train, val, seed)
         rows.append((seed, *theirs, *ours))

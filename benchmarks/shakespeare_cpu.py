@@ -61,7 +61,7 @@ def estimate_spread(trainer: Trainer, resamples: int) -> dict:
     """The whole-val loss of the trained model, and the recipe's val estimate redrawn `resamples`
     times (other random batches, the same model)."""
     t, model = trainer.cfg.train, trainer.model.eval()
-    val = trainer.splits.val
+    val = trainer.data.splits.val
     estimates = []
     for draw in range(resamples):
         sampler = BatchSampler(val, trainer.cfg.model.block_size, t.batch_size, 10_000 + draw, "cpu")

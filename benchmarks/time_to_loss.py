@@ -53,7 +53,7 @@ class TimedTrainer(Trainer):
         self.eval_s = 0.0
         self.curve: list[tuple[int, float, float]] = []  # (step, train seconds, val loss)
         self.t0: float | None = None
-        val = torch.from_numpy(self.splits.val.astype("int64"))
+        val = torch.from_numpy(self.data.splits.val.astype("int64"))
         n = min(windows, (len(val) - 1) // WINDOW)
         starts = torch.linspace(0, len(val) - WINDOW - 1, n).long()  # spread over the whole split
         self.x = torch.stack([val[s:s + WINDOW] for s in starts]).to(self.device)

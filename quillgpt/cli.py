@@ -236,8 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- quill sft --------------------------------------------------------------------------------
 
 def add_sft(sub: argparse._SubParsersAction) -> None:
-    from .config import ALL_KEYS
-    from .sft import SFT_KEY_HELP
+    from .config import ALL_KEYS, SFT_KEY_HELP
 
     p = sub.add_parser("sft", help="fine-tune a model on conversations (chat)",
                        usage="quill sft --data CONVERSATIONS [--init-from RUN] [--KEY-NAME VALUE ...] [options]",
@@ -256,7 +255,8 @@ def add_sft(sub: argparse._SubParsersAction) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from .chat import last_reply, replies
-    from .sft import SFT_DEFAULTS, sft_trainer
+    from .config import SFT_DEFAULTS
+    from .sft import sft_trainer
 
     if args.exact_match_every < 0:
         raise QuillError(f"--exact-match-every must be >= 0, got {args.exact_match_every}")
@@ -505,6 +505,32 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     out = export_hf(args.run, args.out, overwrite=args.overwrite, warn=warn_line)
     eprint(f"exported {args.run} to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+# --- quill export-gguf (llama.cpp and what is built on it) --------------------------------------
+
+def add_export_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-gguf", help="export a run as a GGUF file for llama.cpp, Ollama, LM Studio",
+                       description="Write a run as one GGUF file that llama.cpp loads and decodes to the same "
+                                   "greedy tokens (docs/export.md): GPT-2-shaped runs as llama.cpp's gpt2 "
+                                   "architecture (rope: gptneox), with the tokenizer and a chat run's template.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="the matrices' type: f32, f16, bf16 or q8_0 (8-bit blocks of 32, with a scale each)")
+    p.add_argument("--best", action="store_true", help="export the weights with the lowest val loss")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    done = export_gguf(args.run, args.out, dtype=args.dtype, best=args.best, overwrite=args.overwrite,
+                       warn=warn_line)
+    chat = ", with its chat template" if done.chat_template else ""
+    eprint(f"exported {args.run} to {done.path}: llama.cpp architecture {done.architecture}, {done.dtype}, "
+           f"{done.tensors} tensors, {done.bytes / 1e6:.1f} MB; tokenizer: {done.vocab}{chat}")
     return 0
 
 
@@ -856,6 +882,7 @@ COMMANDS: list[tuple[Callable, Callable]] = [
     (add_sample, cmd_sample),
     (add_import_hf, cmd_import_hf),
     (add_export_hf, cmd_export_hf),
+    (add_export_gguf, cmd_export_gguf),
     (add_eval, cmd_eval),
     (add_ladder, cmd_ladder),
     (add_tokenizer, cmd_tokenizer),

@@ -303,6 +303,33 @@ class Config:
             self.set(key, value)
 
 
+FINETUNE_LR = 3e-5  # the learning rate fine-tuning starts from unless one is given (hf.init_from)
+
+# quill sft's own defaults where they differ from quill train's (a value the user gives wins)
+SFT_DEFAULTS: dict[str, Any] = {"sample_tokens": 0}  # the end shows a held-out conversation's reply
+
+# The keys that matter most to `quill sft`, first in its --help, as (meaning, default) there
+# (here, not in sft.py, so that `quill --help` and the tokenizer commands start without torch)
+SFT_KEY_HELP: dict[str, tuple[str, str]] = {
+    "data": ("conversations in OpenAI's messages shape: a .jsonl or .parquet file (docs/chat.md)",
+             "none: required"),
+    "init_from": ("the model to fine-tune: a run directory, HF GPT-2 directory or hub id",
+                  "None: a fresh model"),
+    "out": ("run directory", "runs/<data name>"),
+    "learning_rate": ("peak AdamW learning rate",
+                      f"{FINETUNE_LR:g} with init_from, else {TrainConfig.learning_rate:g}"),
+    "min_lr": ("learning rate at the end of the cosine decay",
+               f"{FINETUNE_LR / 10:g} with init_from and no learning_rate given, else {TrainConfig.min_lr:g}"),
+    "max_iters": ("optimizer steps", f"{TrainConfig.max_iters}"),
+    "sample_tokens": ("length of a text sample printed at the end",
+                      f"{SFT_DEFAULTS['sample_tokens']}: a held-out conversation's reply is printed instead"),
+    "sft_too_long": ("a conversation longer than the context is truncate(d) or drop(ped)",
+                     f'"{TrainConfig.sft_too_long}"'),
+    "sft_skip_invalid": ("skip (and count) invalid conversations instead of stopping",
+                         f"{TrainConfig.sft_skip_invalid}"),
+}
+
+
 # Names the seed projects use, accepted in YAML and on the command line.
 ALIASES = {
     "steps": "max_iters",

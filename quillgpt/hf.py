@@ -34,7 +34,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from . import checkpoint as ckpt
-from .config import DROPOUT_SITES, Config, ModelConfig, TrainConfig
+from .config import DROPOUT_SITES, FINETUNE_LR, Config, ModelConfig, TrainConfig
 from .download import cache_dir
 from .errors import QuillError, shown
 from .fileio import atomic_write_bytes, atomic_write_text, check_apart
@@ -50,7 +50,6 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our model uses
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
-FINETUNE_LR = 3e-5  # default learning rate when fine-tuning from pretrained weights
 # an imported run starts with ModelConfig's dropout defaults (none), ready for fine-tuning
 USER_DROPOUT_DEFAULTS = {name: getattr(ModelConfig(), name) for name in ("dropout", *DROPOUT_SITES)}
 
@@ -620,7 +619,8 @@ def resolve_init_run(spec: str) -> Path:
     return cached
 
 
-def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
+def init_from(spec: str, cfg: Config, warn: Callable[[str], None] | None = None
+              ) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
     """Pretrained weights to start training from, for `quill train --init-from SPEC`.
 
     SPEC is a run directory, an HF GPT-2 directory or a hub id. Adjusts `cfg` in place: the
@@ -628,11 +628,20 @@ def init_from(spec: str, cfg: Config) -> tuple[Tokenizer, dict[str, torch.Tensor
     `block_size` cropped to at most the source's, `cfg.train.tokenizer` points at the source's
     tokenizer (so `prepare_training_data(cfg)` encodes with it), and the learning rate drops
     to 3e-5 (min_lr 3e-6) unless a value was given (`Config.is_default`: an explicit 1e-3, the
-    training default, stays 1e-3). Returns the tokenizer and a state dict for `build_model(cfg.model)`.
+    training default, stays 1e-3). `warn` hears, in one line, of the keys given a value that
+    fine-tuning cannot use (a width, a tokenizer other than the source's). Returns the tokenizer
+    and a state dict for `build_model(cfg.model)`.
     """
     run_dir = resolve_init_run(spec)
     run = ckpt.load_run(run_dir)
     src = run.config.model
+    unused = [f"{k} {getattr(cfg.model, k)} (the source's: {getattr(src, k)})" for k in vars(src)
+              if k in cfg.given and k not in ("block_size", "dropout", *DROPOUT_SITES)
+              and getattr(cfg.model, k) not in (getattr(src, k), 0 if k == "vocab_size" else None)]
+    if "tokenizer" in cfg.given and cfg.train.tokenizer != str(run_dir / ckpt.TOKENIZER_FILE):
+        unused.append(f"tokenizer {cfg.train.tokenizer} (the source's is kept)")
+    if unused and warn is not None:
+        warn(f"fine-tuning keeps {spec}'s architecture and tokenizer; not used: {', '.join(unused)}")
     if cfg.model.block_size > src.block_size:
         cfg.model.block_size = src.block_size
     block_size = cfg.model.block_size

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +45,60 @@ def flops_per_token(model: nn.Module, n_params: int) -> float:
     return 6 * n_params + extra
 
 
-# Dense peak FLOP/s of GPUs for bf16/fp16 tensor cores, from the vendors' data sheets (SXM parts
-# where there are several), by the model name nvidia-smi shows ("NVIDIA H100 80GB HBM3": H100).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                  "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+@dataclass(frozen=True)
+class GpuPeak:
+    """A GPU's dense peak FLOP/s from its vendor's data sheet (SXM parts where there are several):
+    bf16 and fp16 tensor cores with fp32 accumulation, TF32 tensor cores (None: the GPU has none,
+    Volta and Turing), and plain fp32. None: the GPU has no such hardware rate."""
+
+    bf16: float | None
+    fp16: float
+    tf32: float | None
+    fp32: float
+
+    def for_dtype(self, dtype: str) -> float | None:
+        """The peak that the loop's matmuls in `dtype` can reach: bf16/fp16 tensor cores; for
+        float32, TF32 (the loop turns it on) where the GPU has it, else plain fp32."""
+        if dtype == "bfloat16":
+            return self.bf16
+        if dtype == "float16":
+            return self.fp16
+        return self.tf32 if self.tf32 is not None else self.fp32
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The documented peak FLOP/s of `device` for `dtype` (GPU_PEAK_FLOPS, TF32 at half the
-    bf16 rate), or None: a CPU, or a GPU the table does not name, has no peak we can vouch for
-    (a matmul timed at start-up is no peak: on a busy machine the "MFU" read 900%)."""
+# by the word of the model name nvidia-smi shows ("NVIDIA H100 80GB HBM3": H100)
+GPU_PEAK_FLOPS = {
+    "H200": GpuPeak(bf16=989e12, fp16=989e12, tf32=494.5e12, fp32=67e12),
+    "H100": GpuPeak(bf16=989e12, fp16=989e12, tf32=494.5e12, fp32=67e12),
+    "A100": GpuPeak(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12),
+    "L40S": GpuPeak(bf16=362e12, fp16=362e12, tf32=183e12, fp32=91.6e12),
+    "L4": GpuPeak(bf16=121e12, fp16=121e12, tf32=60e12, fp32=30.3e12),
+    "A10": GpuPeak(bf16=125e12, fp16=125e12, tf32=62.5e12, fp32=31.2e12),
+    "4090": GpuPeak(bf16=165e12, fp16=165e12, tf32=82.6e12, fp32=82.6e12),
+    "3090": GpuPeak(bf16=71e12, fp16=71e12, tf32=35.6e12, fp32=35.6e12),
+    "V100": GpuPeak(bf16=None, fp16=125e12, tf32=None, fp32=15.7e12),  # Volta: no bf16, no TF32
+    "T4": GpuPeak(bf16=None, fp16=65e12, tf32=None, fp32=8.1e12),  # Turing: no bf16, no TF32
+}
+
+
+def gpu_peak(device: torch.device) -> tuple[str, GpuPeak] | None:
+    """The table entry (its name and peaks) of a CUDA device, or None (a CPU, a GPU the table
+    does not name)."""
     if device.type != "cuda":
         return None
     words = re.split(r"[\s_-]+", torch.cuda.get_device_name(device).upper())
-    for key, flops in GPU_PEAK_FLOPS.items():
+    for key, peak in GPU_PEAK_FLOPS.items():
         if key in words:
-            return flops if dtype != "float32" else flops / 2
+            return key, peak
     return None
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The documented peak FLOP/s of `device` for `dtype` (GPU_PEAK_FLOPS, `GpuPeak.for_dtype`),
+    or None: a CPU, or a GPU the table does not name, has no peak we can vouch for (a matmul timed
+    at start-up is no peak: on a busy machine the "MFU" read 900%)."""
+    entry = gpu_peak(device)
+    return entry[1].for_dtype(dtype) if entry else None
 
 
 def format_flops(flops_per_s: float) -> str:
@@ -208,13 +246,36 @@ class ProgressBar:
         self.bar.close()
 
 
+class Throughput:
+    """Tokens per second: over a window of steps (restarted after every logging step, so that
+    evaluations are not counted) and over the whole session."""
+
+    def __init__(self, tokens: int, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.session_tokens = self.window_tokens = tokens
+        self.session_start = self.window_start = clock()
+
+    def rate(self, tokens: int) -> float:
+        """Tokens per second since the window started (`tokens`: the count so far)."""
+        return (tokens - self.window_tokens) / max(self.clock() - self.window_start, 1e-9)
+
+    def restart(self, tokens: int) -> None:
+        self.window_start, self.window_tokens = self.clock(), tokens
+
+    def session_rate(self, tokens: int) -> float:
+        return (tokens - self.session_tokens) / max(self.clock() - self.session_start, 1e-9)
+
+
 class RunRecorder:
-    """What each logged step leaves behind: its metrics row (written on evaluation steps), the
-    best weights so far (RUN/best.safetensors, by val loss) and the model FLOP/s (and MFU, where
-    the device has a documented peak) shown beside tokens/s."""
+    """What each step leaves behind: its training loss (`add_loss`; kept on the device until
+    `flush_losses` copies them, one sync per log), and at each logged step its metrics row
+    (written on evaluation steps), the best weights so far (RUN/best.safetensors, by val loss)
+    and the model FLOP/s (and MFU, where the device has a documented peak) shown beside
+    tokens/s. `state()` is its part of a checkpoint."""
 
     def __init__(self, metrics: MetricsLog, model: nn.Module, dist: qdist.DistInfo, out: Path, save: bool,
-                 device: torch.device, dtype: str, flops_per_token: float):
+                 device: torch.device, dtype: str, flops_per_token: float,
+                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)):
         self.metrics = metrics
         self.model = model
         self.dist = dist
@@ -224,21 +285,67 @@ class RunRecorder:
         self.dtype = dtype
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(device, dtype)  # per device; None: no documented peak
+        entry = gpu_peak(device)
+        self.peak_name = f"GPU_PEAK_FLOPS[{entry[0]!r}] ({dtype})" if entry else None
+        self.log = log
+        self.warned = False
         self.best_val = float("inf")
         self.last_val: float | None = None
+        self.losses: list[float] = []  # every step's training loss, in order, on the host
+        self.pending: list[torch.Tensor] = []  # the losses of the steps since the last flush
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
+
+    def flush_losses(self) -> None:
+        """Copy the pending losses to the host (one sync), averaged over ranks (a collective)."""
+        if self.pending:
+            self.losses.extend(qdist.all_reduce_mean(torch.stack(self.pending), self.dist).tolist())
+            self.pending = []
+
+    def mean_loss(self, start: int, end: int) -> tuple[float, float]:
+        """The mean training loss of steps start+1..end, and the last one's (losses flushed)."""
+        window = self.losses[start:end]
+        return sum(window) / len(window), window[-1]
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the record (losses flushed first)."""
+        return {"metrics": self.metrics.rows, "losses": self.losses, "best_val_loss": self.best_val,
+                "val_loss": self.last_val}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.metrics.rows = state["metrics"]
+        self.losses = [float(x) for x in state["losses"]]
+        self.best_val = float(state["best_val_loss"])
+        self.last_val = state.get("val_loss")
 
     def flops_per_s(self, tokens_per_s: float | None) -> float | None:
         """The model FLOP/s achieved (all ranks together): tokens/s x training FLOPs per token."""
         return None if tokens_per_s is None else tokens_per_s * self.flops_per_token
 
     def mfu(self, tokens_per_s: float | None) -> float | None:
-        """Achieved / documented peak FLOP/s; None without a peak, or when the figure would pass
-        100% (then the table does not fit this device, and no percentage is better than a wrong one)."""
+        """Achieved / documented peak FLOP/s; None without a peak. A figure past 100% means the
+        table's entry does not fit this device: it is said once, naming the entry, and no
+        percentage is shown (none is better than a wrong one)."""
         flops = self.flops_per_s(tokens_per_s)
         if flops is None or not self.peak:
             return None
         mfu = flops / (self.peak * self.dist.world_size)
-        return mfu if mfu <= 1.0 else None
+        if mfu <= 1.0:
+            return mfu
+        if not self.warned:
+            self.warned = True
+            self.log(f"warning: MFU would be {100 * mfu:.0f}%: {format_flops(flops)} achieved against the peak "
+                     f"{format_flops(self.peak * self.dist.world_size)} of {self.peak_name} in "
+                     f"quillgpt/metrics.py, which does not fit this device; no MFU is shown")
+        return None
+
+    def show(self, bar: ProgressBar, loss: float, tokens_per_s: float, ev: dict[str, float] | None,
+             extra: dict[str, float] | None = None) -> None:
+        """A logged step's figures on the bar: the loss, speed, model FLOP/s, MFU and val loss
+        (and the data's own numbers, `extra`)."""
+        bar.show(loss, tokens_per_s, self.flops_per_s(tokens_per_s), self.mfu(tokens_per_s),
+                 ev["val"] if ev else None, extra)
 
     def record(self, step: int, lr: float, train_loss: float, ev: dict[str, float] | None,
                tokens_per_s: float | None, extra: dict[str, float] | None = None) -> None:

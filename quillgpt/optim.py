@@ -183,3 +183,15 @@ def check_optimizer(cfg: Config, fsdp: bool) -> None:
     if cfg.train.optimizer == "muon" and fsdp:
         raise QuillError("optimizer muon does not work with --fsdp (Newton-Schulz needs whole matrices, "
                          "FSDP shards them); train with DDP (torchrun without --fsdp)")
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+                    grad_clip: float) -> None:
+    """The optimizer step on the accumulated gradients: unscaled (float16's GradScaler), clipped
+    to a global norm of `grad_clip` (0: no clipping), applied, then cleared."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ context) is one line on stderr and the loop goes on.
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import sys
@@ -101,8 +102,8 @@ def _deferred_interrupt() -> Iterator[_StopFlag]:
     previous = signal.signal(signal.SIGINT, flag)
     try:
         yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # (None: a handler not set from Python; Python's own is the one to restore)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def print_stream(pieces: Iterable[str], head: str = "", before: Callable[[], None] | None = None,
@@ -121,15 +122,13 @@ def print_stream(pieces: Iterable[str], head: str = "", before: Callable[[], Non
             first = next(it, "")
             if before is not None:
                 before()
-            out.write(head + first)
-            out.flush()
-            shown.append(first)
-            for piece in it:
-                if flag.raised:
-                    break
-                out.write(piece)
+            out.write(head)
+            for piece in itertools.chain([first], it):
+                out.write(piece)  # the piece in hand is shown (a reply keeps it), then the flag looked at
                 out.flush()
                 shown.append(piece)
+                if flag.raised:
+                    break
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -217,7 +216,7 @@ class ChatTerminal:
         if not dropped or self.told_overflow:
             return
         self.told_overflow = True
-        listing = ", ".join(f"{m.role} {preview(m.content)}" for m in dropped)
+        listing = ", ".join(f"{m.role} {preview(m.content or '')}" for m in dropped)
         eprint(f"(the conversation outgrew the model's context of {self.session.model.config.block_size} "
                f"tokens, so its oldest messages were dropped: {listing}; from now on the oldest turns "
                f"leave without a notice)")

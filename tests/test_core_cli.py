@@ -188,6 +188,22 @@ def test_cli_train_then_sample(small_text, tmp_path):
     assert r1.stdout.startswith("To be") and len(r1.stdout.rstrip("\n")) == len("To be") + 40
 
 
+def test_cli_train_with_the_seeds_names(small_text, tmp_path, capsys):
+    """The names the seed projects use, as the README lists them, train with their meanings."""
+    out = tmp_path / "seeds"
+    assert main(["train", "--data", str(small_text), "--out", str(out), "--steps", "20", "--lr", "3e-4",
+                 "--n-ctxt", "64", "--d-model", "64", "--num-layers", "2", "--num-heads", "2", "--batch-size", "4",
+                 "--eval-iters", "1", "--eval-interval", "10", "--sample-tokens", "0", "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert "done: 20 steps" in capsys.readouterr().err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["train"]["max_iters"], saved["train"]["learning_rate"]) == (20, 3e-4)
+    m = saved["model"]
+    assert (m["block_size"], m["n_embd"], m["n_layer"], m["n_head"]) == (64, 64, 2, 2)
+    code, err = run_main(["train", "--data", str(small_text), "--lr-dec", "5", "--no-save"], capsys)
+    assert_one_line_error(code, err, "unknown config key 'lr_dec'")
+
+
 def test_cli_train_without_config_on_a_cpu_uses_the_cpu_recipe(small_text, tmp_path, capsys):
     """The defaults are nanoGPT's GPU recipe (10.7M parameters, 200-batch evaluations: hours on
     2 cores); `quill train --data FILE` on a CPU starts from shakespeare-char-cpu instead."""
@@ -323,3 +339,27 @@ def test_python_api_as_the_readme_shows(small_text, tmp_path):
     result = train(cfg, progress=False)
     run = lr(result.run_dir)
     assert len(gen(run.model, run.tokenizer, "To be", max_new_tokens=10, top_k=5, seed=0)) == 10
+
+
+def test_the_gpt2_preset_trains_on_gpt2_tokens(small_text, gpt2_cache, tmp_path):
+    """`--config gpt2-124m` tokenizes with GPT-2's tokenizer (the ranks from $QUILL_CACHE), not by
+    characters: the run's tokenizer, its vocabulary, and the very tokens it trains on."""
+    from quillgpt.data import TokenData
+    from quillgpt.tokenizers.gpt2 import gpt2_tokenizer
+    from quillgpt.train import Trainer
+
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, gradient_accumulation_steps=1,
+                max_iters=1, eval_iters=1, compile=False, dtype="float32", device="cpu", sample_tokens=0,
+                data=str(small_text), out=str(tmp_path / "run"))
+    cfg = load_config("gpt2-124m", tiny)
+    assert cfg.train.tokenizer == "gpt2"
+    trainer = Trainer(cfg, progress=False, log=lambda m: None)
+    assert trainer.tokenizer == gpt2_tokenizer() and cfg.model.vocab_size == 50257
+    assert trainer.model.transformer.wte.weight.shape[0] == 50257
+    ids = gpt2_tokenizer().encode(small_text.read_text(encoding="utf-8"))
+    assert isinstance(trainer.data, TokenData)
+    splits = trainer.data.splits
+    assert [int(i) for i in (*splits.train, *splits.val)] == ids + [50256]  # the text, then <|endoftext|>
+    x, y = trainer.batches.next()
+    assert int(x.max()) > 255  # merged tokens: no character or byte vocabulary has these ids
+    assert trainer.run().steps == 1

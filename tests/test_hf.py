@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from quillgpt import checkpoint as ckpt
 from quillgpt.cli import main
-from quillgpt.config import DROPOUT_SITES, Config, ModelConfig, TrainConfig
+from quillgpt.config import DROPOUT_SITES, Config, ModelConfig, TrainConfig, load_config
 from quillgpt.data import cache_dir, prepare_training_data
 from quillgpt.errors import QuillError
 from quillgpt.hf import export_hf, import_hf, init_from, load_hf, tokenizer_to_hf_files
@@ -403,6 +403,13 @@ def test_init_from_adjusts_config(tmp_path, bpe):
     cfg2 = Config(model=ModelConfig(block_size=32), train=TrainConfig(learning_rate=1e-4))
     _, state2 = init_from(str(src), cfg2)
     assert cfg2.model.block_size == 32 and cfg2.train.learning_rate == 1e-4
+    for given in ({"learning_rate": 1e-3}, {"lr": 1e-3, "min_lr": 1e-4}):  # given: kept, even at the default
+        cfg_given = load_config(None, given)
+        init_from(str(src), cfg_given)
+        assert (cfg_given.train.learning_rate, cfg_given.train.min_lr) == (1e-3, 1e-4)
+    cfg_min = load_config(None, {"min_lr": 1e-4})  # min_lr given alone: the learning rate still drops
+    init_from(str(src), cfg_min)
+    assert (cfg_min.train.learning_rate, cfg_min.train.min_lr) == (3e-5, 1e-4)
     assert state2["transformer.wpe.weight"].shape == (32, 32)
     model = GPT(cfg2.model)
     model.load_state_dict(state2)

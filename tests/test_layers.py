@@ -35,8 +35,9 @@ LAYERS: dict[str, int] = {
     "checkpoint": 10,
     # 11-12: using a model: generation, scoring, plots, processes; evaluation
     "generate": 11, "scoring": 11, "plot": 11, "distributed": 11, "evaluate": 12, "chat": 12,
-    # 13: what a training run is made of; benchmark tasks through lm-evaluation-harness
+    # 13: what a training run is made of; benchmark tasks through lm-evaluation-harness; exports
     "metrics": 13, "resume": 13, "train_control": 13, "hf": 13, "conversations": 13, "lm_eval_adapter": 13,
+    "train_setup": 13, "train_eval": 13, "gguf_export": 13,
     # 14: the training loop
     "train": 14,
     # 15: what stands on the loop or on a loaded run
@@ -154,6 +155,40 @@ def test_no_import_cycles():
     graph = import_graph()
     graph.pop("__init__", None)  # lazy re-exports only
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def subpackage_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same subpackage it imports (at the top or inside functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found = graph.setdefault(path.stem, set())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:  # `from . import x`
+                    found.update(a.name for a in node.names if (package / f"{a.name}.py").is_file())
+        found.discard(path.stem)
+    return graph
+
+
+@pytest.mark.parametrize("package", sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()),
+                         ids=lambda p: p.name)
+def test_no_import_cycles_inside_a_subpackage(package):
+    """Inside a subpackage, modules import one another in one direction only (tokenizers/bpe.py
+    never imports hf_files, which stands on it)."""
+    graph = subpackage_graph(package)
+    graph.pop("__init__", None)  # the subpackage's front door gathers its modules
+    assert find_cycle(graph) is None, f"import cycle in {package.name}/: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_check_finds_a_cycle_inside_a_subpackage(tmp_path):
+    pkg = tmp_path / "tokenizers"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("def f():\n    from .b import g\n", encoding="utf-8")
+    (pkg / "b.py").write_text("from .a import f\n", encoding="utf-8")
+    assert find_cycle(subpackage_graph(pkg)) == ["a", "b", "a"]
 
 
 def test_the_check_finds_a_cycle_and_an_upward_import(tmp_path):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +127,48 @@ def test_build_model_rejects_unknown_kind():
 
     with pytest.raises(QuillError, match="unknown model kind"):
         build_model(tiny_config(kind="lstm"))
+
+
+OUT_OF_MEMORY = """
+import resource, sys
+import torch
+from quillgpt.config import ModelConfig
+from quillgpt.errors import QuillError
+from quillgpt.registry import build_model, weight_bytes
+
+cfg = ModelConfig(vocab_size=65, block_size=64, n_layer=16, n_head=16, n_embd=2048)  # 3.2 GB of weights
+weight_bytes(ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=1, n_embd=8))  # the meta device's imports
+with open("/proc/self/statm") as f:
+    used = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more
+try:
+    build_model(cfg)
+except QuillError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc to set the limit")
+def test_weights_past_the_memory_limit_are_one_clear_error():
+    """PyTorch's CPU allocator fails with a plain RuntimeError: the registry tells it apart by the
+    size of the weights against the memory the process may take (here `ulimit -v`), not by its
+    text."""
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("not enough memory for a model of 16 layers, 2048 wide, context 64, "
+                                   "vocabulary 65")
+
+
+def test_other_runtime_errors_of_a_model_pass_through(monkeypatch):
+    """An error of the model's own code is raised as it is, even one that speaks of allocating."""
+    from quillgpt import registry
+
+    class Broken(GPT):
+        def __init__(self, cfg):
+            raise RuntimeError("cannot allocate a head for 3 heads of width 5")
+
+    monkeypatch.setitem(registry.MODEL_KINDS, "gpt", Broken)
+    with pytest.raises(RuntimeError, match="cannot allocate a head") as raised:
+        build_model(tiny_config())
+    assert raised.value.__context__ is None  # the model's own error, not one raised while handling it

@@ -354,7 +354,10 @@ def test_quill_chat_overflow_says_so_and_bad_runs_are_one_line(chat_run, base_ru
     stdin = "".join(f"flip: {w}\n" for w in ["abdef", "hilmn", "ortsu", "abdef", "hilmn", "ortsu"])
     proc = quill("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", stdin=stdin)
     assert proc.returncode == 0, proc.stderr
-    assert "oldest messages were dropped" in proc.stderr and len(proc.stdout.splitlines()) == 6
+    assert len(proc.stdout.splitlines()) == 6
+    # said once, naming what left the context
+    assert proc.stderr.count("outgrew") == 1, proc.stderr
+    assert "oldest messages were dropped: user 'flip: abdef', assistant " in proc.stderr
     proc = quill("chat", str(base_run), "--message", "hi")
     assert proc.returncode == 2 and "no chat template" in proc.stderr and len(proc.stderr.splitlines()) == 1
     proc = quill("chat", str(chat_run), "--message", "x", "--temperature", "-1")
@@ -385,6 +388,30 @@ def test_sft_ddp_two_processes_equal_one_process_with_accumulation(chats, base_r
     b = ckpt.read_safetensors(tmp_path / "ref" / ckpt.MODEL_FILE)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sft_keeps_every_value_typed_and_uses_its_own_defaults(chats, base_run, small_text, tmp_path, capsys):
+    """Left out, fine-tuning's learning rate (3e-5, min_lr 3e-6) and no end sample; typed, even
+    equal to quill train's defaults (1e-3, 200), the user's values."""
+    short = ["--init-from", str(base_run), "--data", str(chats), "--max-iters", "1", "--batch-size", "2",
+             "--eval-iters", "1", "--no-progress", "--device", "cpu"]
+    assert main(["sft", *short, "--out", str(tmp_path / "a")]) == 0
+    assert f"fine-tuning from {base_run}: learning rate 3e-05" in capsys.readouterr().err
+    a = ckpt.read_run_config(tmp_path / "a").train
+    assert (a.learning_rate, a.min_lr, a.sample_tokens) == (3e-5, 3e-6, 0)
+    assert main(["sft", *short, "--out", str(tmp_path / "b"), "--learning-rate", "1e-3", "--sample-tokens", "200"]) == 0
+    assert f"fine-tuning from {base_run}: learning rate 0.001" in capsys.readouterr().err
+    b = ckpt.read_run_config(tmp_path / "b").train
+    assert (b.learning_rate, b.min_lr, b.sample_tokens) == (1e-3, 1e-4, 200)
+    assert main(["train", "--init-from", str(base_run), "--data", str(small_text), "--lr", "1e-3",
+                 "--max-iters", "1", "--eval-iters", "1", "--batch-size", "2", "--no-progress", "--no-save",
+                 "--sample-tokens", "0", "--n-layer", "3", "--n-head", "2", "--tokenizer", "bpe:300"]) == 0
+    err = capsys.readouterr().err
+    assert f"fine-tuning from {base_run}: learning rate 0.001" in err
+    # what fine-tuning cannot honour (the source's shape and tokenizer) is said, in one line
+    [warning] = [line for line in err.splitlines() if line.startswith("warning: fine-tuning keeps")]
+    assert "n_layer 3 (the source's: 2)" in warning and "tokenizer bpe:300" in warning
+    assert "n_head" not in warning  # given, and the source's anyway
 
 
 def test_a_conversation_the_source_tokenizer_cannot_encode_names_its_line(tmp_path, capsys, base_run):

@@ -19,6 +19,7 @@ from quillgpt.tokenizers import (
 )
 from quillgpt.tokenizers.bpe import ENDOFTEXT, GPT2_PATTERN, count_chunks, learn_merges
 from quillgpt.tokenizers.gpt2 import GPT2_RANKS_NAME, gpt2_tokenizer
+from quillgpt.tokenizers.hf_files import from_vocab_merges, save_vocab_merges
 from quillgpt.tokenizers.syllable import split_syllables
 
 EXAMPLE = "Albert Einstein war ein schweizerisch-US-amerikanischer Physiker."
@@ -104,8 +105,8 @@ def test_gpt2_wrong_checksum_is_an_error(monkeypatch, tmp_path):
 
 def test_hf_vocab_and_merges_round_trip(gpt2_cache, tmp_path, shakespeare_text):
     tok = gpt2_tokenizer()
-    vocab_path, merges_path = tok.save_hf_files(tmp_path)
-    again = ByteBPETokenizer.from_hf_files(vocab_path, merges_path)
+    vocab_path, merges_path = save_vocab_merges(tok, tmp_path)
+    again = from_vocab_merges(vocab_path, merges_path)
     assert again.ranks == tok.ranks and again.special_tokens == {ENDOFTEXT: 50256}
     hf = pytest.importorskip("tokenizers")
     hf_tok = hf.Tokenizer(hf.models.BPE.from_file(str(vocab_path), str(merges_path)))
@@ -118,12 +119,12 @@ def test_hf_files_bad_input(tmp_path):
     (tmp_path / "vocab.json").write_text('{"a": 0', encoding="utf-8")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     with pytest.raises(QuillError, match="corrupt"):
-        ByteBPETokenizer.from_hf_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+        from_vocab_merges(tmp_path / "vocab.json", tmp_path / "merges.txt")
     (tmp_path / "vocab.json").write_text('{"a": 0}', encoding="utf-8")
     with pytest.raises(QuillError, match="byte tokens"):
-        ByteBPETokenizer.from_hf_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+        from_vocab_merges(tmp_path / "vocab.json", tmp_path / "merges.txt")
     with pytest.raises(QuillError, match="not found"):
-        ByteBPETokenizer.from_hf_files(tmp_path / "nope.json", tmp_path / "merges.txt")
+        from_vocab_merges(tmp_path / "nope.json", tmp_path / "merges.txt")
 
 
 # --- byte-level BPE training ------------------------------------------------------------------

@@ -87,21 +87,52 @@ def test_bf16_on_a_cpu_without_it_warns(small_text, tmp_path, monkeypatch):
         assert train.peak_flops(torch.device("cpu"), dtype) is None
 
 
+class BrokenCompile(torch.nn.Module):
+    """What torch.compile returns, failing on its first call with `error`."""
+
+    def __init__(self, module, error: Exception):
+        super().__init__()
+        self._orig_mod, self.error = module, error
+
+    def forward(self, *args):
+        raise self.error
+
+
 def test_compile_failure_falls_back_to_eager_with_a_message(small_text, tmp_path, monkeypatch):
-    class Broken(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self._orig_mod = module
+    from torch._inductor.exc import InvalidCxxCompiler
 
-        def forward(self, *args):
-            raise RuntimeError("no C++ compiler found\nmore detail")
-
-    monkeypatch.setattr(torch, "compile", lambda m: Broken(m))
+    monkeypatch.setattr(torch, "compile", lambda m: BrokenCompile(m, InvalidCxxCompiler()))
     logs: list[str] = []
     result = Trainer(cfg_for(small_text, tmp_path / "r", max_iters=4, compile=True), save=False,
                      progress=False, log=logs.append).run()
     assert result.steps == 4
-    assert any("torch.compile failed (RuntimeError: no C++ compiler found)" in m for m in logs)
+    assert any("torch.compile failed (InvalidCxxCompiler: No working C++ compiler found" in m for m in logs), logs
+
+
+def model_errors():
+    """Errors of the model itself, met on the first compiled call: none is a compiler error."""
+    from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return [
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x3)"), RuntimeError, "shapes cannot"),
+        (TorchRuntimeError("RuntimeError when making fake tensor call: shapes"), TorchRuntimeError, "fake tensor"),
+        (oom, QuillError, "CUDA out of memory with batch_size 8"),
+        (BackendCompilerFailed(lambda *a: None, oom, None), QuillError, "CUDA out of memory with batch_size 8"),
+    ]
+
+
+@pytest.mark.parametrize("error, raised, message", model_errors(), ids=["shape", "traced", "oom", "oom-in-compiler"])
+def test_only_compiler_errors_fall_back_to_eager(small_text, tmp_path, monkeypatch, error, raised, message):
+    """A shape bug or out-of-memory on the first compiled step is raised as it is (out of memory
+    becomes the one-line advice), never retried eagerly as if the compiler had failed."""
+    monkeypatch.setattr(torch, "compile", lambda m: BrokenCompile(m, error))
+    logs: list[str] = []
+    trainer = Trainer(cfg_for(small_text, tmp_path / "r", max_iters=4, compile=True), save=False,
+                      progress=False, log=logs.append)
+    with pytest.raises(raised, match=message):
+        trainer.run()
+    assert not any("torch.compile failed" in m for m in logs), logs
 
 
 def test_parse_duration():
@@ -175,22 +206,33 @@ def test_mfu_only_against_a_documented_gpu_peak_and_never_above_100_percent(monk
     from quillgpt.metrics import GPU_PEAK_FLOPS, RunRecorder, format_flops, peak_flops
 
     cuda = torch.device("cuda")
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-                       ("Tesla V100-SXM2-16GB", 125e12), ("NVIDIA GeForce RTX 4090", 165e12),
-                       ("NVIDIA A10G", None), ("NVIDIA L40", None), ("AMD Instinct MI300X", None)):
+    # (name, bf16, float16, float32): float32 runs on TF32 tensor cores where the GPU has them
+    # (the loop turns TF32 on); Volta and Turing have none, and no bf16, so their fp32 rate counts
+    for name, bf16, fp16, fp32 in (("NVIDIA H100 80GB HBM3", 989e12, 989e12, 494.5e12),
+                                   ("NVIDIA A100-SXM4-80GB", 312e12, 312e12, 156e12),
+                                   ("Tesla V100-SXM2-16GB", None, 125e12, 15.7e12),
+                                   ("Tesla T4", None, 65e12, 8.1e12),
+                                   ("NVIDIA GeForce RTX 4090", 165e12, 165e12, 82.6e12),
+                                   ("NVIDIA A10G", None, None, None), ("NVIDIA L40", None, None, None),
+                                   ("AMD Instinct MI300X", None, None, None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert peak_flops(cuda, "bfloat16") == peak, name
-        if peak:
-            assert peak_flops(cuda, "float32") == peak / 2  # TF32
-    assert GPU_PEAK_FLOPS["H200"] == 989e12
+        assert (peak_flops(cuda, "bfloat16"), peak_flops(cuda, "float16"), peak_flops(cuda, "float32")) == \
+            (bf16, fp16, fp32), name
+    assert GPU_PEAK_FLOPS["H200"] == GPU_PEAK_FLOPS["H100"]
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
 
     class Log:
         tensorboard = None
 
-    rec = RunRecorder(Log(), None, DistInfo(), Path("."), False, cuda, "bfloat16", flops_per_token=1e9)
-    assert rec.mfu(100_000.0) == pytest.approx(1e14 / 989e12)
-    assert rec.mfu(2_000_000.0) is None  # 2e15 FLOP/s would be 202%: the table does not fit, say nothing
+    said: list[str] = []
+    rec = RunRecorder(Log(), None, DistInfo(), Path("."), False, cuda, "bfloat16", flops_per_token=1e9,
+                      log=said.append)
+    assert rec.mfu(100_000.0) == pytest.approx(1e14 / 989e12) and not said
+    # 2e15 FLOP/s would be 202%: the table's entry does not fit; no MFU, and the run says which entry
+    assert rec.mfu(2_000_000.0) is None and rec.mfu(3_000_000.0) is None
+    assert said == ["warning: MFU would be 202%: 2000.0 TFLOP/s achieved against the peak 989.0 TFLOP/s of "
+                    "GPU_PEAK_FLOPS['H100'] (bfloat16) in quillgpt/metrics.py, which does not fit this "
+                    "device; no MFU is shown"]
     assert format_flops(2e15) == "2000.0 TFLOP/s" and format_flops(8.12e11) == "812 GFLOP/s"
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import heapq
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -334,33 +333,6 @@ class ByteBPETokenizer(Tokenizer):
             raise ValueError(f"pre-tokenisation pattern {shown(pattern)} is not one of quill's "
                              f"({', '.join(KNOWN_PATTERNS.values())})")
         return cls(ranks, specials, pattern, str(data.get("name", "bpe"))[:100])
-
-    @classmethod
-    def from_hf_files(cls, vocab_json: str | Path, merges_txt: str | Path,
-                      name: str = "hf") -> ByteBPETokenizer:
-        """A tokenizer from Hugging Face's GPT-2-style `vocab.json` and `merges.txt`
-        (see `hf_files`; `hf_files.from_tokenizer_json` reads a `tokenizer.json`)."""
-        from .hf_files import from_vocab_merges
-
-        return from_vocab_merges(vocab_json, merges_txt, name)
-
-    def save_hf_files(self, directory: str | Path) -> tuple[Path, Path]:
-        """Write Hugging Face's `vocab.json` and `merges.txt` for this tokenizer into `directory`."""
-        from ..fileio import atomic_write_text
-
-        directory = Path(directory)
-        vocab = {token_to_printable(t): i for t, i in self.ranks.items()}
-        vocab.update(self.specials)
-        vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-        try:
-            merges = merges_from_ranks(self.ranks)
-        except ValueError as e:
-            raise QuillError(f"cannot write merges.txt: {e}") from None
-        lines = ["#version: 0.2"] + [f"{token_to_printable(a)} {token_to_printable(b)}" for a, b in merges]
-        vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
-        atomic_write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
-        atomic_write_text(merges_path, "\n".join(lines) + "\n")
-        return vocab_path, merges_path
 
     # --- training ---------------------------------------------------------------------------
 

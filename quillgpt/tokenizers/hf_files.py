@@ -1,8 +1,11 @@
 """Byte-level BPE tokenizers from Hugging Face's files: `tokenizer.json` (what transformers'
-`save_pretrained` writes today) or GPT-2's older `vocab.json` + `merges.txt`.
+`save_pretrained` writes today) or GPT-2's older `vocab.json` + `merges.txt`; and back.
 
     tok = from_tokenizer_json("gpt2-dir/tokenizer.json")
     tok = from_vocab_merges("gpt2-dir/vocab.json", "gpt2-dir/merges.txt")
+    save_vocab_merges(tok, "out-dir")                   # out-dir/vocab.json, out-dir/merges.txt
+
+This module stands on `bpe` (never the other way round).
 
 Only what our `ByteBPETokenizer` encodes exactly is accepted: a BPE model over GPT-2's byte
 alphabet, no normalizer, GPT-2's pre-tokenisation (or one of our other patterns, as our export
@@ -17,8 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QuillError, shown
+from ..fileio import atomic_write_text
 from .base import MAX_FILE_BYTES
-from .bpe import GPT2_PATTERN, KNOWN_PATTERNS, ByteBPETokenizer, bytes_to_unicode, printable_to_token
+from .bpe import (
+    GPT2_PATTERN,
+    KNOWN_PATTERNS,
+    ByteBPETokenizer,
+    bytes_to_unicode,
+    merges_from_ranks,
+    printable_to_token,
+    token_to_printable,
+)
 
 
 def _read_json(path: Path) -> Any:
@@ -137,3 +149,20 @@ def _from_vocab(vocab: Any, merges: list[tuple[str, str]], added: dict[str, Any]
         return ByteBPETokenizer(ranks, specials, pattern, name)
     except ValueError as e:
         raise QuillError(f"{source}: {e}") from None
+
+
+def save_vocab_merges(tokenizer: ByteBPETokenizer, directory: str | Path) -> tuple[Path, Path]:
+    """Write Hugging Face's `vocab.json` and `merges.txt` for `tokenizer` into `directory`."""
+    directory = Path(directory)
+    vocab = {token_to_printable(t): i for t, i in tokenizer.ranks.items()}
+    vocab.update(tokenizer.specials)
+    vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    try:
+        merges = merges_from_ranks(tokenizer.ranks)
+    except ValueError as e:
+        raise QuillError(f"cannot write merges.txt: {e}") from None
+    lines = ["#version: 0.2"] + [f"{token_to_printable(a)} {token_to_printable(b)}" for a, b in merges]
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    atomic_write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(merges_path, "\n".join(lines) + "\n")
+    return vocab_path, merges_path
