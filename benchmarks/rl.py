@@ -149,10 +149,11 @@ def rollout_speed(run: Path, data: Path, rounds: int = 3) -> dict:
     speeds: dict[str, list[float]] = {"batched": [], "one at a time": []}
     for _ in range(rounds):
         t0 = time.perf_counter()
-        replies = rollout(loaded.model, prompts, max_new, end, 1.0, None, seeds)
+        replies = rollout(loaded.model, loaded.tokenizer, prompts, max_new, end, 1.0, None, seeds)
         speeds["batched"].append(sum(len(r.ids) for r in replies) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        alone = [rollout(loaded.model, [p], [16], end, 1.0, None, [s])[0] for p, s in zip(prompts, seeds)]
+        alone = [rollout(loaded.model, loaded.tokenizer, [p], [16], end, 1.0, None, [s])[0]
+                 for p, s in zip(prompts, seeds)]
         speeds["one at a time"].append(sum(len(r.ids) for r in alone) / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in speeds.items()}
 

@@ -7,11 +7,12 @@
 
 What RL adds to `quill train` is its data: `RolloutData`, a `data.TrainingData` whose training
 batches are the model's own replies. Each micro-batch draws `batch_size` tasks (a prompt and the
-fields its reward reads), samples `rl_group_size` replies to each with the batched KV-cached
-decoder (`rollout`), scores them (`rewards.Reward`) and returns `(x, y, extra)`: the prompt and
-reply tokens, targets on the reply tokens only (the end token included), and per row the
-advantage. The loop's per-token loss hook (`RolloutData.token_loss`) turns the per-token NLL
-into the loss, token-normalised REINFORCE with group-relative advantages (docs/rl.md):
+fields its reward reads), samples `rl_group_size` replies to each with the decode engine
+(`rollout`: all rows batched, KV-cached), scores them (`rewards.Reward`) and returns
+`(x, y, extra)`: the prompt and reply tokens, targets on the reply tokens only (the end token
+included), and per row the advantage. The loop's per-token loss hook (`RolloutData.token_loss`)
+turns the per-token NLL into the loss, token-normalised REINFORCE with group-relative
+advantages (docs/rl.md):
 
     A_i = r_i - mean(r of i's group)                    (/ std of the group: rl_std_advantage)
     L   = -(1/N) sum_i sum_t A_i log p(y_it)            N: reply tokens of the micro-batch
@@ -30,10 +31,11 @@ many tasks it has drawn, the batch in use), bf16, DDP/FSDP, the time budget.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,11 @@ from . import distributed as qdist
 from .chat import ConversationError, Message, chat_token_ids, check_messages, end_ids, render
 from .config import Config, TrainConfig, load_config
 from .conversations import ConversationBatches, Rows
+from .engine import Request, complete
 from .errors import QuillError, shown
-from .generate import stream_ids
 from .hf import resolve_init_run
 from .rewards import PASS, Reward, parse_reward
+from .sampling import Sampling
 from .tokenizers import Tokenizer, load_tokenizer
 from .train import EvalHook, Trainer, TrainResult
 
@@ -164,6 +167,7 @@ class Reply:
     ids: list[int]  # the reply's tokens, its end token included when it ended
     finished: bool  # ended with an end token (False: cut at its token limit)
     logprobs: list[float] = field(default_factory=list)  # of each token, temperature 1
+    text: str = ""  # as the reward reads it: the end token and special tokens left out
 
 
 def row_seed(seed: int, index: int, sample: int) -> int:
@@ -172,51 +176,40 @@ def row_seed(seed: int, index: int, sample: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def rollout(model: nn.Module, prompts: list[list[int]], max_new: list[int], end: set[int],
-            temperature: float = 1.0, top_k: int | None = None, seeds: Sequence[int] | None = None,
-            sync: Callable[[bool], bool] | None = None) -> list[Reply]:
-    """Sample one reply to each prompt (token ids), all rows in one batch with the KV cache.
+def rollout(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]], max_new: list[int],
+            end: Collection[int], temperature: float = 1.0, top_k: int | None = None,
+            seeds: Sequence[int] | None = None, max_rows: int | None = None) -> list[Reply]:
+    """Sample one reply to each prompt (token ids) with the decode engine, all rows together.
 
-    Row b ends at one of `end` or after `max_new[b]` tokens, and draws from its own generator
-    seeded with `seeds[b]` (temperature 0: greedy, no seeds). `sync(running)` (under FSDP: True
-    if any rank still decodes) keeps the ranks' forward passes in step."""
-    device = next(model.parameters()).device
-    generators = None
-    if temperature > 0:
-        assert seeds is not None and len(seeds) == len(prompts)
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    replies = [Reply([], False) for _ in prompts]
-    done = [m <= 0 for m in max_new]
-    picked: list[torch.Tensor] = []
+    Row b ends at one of `end` or after `max_new[b]` tokens and draws with its own generator,
+    seeded with `seeds[b]` (temperature 0: greedy, no seeds needed): a row's reply is the one
+    it would get alone. `max_rows` caps the rows decoded at once (default: all)."""
+    requests = [Request(p, Sampling(max_new_tokens=n, temperature=temperature, top_k=top_k or None,
+                                    seed=None if seeds is None else seeds[b], logprobs=0), end_ids=frozenset(end))
+                for b, (p, n) in enumerate(zip(prompts, max_new))]
+    done = complete(model, tokenizer, requests, max_rows=max_rows or max(1, len(requests)))
+    return [Reply(c.ids, c.finish == "stop", [float(x) for x in c.logprobs], c.text) for c in done]
 
-    def keep_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        picked.append(logp.gather(1, tokens[:, None])[:, 0])
 
-    steps = max(max_new, default=0)
-    was_training = model.training
-    model.eval()
+@contextlib.contextmanager
+def counting_forwards(model: nn.Module) -> Iterator[list[int]]:
+    """Counts the model's forward passes in the block (`[n]`)."""
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
     try:
-        for tokens in stream_ids(model, prompts, steps, temperature, top_k or None, generators=generators,
-                                 on_logits=keep_logprob):
-            lp = picked.pop().tolist()
-            for b, (tok, r) in enumerate(zip(tokens.tolist(), replies)):
-                if done[b]:
-                    continue
-                r.ids.append(tok)
-                r.logprobs.append(lp[b])
-                r.finished = tok in end
-                done[b] = r.finished or len(r.ids) >= max_new[b]
-            running = not all(done)
-            if not (sync(running) if sync is not None else running):
-                break
+        yield calls
     finally:
-        model.train(was_training)
-    return replies
+        handle.remove()
 
 
-def reply_text(tokenizer: Tokenizer, reply: Reply) -> str:
-    return tokenizer.decode(reply.ids[:-1] if reply.finished else reply.ids)
+def even_forwards(model: nn.Module, done: int, dist: qdist.DistInfo, device: torch.device) -> None:
+    """Under FSDP every forward pass gathers the weights from all ranks: a rank that decoded in
+    fewer passes than another makes up the difference with passes of one token."""
+    most = torch.tensor([done], device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    with torch.no_grad():
+        for _ in range(int(most.item()) - done):
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
 def advantages(rewards: torch.Tensor, std: bool) -> torch.Tensor:
@@ -467,11 +460,14 @@ class RolloutData:
 
     def sample(self, model: nn.Module, prompts: list[list[int]], temperature: float,
                seeds: Sequence[int] | None) -> list[Reply]:
-        """`rollout` in the run's precision, in step across ranks under FSDP."""
-        sync = (lambda running: self.any_rank(running)) if self.dist.fsdp else None
-        with self.autocast:
-            return rollout(model, prompts, [self.max_new(p) for p in prompts], self.end, temperature,
-                           self.t.rl_top_k, seeds, sync)
+        """`rollout` (in the weights' precision: the engine's cache takes no autocast); under FSDP, in
+        as many forward passes on every rank."""
+        with counting_forwards(model) as calls:
+            replies = rollout(model, self.tokenizer, prompts, [self.max_new(p) for p in prompts], self.end,
+                              temperature, self.t.rl_top_k, seeds)
+        if self.dist.fsdp:
+            even_forwards(model, calls[0], self.dist, self.device)
+        return replies
 
     def rollout_batch(self, tasks: list[Task], first: int, stats: RolloutStats
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -482,7 +478,7 @@ class RolloutData:
         prompts = [self.prompt_ids[id(task)] for task in tasks for _ in range(G)]
         seeds = [row_seed(t.seed, first + i, g) for i in range(len(tasks)) for g in range(G)]
         replies = self.sample(self.model, prompts, t.rl_temperature, seeds)
-        rewards = torch.tensor([self.reward.score(task.as_dicts(), reply_text(self.tokenizer, r), task.fields,
+        rewards = torch.tensor([self.reward.score(task.as_dicts(), r.text, task.fields,
                                                   task.where)
                                 for task, r in zip((task for task in tasks for _ in range(G)), replies)],
                                dtype=torch.float32).view(len(tasks), G)
@@ -527,7 +523,7 @@ class RolloutData:
             replies = self.sample(model, prompts, temperature, seeds if temperature > 0 else None)
             for (i, _), r in zip(chunk, replies):
                 task = tasks[i]
-                out[i].append(self.reward.score(task.as_dicts(), reply_text(self.tokenizer, r), task.fields,
+                out[i].append(self.reward.score(task.as_dicts(), r.text, task.fields,
                                                 task.where))
         return out
 

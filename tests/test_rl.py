@@ -161,10 +161,11 @@ def test_batched_rollouts_sample_what_each_prompt_would_alone(chat_base):
     prompts = [render(tok, [{"role": "user", "content": text}], add_generation_prompt=True).ids
                for text in ("Add 1 and 2.", "Add 3 and 4.", "1+2=")]
     end = end_ids(tok)
-    batched = rollout(run.model, prompts, [5, 8, 3], end, 1.0, None, [11, 12, 13])
+    batched = rollout(run.model, tok, prompts, [5, 8, 3], end, 1.0, None, [11, 12, 13])
     for p, n, seed, got in zip(prompts, [5, 8, 3], [11, 12, 13], batched):
-        alone = rollout(run.model, [p], [n], end, 1.0, None, [seed])[0]
-        assert got.ids == alone.ids and got.finished == alone.finished
+        alone = rollout(run.model, tok, [p], [n], end, 1.0, None, [seed])[0]
+        assert got.ids == alone.ids and got.finished == alone.finished and got.text == alone.text
+        assert got.text == tok.decode(got.ids[:-1] if got.finished else got.ids)
         assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
         assert len(got.ids) <= n and (got.finished == (got.ids[-1] in end))
         # the log-probs are the model's own (temperature 1), token by token
