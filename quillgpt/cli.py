@@ -321,11 +321,13 @@ def _unescape(text: str) -> str:
 def sample_pieces(run: Any, prompts: list[str], seed: int, settings: dict[str, Any]) -> Iterator[list[str]]:
     """The one place `quill sample` decodes: each step, the new text piece of every prompt
     (row b samples with seed + b, as `generate.generate_batch`)."""
-    from .generate import encode_prompt, start_ids, stream_texts
+    from .generate import Sampling, encode_prompt, start_ids, stream_texts
 
     block_size = run.model.config.block_size
     ids = [encode_prompt(run.tokenizer, p, block_size) or start_ids(run.tokenizer) for p in prompts]
-    return stream_texts(run.model, run.tokenizer, ids, seed=seed, **settings)
+    options = dict(settings)
+    overflow = options.pop("overflow", "shift")
+    return stream_texts(run.model, run.tokenizer, ids, Sampling(seed=seed, **options), overflow=overflow)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -749,6 +751,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
+    p.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for the KV cache; at most as many rows decode at once as fit at full "
+                        "context (default: 16 rows)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's logging: each request is logged at info")
     add_weights_flags(p, device="auto")
@@ -766,7 +771,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_tokens_cap < 1 or args.max_queue < 1:
         raise QuillError("--max-tokens-cap and --max-queue must be positive")
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise QuillError(f"--kv-cache-mb must be positive, got {args.kv_cache_mb}")
     settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
+                             kv_cache_mb=args.kv_cache_mb,
                              allowed_hosts=default_allowed_hosts(args.host, extra))
     serve(args.run, args.host, args.port, resolve_device(args.device), weights_file(args), settings,
           log=eprint, log_level=args.log_level, dtype=args.dtype)

@@ -25,8 +25,9 @@ LAYERS: dict[str, int] = {
     "tokenizers": 3,
     # 4: the models, each standing on config alone
     "model": 4, "ladder": 4,
-    # 5: which model a config names; optimisers; a model's precision for inference; per-token losses
-    "registry": 5, "optim": 5, "inference": 5, "losses": 5,
+    # 5: which model a config names; optimisers; a model's precision for inference; per-token
+    # losses; the settings of a decoded row and how a token is drawn. 6: the decode engine
+    "registry": 5, "optim": 5, "inference": 5, "losses": 5, "sampling": 5, "engine": 6,
     # 6-9: corpora -> text pieces -> token files (and their cache) -> batches
     "readers": 6, "prepared": 7, "prepare": 8, "data": 9,
     # 10: run directories on disk
