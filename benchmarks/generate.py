@@ -1,11 +1,13 @@
 """Generation speed: float32 / bfloat16 / int8 weights against HF transformers, the machine's
 memory-bandwidth limit and nanoGPT's no-cache loop.
 
-1. Read bandwidth: the sum of a 1 GB float32 tensor (median of 5), in the same run.
+1. Read bandwidth: the sum of a 1 GiB float32 tensor (median of 5; benchmarks/bandwidth.py), in
+   the same run.
 2. GPT-2-small shape (124M parameters: 12 layers, 12 heads, 768 wide, block 1024, vocabulary
    50257; random weights, the same in HF and in quillgpt through the import-hf conversion),
    greedy, a 16-token prompt and 128 new tokens: HF `GPT2LMHeadModel.generate` (fp32, its KV
-   cache) and quillgpt's `generate_ids` in float32, bfloat16 and int8 (`set_inference_dtype`).
+   cache) and quillgpt's `generate_ids` (the decode engine) in float32, bfloat16 and int8
+   (`set_inference_dtype`).
    Batch 1: tokens/s, time to first token (TTFT: the same call with 1 new token) and the share
    of the bandwidth limit (bandwidth / bytes of weights one decode step reads). Batch 8 (eight
    16-token prompts, the server's batching): tokens/s of all rows together.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import torch  # noqa: E402
 
+from benchmarks.bandwidth import read_bandwidth  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.config import ModelConfig  # noqa: E402
 from quillgpt.generate import generate_ids  # noqa: E402
@@ -58,13 +61,6 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of summing a large float32 tensor (read once, nothing written)."""
-    x = torch.ones(int(gigabytes * 2**30) // 4)
-    x.sum()
-    return x.numel() * 4 / statistics.median(timed(x.sum) for _ in range(repeats))
 
 
 def decode_bytes(model: torch.nn.Module) -> int:

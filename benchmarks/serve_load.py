@@ -1,19 +1,24 @@
-"""Load and bad input against `quill serve` on loopback, with a small model.
+"""Load and bad input against `quill serve` on loopback, with a small model: today's engine and
+the engine before it, side by side in one run.
 
 1. Trains a small char-level GPT on tiny-shakespeare (or uses --run) and starts `quill serve` in
-   its own process on a free loopback port.
-2. Baseline, measured in the same run: the same request mix through `generate()` in process,
-   one request at a time (no HTTP, no queue) - the work the server has to do.
-3. Load: CLIENTS concurrent clients x REQUESTS requests each, every other one streamed (SSE).
-   Every answer is checked (status 200, OpenAI shape, `data: [DONE]` last, token counts); latency
-   p50/p90/p99 (and time to first chunk for streams), requests/s and generated tokens/s.
-4. Bad input: MALFORMED requests (broken and fuzzed JSON, wrong types, huge and non-finite
+   its own process on a free loopback port; with --base-tree also a second server from another
+   checkout of the package (the code before the decode engine: `git worktree add --detach
+   ../engine-base a30983c`), run with that tree on PYTHONPATH, serving the same run.
+2. Load, in three scenarios, each on every server in turn (the order alternates): one client at
+   a time ("lone"), CLIENTS concurrent clients with identical settings ("identical"), and
+   CLIENTS clients whose temperature, top-k, top-p, min-p, repetition penalty and max_tokens
+   differ from request to request ("mixed"). Every request is streamed (SSE, with usage) and
+   checked (status 200, OpenAI shape, `data: [DONE]` last, token counts): served tokens/s, time
+   to first token (p50/p99), whole latency (p50/p99), errors; ratios new / base.
+3. Bad input: MALFORMED requests (broken and fuzzed JSON, wrong types, huge and non-finite
    numbers, invalid UTF-8, oversized bodies with and without Content-Length, deep nesting, ...),
-   each must be answered by a 4xx JSON error; then /health must say ok and a normal completion
-   must work; then Ctrl-C must stop the server cleanly.
-Exits 1 if anything failed. Everything is bounded: --time-limit seconds in all.
+   each must be answered by a 4xx JSON error; then /health must say ok, /metrics must parse, a
+   normal completion must work; then Ctrl-C must stop the server cleanly.
+Exits 1 if anything failed. Everything is bounded: --time-limit seconds per phase.
 
-    flock /tmp/quill-bench.lock .venv/bin/python benchmarks/serve_load.py [--run RUN] [--quick]
+    flock /tmp/quill-bench.lock .venv/bin/python benchmarks/serve_load.py --base-tree ../engine-base
+    flock /tmp/quill-bench.lock .venv/bin/python benchmarks/serve_load.py --quick     # new server only, small
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import re
@@ -40,18 +46,18 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_name  # noqa: E402
 from quillgpt.checkpoint import load_run  # noqa: E402
 from quillgpt.config import load_config  # noqa: E402
-from quillgpt.generate import generate  # noqa: E402
 from quillgpt.model import count_params  # noqa: E402
 from quillgpt.train import Trainer  # noqa: E402
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# tiny-shakespeare where the checkout keeps shared data: beside it, or beside a worktree folder
+SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in (ROOT.parent, ROOT.parent.parent)
+                    if (p / "shared" / "data" / "tinyshakespeare.txt").is_file()),
+                   ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
 PROMPTS = ["ROMEO:", "JULIET:\nO ", "First Citizen:\n", "KING HENRY", "To be, or not", "\n", "", "What "]
 
 
 def machine() -> str:
     cpu = cpu_name()
-    import os
-
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
@@ -74,21 +80,31 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
-def request_mix(clients: int, requests: int, max_tokens: int) -> list[list[dict]]:
-    """Each client's requests: a prompt, a seed, a temperature; every other one streamed."""
-    rng = random.Random(0)
-    return [[{"prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "seed": c * 1000 + i,
-              "temperature": rng.choice([0.0, 0.7, 1.0]), "top_k": rng.choice([None, 20]),
-              "stream": (c + i) % 2 == 0}
+def request_mix(clients: int, requests: int, max_tokens: int, mixed: bool, seed: int = 0) -> list[list[dict]]:
+    """Each client's requests (all streamed): identical settings, or settings that differ from
+    request to request (and lengths from max_tokens / 2 to 3 / 2 max_tokens)."""
+    rng = random.Random(seed)
+
+    def settings() -> dict:
+        if not mixed:
+            return {"temperature": 0.8, "top_k": 40, "max_tokens": max_tokens}
+        return {"temperature": rng.choice([0.0, 0.5, 0.8, 1.0, 1.2]), "top_k": rng.choice([None, 10, 40]),
+                "top_p": rng.choice([None, 0.9, 0.95]), "min_p": rng.choice([None, 0.05]),
+                "repetition_penalty": rng.choice([None, 1.1]),
+                "max_tokens": rng.choice([max_tokens // 2, max_tokens, max_tokens * 3 // 2])}
+
+    return [[{"prompt": rng.choice(PROMPTS), "seed": c * 1000 + i, "stream": True, **settings()}
              for i in range(requests)] for c in range(clients)]
 
 
 # --- the server in its own process ---------------------------------------------------------
 
-def start_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: Path, tree: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """`quill serve` of the package in `tree` (its own directory first on the path)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.Popen([sys.executable, "-m", "quillgpt.cli", "serve", str(run_dir), "--port", "0",
                              "--device", "cpu", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
     line = proc.stderr.readline()
     m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
     if not m:
@@ -244,22 +260,97 @@ async def bad_input(url: str, bodies: list[tuple[str, bytes, dict]]) -> list[str
     return failures
 
 
-# --- report --------------------------------------------------------------------------------
+# --- scenarios and report ---------------------------------------------------------------------
+
+def scenario(url: str, mix: list[list[dict]], time_limit: float) -> dict:
+    """One load on one server: served tokens/s, TTFT and latency percentiles (ms), errors."""
+    results, wall = asyncio.run(asyncio.wait_for(load(url, mix), time_limit))
+    good = [r for r in results if not r["error"]]
+    first = [r["first"] * 1000 for r in good if r["first"] is not None]
+    lat = [r["latency"] * 1000 for r in good]
+    return {"tps": sum(r["tokens"] for r in good) / wall, "wall": wall, "n": len(results),
+            "ttft50": pct(first, 50) if first else float("nan"), "ttft99": pct(first, 99) if first else float("nan"),
+            "lat50": pct(lat, 50) if lat else float("nan"), "lat99": pct(lat, 99) if lat else float("nan"),
+            "errors": [r["error"] for r in results if r["error"]]}
+
+
+def print_scenarios(figures: dict[str, dict[str, dict]], servers: list[str]) -> None:
+    cols = [("served tokens/s", "tps", ".0f"), ("TTFT p50 ms", "ttft50", ".0f"), ("TTFT p99 ms", "ttft99", ".0f"),
+            ("latency p50 ms", "lat50", ".0f"), ("latency p99 ms", "lat99", ".0f")]
+    head = "| scenario | figure | " + " | ".join(servers) + (" | new / base |" if len(servers) > 1 else " |")
+    print(head)
+    print("| --- | --- | " + " | ".join("---:" for _ in servers) + (" | ---: |" if len(servers) > 1 else " |"))
+    for name, per_server in figures.items():
+        for label, key, fmt in cols:
+            values = [per_server[s][key] for s in servers]
+            row = f"| {name} | {label} | " + " | ".join(f"{v:{fmt}}" for v in values)
+            print(row + (f" | **{values[1] / values[0]:.2f}x** |" if len(values) > 1 else " |"))
+        errors = [len(per_server[s]["errors"]) for s in servers]
+        print(f"| {name} | errors | " + " | ".join(map(str, errors)) + (" | |" if len(servers) > 1 else " |"))
+    if "mixed" in figures and "identical" in figures:
+        s = servers[-1]
+        print(f"\n{s}: mixed settings at {figures['mixed'][s]['tps'] / figures['identical'][s]['tps']:.0%} "
+              f"of identical settings' tokens/s")
+
+
+def run_scenarios(run_dir: Path, args: argparse.Namespace, scenarios: dict[str, list[list[dict]]]
+                  ) -> tuple[dict[str, dict[str, dict]], list[str], tuple[subprocess.Popen, str]]:
+    """Every scenario on every server (base first, then new; the order alternates by scenario)."""
+    trees = {"new": ROOT} if not args.base_tree else {"base": Path(args.base_tree).resolve(), "new": ROOT}
+    servers = list(trees)
+    procs = {name: start_server(run_dir, tree) for name, tree in trees.items()}
+    figures: dict[str, dict[str, dict]] = {}
+    try:
+        for k, (name, mix) in enumerate(scenarios.items()):
+            figures[name] = {}
+            for server in servers if k % 2 == 0 else servers[::-1]:
+                figures[name][server] = scenario(procs[server][1], mix, args.time_limit)
+                print(f"  {name} on {server}: done", flush=True)
+    finally:
+        for name in servers:
+            if name != "new":
+                stop(procs[name][0])
+    return figures, servers, procs["new"]
+
+
+def stop(proc: subprocess.Popen) -> int | str:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "killed"
+
+
+def metrics_parse(url: str) -> bool:
+    """/metrics is Prometheus text: every sample line a name and a number, TYPE lines known."""
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    try:
+        for line in r.text.splitlines():
+            if line.startswith("# TYPE "):
+                assert line.split(" ")[3] in ("counter", "gauge", "histogram")
+            elif line and not line.startswith("#"):
+                float(line.rsplit(" ", 1)[1])
+    except (AssertionError, IndexError, ValueError):
+        return False
+    return r.status_code == 200 and "quill_generated_tokens_total" in r.text
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", help="run directory to serve (default: train a small one)")
     ap.add_argument("--save-run", help="keep the small run trained here in this directory")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=20, help="requests per client")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--base-tree", help="a checkout of the package to compare with (served from there)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=6, help="requests per client")
+    ap.add_argument("--lone", type=int, default=16, help="requests of the one-client-at-a-time scenario")
+    ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--malformed", type=int, default=200)
-    ap.add_argument("--baseline", type=int, default=64, help="requests in the in-process baseline")
-    ap.add_argument("--time-limit", type=float, default=600, help="seconds for the load and bad-input phases")
-    ap.add_argument("--quick", action="store_true", help="8 clients x 5 requests, 50 malformed")
+    ap.add_argument("--time-limit", type=float, default=600, help="seconds for each load and the bad input")
+    ap.add_argument("--quick", action="store_true", help="4 clients x 3 requests, 4 lone, 50 malformed")
     args = ap.parse_args()
     if args.quick:
-        args.clients, args.requests, args.malformed, args.baseline = 8, 5, 50, 16
+        args.clients, args.requests, args.lone, args.malformed = 4, 3, 4, 50
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -271,62 +362,28 @@ def main() -> int:
         trained = "" if args.run else f" (trained here, {train_s:.0f} s)"
         print(f"model: {run_dir} - {count_params(run.model):,} parameters, {m.n_layer} layers, "
               f"n_embd {m.n_embd}, context {m.block_size}, vocabulary {m.vocab_size}{trained}")
-
-        mix = request_mix(args.clients, args.requests, args.max_tokens)
-        flat = [b for bodies in mix for b in bodies]
-        # baseline: the same kind of requests through generate() in this process, one at a time
-        torch.set_num_threads(torch.get_num_threads())
-        base_tokens, t = 0, time.perf_counter()
-        for b in flat[: args.baseline]:
-            text = generate(run.model, run.tokenizer, b["prompt"], max_new_tokens=b["max_tokens"],
-                            temperature=b["temperature"], top_k=b["top_k"], seed=b["seed"])
-            base_tokens += len(run.tokenizer.encode(text))
-        base_s = time.perf_counter() - t
-        base_tps = base_tokens / base_s
-        base_latency = base_s / args.baseline
-
-        proc, url = start_server(run_dir)
-        ok = True
+        scenarios = {"lone": request_mix(1, args.lone, args.max_tokens, mixed=True, seed=1),
+                     "identical": request_mix(args.clients, args.requests, args.max_tokens, mixed=False),
+                     "mixed": request_mix(args.clients, args.requests, args.max_tokens, mixed=True)}
+        figures, servers, (proc, url) = run_scenarios(run_dir, args, scenarios)
         try:
-            deadline = time.monotonic() + args.time_limit
-            results, wall = asyncio.run(asyncio.wait_for(load(url, mix), args.time_limit))
-            errors = [r["error"] for r in results if r["error"]]
-            good = [r for r in results if not r["error"]]
-            tokens = sum(r["tokens"] for r in good)
-            lat = {s: [r["latency"] * 1000 for r in good if r["stream"] == s] for s in (False, True)}
-            first = [r["first"] * 1000 for r in good if r["stream"] and r["first"] is not None]
-
             bodies = malformed_bodies(args.malformed, m.vocab_size, m.block_size)
-            remaining = max(1.0, deadline - time.monotonic())
             t = time.perf_counter()
-            failures = asyncio.run(asyncio.wait_for(bad_input(url, bodies), remaining))
+            failures = asyncio.run(asyncio.wait_for(bad_input(url, bodies), args.time_limit))
             bad_s = time.perf_counter() - t
             health = httpx.get(f"{url}/health", timeout=10).json()
+            metrics_ok = metrics_parse(url)
             after = httpx.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 8}, timeout=60)
             alive = proc.poll() is None
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                code = proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = "killed"
+            code = stop(proc)
 
-        n = len(results)
-        print(f"\nload: {args.clients} clients x {args.requests} requests ({n} requests, half streamed), "
-              f"max_tokens {args.max_tokens}, loopback")
-        print(f"{'':<34}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'n':>6}")
-        for name, xs in (("latency, non-streamed", lat[False]), ("latency, streamed (to [DONE])", lat[True]),
-                         ("streamed: time to first chunk", first)):
-            if xs:
-                print(f"{name:<34}{pct(xs, 50):>10.0f}{pct(xs, 90):>10.0f}{pct(xs, 99):>10.0f}{len(xs):>6}")
-        served_tps = tokens / wall
-        print(f"\n{'':<44}{'served':>12}{'generate() alone':>18}{'ratio':>8}")
-        print(f"{'generated tokens/s':<44}{served_tps:>12.0f}{base_tps:>18.0f}{served_tps / base_tps:>8.2f}")
-        print(f"{'requests/s':<44}{n / wall:>12.1f}{1 / base_latency:>18.1f}{n / wall * base_latency:>8.2f}")
-        print(f"wall {wall:.1f} s for the load; baseline: {args.baseline} requests one at a time in process "
-              f"({base_s:.1f} s)")
-        print(f"errors: {len(errors)} of {n}")
+        print(f"\nload: lone = 1 client x {args.lone} requests; identical / mixed = {args.clients} clients x "
+              f"{args.requests} requests; max_tokens {args.max_tokens} (mixed: {args.max_tokens // 2} to "
+              f"{args.max_tokens * 3 // 2}); every request streamed; loopback\n")
+        print_scenarios(figures, servers)
+        errors = [e for per in figures.values() for f in per.values() for e in f["errors"]]
+        print(f"errors: {len(errors)}")
         for e in errors[:10]:
             print("  ", e)
         kinds = sorted({k for k, _, _ in bodies})
@@ -335,10 +392,11 @@ def main() -> int:
         for f in failures[:10]:
             print("  ", f)
         print(f"afterwards: /health {health.get('status')!r} (completed {health.get('completed')}, "
-              f"cancelled {health.get('cancelled')}), completion HTTP {after.status_code}, "
-              f"server alive {alive}, exit status after Ctrl-C {code}")
+              f"cancelled {health.get('cancelled')}), /metrics parses {metrics_ok}, completion HTTP "
+              f"{after.status_code}, server alive {alive}, exit status after Ctrl-C {code}")
         ok = (not errors and not failures and health.get("status") == "ok" and after.status_code == 200
-              and alive and code == 0 and n == args.clients * args.requests)
+              and alive and code == 0 and metrics_ok)
+        print(f"machine: {machine()}")
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
 

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -59,6 +60,9 @@ class TimedTrainer(Trainer):
         starts = torch.linspace(0, len(val) - WINDOW - 1, n).long()  # spread over the whole split
         self.x = torch.stack([val[s:s + WINDOW] for s in starts]).to(self.device)
         self.y = torch.stack([val[s + 1:s + 1 + WINDOW] for s in starts]).to(self.device)
+        # the loop evaluates through its evaluator: this one is the fixed-subset evaluation below
+        self.evaluator = SimpleNamespace(batches_per_eval=1, hooks=[], losses=lambda tick=None: self.evaluate(),
+                                         evaluate=lambda step, final, tick=None: (self.evaluate(), {}))
 
     def train_seconds(self) -> float:
         return time.perf_counter() - self.t0 - self.eval_s

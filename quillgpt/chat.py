@@ -48,7 +48,7 @@ from typing import Any
 import torch.nn as nn
 
 from .errors import QuillError, shown
-from .generate import check_sampling_args, stream_texts
+from .generate import Sampling, check_sampling_args, stream_texts
 from .tokenizers import Tokenizer
 from .tools import NAME, ToolError, check_tool_definitions, parse_arguments
 
@@ -405,11 +405,12 @@ def stream_replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequen
     """The assistant's next reply to each conversation (one batch), in pieces as they are
     produced: each step, one text piece per conversation. Conversation b samples with seed + b."""
     check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, stop)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
     block_size = model.config.block_size
     ids = [prompt_ids(tokenizer, check_messages(list(c), tools=getattr(c, "tools", None)), block_size)
            for c in conversations]
-    yield from stream_texts(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, min_p,
-                            repetition_penalty, stop, seed, end_ids=end_ids(tokenizer))
+    yield from stream_texts(model, tokenizer, ids, sampling, end_ids=end_ids(tokenizer))
 
 
 def replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Any], **sampling: Any) -> list[str]:

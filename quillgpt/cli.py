@@ -278,6 +278,60 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill rl ---------------------------------------------------------------------------------
+
+def add_rl(sub: argparse._SubParsersAction) -> None:
+    from .config import ALL_KEYS
+    from .rl import RL_KEY_HELP
+
+    p = sub.add_parser("rl", help="improve a chat model with rewards it earns (reinforcement learning)",
+                       usage="quill rl --init-from RUN --data TASKS [--reward SPEC] [--KEY-NAME VALUE ...] [options]",
+                       description="Reinforcement learning from verifiable rewards: a chat model (--init-from, "
+                                   "trained with quill sft) answers the tasks of --data (.jsonl, one {\"messages\": "
+                                   "[...], \"answer\": ...} per line) in groups of samples, --reward scores each "
+                                   "reply, and replies better than their group's mean become likelier. Every quill "
+                                   "train key is a flag. See docs/rl.md.")
+    add_training_flags(p, "preset name or YAML file (quill rl's defaults fill the keys it leaves unset)")
+    add_config_flags(p, "quill rl's keys (the defaults are quill rl's)", list(RL_KEY_HELP), RL_KEY_HELP)
+    add_config_flags(p, "the other config keys, as quill train's", [k for k in ALL_KEYS if k not in RL_KEY_HELP])
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .rewards import parse_reward
+    from .rl import rl_config, rl_trainer
+
+    reward = None
+    if args.resume:
+        moved = vars(args).pop("cfg_eval_data", None)  # where the held-out tasks are now (checked)
+        cfg, resume_data, _ = training_config(args)
+        if resume_data is not None:
+            cfg.train.data = str(resume_data)
+        if moved is not None:
+            cfg.train.eval_data = str(moved)
+        if "cfg_reward" in vars(args):  # named again: its code may run
+            reward = parse_reward(cfg.train.reward)
+    else:
+        if args.allow_config_change:
+            raise QuillError("--allow-config-change only applies with --resume RUN")
+        cfg = rl_config(args.config, config_overrides(args))
+    trainer = rl_trainer(cfg, overwrite=args.overwrite, save=not args.no_save, progress=not args.no_progress,
+                         start_time=START_TIME, resume=args.resume, reward=reward)
+    result = trainer.run()
+    if not trainer.dist.is_main:
+        return 0
+    rewards = [r["rl/reward"] for r in trainer.metrics if r.get("rl/reward")]
+    evals = [r for r in trainer.metrics if r.get("rl/pass@1")]
+    k = cfg.train.rl_pass_k
+    said = f", mean reward {float(rewards[-1]):.3f} (last logged)" if rewards else ""
+    if evals:
+        last = evals[-1]
+        said += f", held-out pass@1 {float(last['rl/pass@1']):.3f}, pass@{k} {float(last[f'rl/pass@{k}']):.3f}"
+    eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s{said}")
+    if result.run_dir is not None:
+        eprint(f"run saved to {result.run_dir}; talk to it with: quill chat {result.run_dir}")
+    return 0
+
+
 # --- quill plot -------------------------------------------------------------------------------
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
@@ -322,11 +376,13 @@ def _unescape(text: str) -> str:
 def sample_pieces(run: Any, prompts: list[str], seed: int, settings: dict[str, Any]) -> Iterator[list[str]]:
     """The one place `quill sample` decodes: each step, the new text piece of every prompt
     (row b samples with seed + b, as `generate.generate_batch`)."""
-    from .generate import encode_prompt, start_ids, stream_texts
+    from .generate import Sampling, encode_prompt, start_ids, stream_texts
 
     block_size = run.model.config.block_size
     ids = [encode_prompt(run.tokenizer, p, block_size) or start_ids(run.tokenizer) for p in prompts]
-    return stream_texts(run.model, run.tokenizer, ids, seed=seed, **settings)
+    options = dict(settings)
+    overflow = options.pop("overflow", "shift")
+    return stream_texts(run.model, run.tokenizer, ids, Sampling(seed=seed, **options), overflow=overflow)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -750,6 +806,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
+    p.add_argument("--kv-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for the KV cache; at most as many rows decode at once as fit at full "
+                        "context (default: 16 rows)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's logging: each request is logged at info")
     add_weights_flags(p, device="auto")
@@ -767,7 +826,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_tokens_cap < 1 or args.max_queue < 1:
         raise QuillError("--max-tokens-cap and --max-queue must be positive")
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise QuillError(f"--kv-cache-mb must be positive, got {args.kv_cache_mb}")
     settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
+                             kv_cache_mb=args.kv_cache_mb,
                              allowed_hosts=default_allowed_hosts(args.host, extra))
     serve(args.run, args.host, args.port, resolve_device(args.device), weights_file(args), settings,
           log=eprint, log_level=args.log_level, dtype=args.dtype)
@@ -822,6 +884,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
     (add_sft, cmd_sft),
+    (add_rl, cmd_rl),
     (add_chat, cmd_chat),
     (add_prepare, cmd_prepare),
     (add_plot, cmd_plot),

@@ -18,9 +18,9 @@ The harness turns every task into three kinds of request, and `QuillLM` answers 
 - `loglikelihood_rolling(text)`: the whole text's log-likelihood (perplexity tasks), in the
   harness's windows of block_size tokens (each token scored once, with as much context as fits),
   all windows batched together.
-- `generate_until(context, until=...)`: greedy (or sampled) continuations from the KV-cached
-  generator (`generate.stream_ids`; the ladder's rungs recompute), batched, each row stopped at
-  its first stop string.
+- `generate_until(context, until=...)`: greedy (or sampled) continuations from the decode
+  engine (`quillgpt.engine`; the ladder's rungs recompute), every request a row with its own
+  settings, each stopped at its first stop string.
 
 An empty context starts from the tokenizer's <|endoftext|>, or (tokenizers without one) a
 newline. Characters outside a character-level vocabulary stop the evaluation, or with
@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
+from .engine import Request, complete
 from .errors import QuillError
 from .evaluate import encode_text
-from .generate import TextStream, start_ids, stream_ids
+from .generate import start_ids
+from .sampling import Sampling
 from .scoring import score_continuations
 from .tokenizers import Tokenizer
 
@@ -147,53 +148,36 @@ class QuillLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        """Continuations until a stop string, in batches of requests with equal settings."""
+        """Continuations until a stop string: every request a row of one decode engine with its
+        own settings, `batch_size` rows at a time, longest context first (as the hf backend)."""
         args = [req.args for req in requests]
-        groups: dict[str, list[int]] = {}
-        for i, (_, gen_kwargs) in enumerate(args):
-            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+        encoded = [self.tok_encode(context) for context, _ in args]
+        order = sorted(range(len(args)), key=lambda i: -len(encoded[i]))
+        rows = [self._request(encoded[i], args[i][1], GENERATION_SEED + i) for i in order]
         out: list[str] = [""] * len(requests)
-        for indices in groups.values():
-            encoded = {i: self.tok_encode(args[i][0]) for i in indices}
-            indices.sort(key=lambda i: -len(encoded[i]))  # longest first, as the hf backend
-            for b in range(0, len(indices), self.batch_size):
-                chunk = indices[b : b + self.batch_size]
-                texts = self._generate([encoded[i] for i in chunk], args[chunk[0]][1])
-                for i, text in zip(chunk, texts):
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", args[i], text)
+        for i, done in zip(order, complete(self.model, self.tokenizer, rows, max_rows=self.batch_size)):
+            out[i] = done.text
+            self.cache_hook.add_partial("generate_until", args[i], done.text)
         return out
 
     # --- generation ---------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def _generate(self, contexts: list[list[int]], gen_kwargs: dict) -> list[str]:
+    def _request(self, context: list[int], gen_kwargs: dict, seed: int) -> Request:
+        """One generate_until request as a decode-engine row: greedy unless the task samples."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         eot = self.tokenizer.eot_id
         stop = handle_stop_sequences(kwargs.pop("until", None),
                                      self.tokenizer.decode([eot]) if eot is not None else None)
         max_new = int(kwargs.pop("max_gen_toks"))
-        temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
-        sampling = temperature > 0  # else greedy, as the harness asks by default
+        sampled = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
         # room for the new tokens where there is some, as the hf backend; past block_size the
-        # generator slides its window (docs/generation.md)
+        # engine moves its window (docs/generation.md)
         keep = self.max_length - max_new if max_new < self.max_length else self.max_length
-        rows = [ctx[-keep:] or start_ids(self.tokenizer) for ctx in contexts]
-        generators = [torch.Generator(device=self._device).manual_seed(GENERATION_SEED + b)
-                      for b in range(len(rows))] if sampling else None
-        streams = [TextStream(self.tokenizer, [s for s in stop if s]) for _ in rows]
-        texts = [""] * len(rows)
-        steps = stream_ids(self.model, rows, max_new, temperature, kwargs.get("top_k"), kwargs.get("top_p"),
-                           generators=generators)
-        try:
-            for nxt in steps:
-                for b, token in enumerate(nxt.tolist()):
-                    texts[b] += streams[b].add(token)
-                if all(s.done for s in streams):
-                    break
-        finally:
-            steps.close()
-        return [t + s.finish() for t, s in zip(texts, streams)]
+        sampling = Sampling(max_new_tokens=max_new, stop=tuple(s for s in stop if s), seed=seed,
+                            temperature=float(kwargs["temperature"]) if sampled else 0.0,
+                            top_k=kwargs.get("top_k") if sampled else None,
+                            top_p=kwargs.get("top_p") if sampled else None)
+        return Request(context[-keep:] or start_ids(self.tokenizer), sampling)
 
 
 def _batch_size(value: int | str | None) -> int:

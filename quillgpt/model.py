@@ -74,11 +74,19 @@ class KVCache:
             self.row_positions = (self.slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, capacity)
             self.real = (self.slots[None, :] >= self.pad[:, None])[:, None, None, :]  # (B, 1, 1, capacity)
 
-    def positions(self, T: int) -> torch.Tensor:
-        """Position ids of the next T slots: (T,), or (B, T) when rows are padded."""
+    def start(self, T: int) -> torch.Tensor:
+        """Begin a forward of T new tokens: set its attention mask; their position ids, (T,) or
+        (B, T) when rows are padded. ValueError past the capacity (block_size)."""
+        if self.pos + T > self.capacity:
+            raise ValueError(f"sequence of {self.pos + T} tokens is longer than block_size {self.capacity}")
+        self.mask = self.attn_mask(T)
         if self.pad is None:
             return self.slots[self.pos : self.pos + T]
         return self.row_positions[:, self.pos : self.pos + T]
+
+    def advance(self, T: int) -> None:
+        """The forward is done: its T tokens are in the cache."""
+        self.pos += T
 
     def attn_mask(self, T: int) -> torch.Tensor | None:
         """Which of slots 0..pos+T-1 each of the next T queries may see; None = plain causal."""
@@ -102,6 +110,130 @@ class KVCache:
         k_all.narrow(2, self.pos, T).copy_(k)
         v_all.narrow(2, self.pos, T).copy_(v)
         return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences that each have their own length: the cache
+    of the decode engine (quillgpt.engine), where rows join and leave a running batch.
+
+    Each sequence lives in one slot (n_layer, slots, nh, block_size, hs), allocated once; the
+    engine keeps its running rows in slots 0..n-1 and says how many tokens each holds. A forward
+    takes a view: `prefill(slots, length)` for new tokens of rows that all hold `length` tokens
+    (any number of tokens per row: a prompt, or a chunk of one), `decode(lengths)` for one new
+    token in each of slots 0..n-1, each at its own length (attention masks the slots past it).
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32):
+        self.capacity = cfg.block_size
+        self.shape = (cfg.n_layer, slots, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(self.shape, device=device, dtype=dtype)
+        self.v = torch.zeros(self.shape, device=device, dtype=dtype)
+        self.index = torch.arange(cfg.block_size, device=device)  # (capacity,): slot positions
+
+    @staticmethod
+    def bytes_per_slot(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Memory of one sequence's keys and values at full length."""
+        return 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def slots(self) -> int:
+        return self.shape[1]
+
+    def grow(self, slots: int) -> None:
+        """Room for `slots` sequences; those held so far keep their place."""
+        if slots <= self.slots:
+            return
+        shape = (self.shape[0], slots, *self.shape[2:])
+        k = torch.zeros(shape, device=self.k.device, dtype=self.k.dtype)
+        v = torch.zeros(shape, device=self.v.device, dtype=self.v.dtype)
+        k[:, : self.slots].copy_(self.k)
+        v[:, : self.slots].copy_(self.v)
+        self.k, self.v, self.shape = k, v, shape
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Slot `dst` holds the first `length` tokens of slot `src` (a shared prompt, a move)."""
+        self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+        self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+
+    def prefill(self, slots: list[int], length: int) -> PrefillView:
+        return PrefillView(self, slots, length)
+
+    def decode(self, lengths: list[int]) -> DecodeView:
+        return DecodeView(self, lengths)
+
+
+class PrefillView:
+    """T new tokens for each of `slots`, which all hold `length` tokens (see SlotCache).
+
+    Fresh rows (`length` 0) may sit in any slots; rows that continue must be in consecutive
+    slots."""
+
+    def __init__(self, cache: SlotCache, slots: list[int], length: int):
+        self.cache, self.length, self.mask = cache, length, None
+        self.first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        if self.first is None and length:
+            raise ValueError("rows that continue a prefill must be in consecutive slots")
+        self.rows = torch.tensor(slots, device=cache.index.device) if self.first is None else None
+
+    def start(self, T: int) -> torch.Tensor:
+        L = self.length
+        if L + T > self.cache.capacity:
+            raise ValueError(f"sequence of {L + T} tokens is longer than block_size {self.cache.capacity}")
+        if L:  # query i (at position L + i) sees the slots up to its own
+            self.mask = self.cache.index[None, : L + T] <= self.cache.index[L : L + T, None]
+        return self.cache.index[L : L + T]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        L, B, T = self.length, k.size(0), k.size(2)
+        if self.first is None:
+            kc[self.rows, :, :T] = k
+            vc[self.rows, :, :T] = v
+            return k, v
+        rows = slice(self.first, self.first + B)
+        kc[rows, :, L : L + T].copy_(k)
+        vc[rows, :, L : L + T].copy_(v)
+        if not L:
+            return k, v  # a fresh prompt attends to its own keys alone
+        return kc[rows, :, : L + T], vc[rows, :, : L + T]
+
+    def advance(self, T: int) -> None:
+        pass  # the engine counts each row's tokens
+
+
+class DecodeView:
+    """One new token in each of slots 0..n-1, slot b holding `lengths[b]` tokens (see SlotCache)."""
+
+    def __init__(self, cache: SlotCache, lengths: list[int]):
+        self.cache, self.n, self.mask = cache, len(lengths), None
+        self.end = max(lengths) + 1  # keys that some row sees
+        self.uniform = lengths[0] if min(lengths) == self.end - 1 else None  # one length for all
+        if self.uniform is None:
+            device = cache.index.device
+            self.lengths = torch.tensor(lengths, device=device)
+            self.rows = torch.arange(self.n, device=device)
+
+    def start(self, T: int) -> torch.Tensor:
+        if T != 1 or self.end > self.cache.capacity:
+            raise ValueError(f"a decode step takes 1 token per row within block_size {self.cache.capacity}")
+        if self.uniform is not None:
+            return self.cache.index[self.uniform : self.end]  # (1,): every row at one position
+        self.mask = (self.cache.index[None, : self.end] <= self.lengths[:, None])[:, None, None, :]
+        return self.lengths[:, None]  # (n, 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        if self.uniform is not None:
+            kc[: self.n, :, self.uniform : self.end].copy_(k)
+            vc[: self.n, :, self.uniform : self.end].copy_(v)
+        else:  # row b's key and value at its own position
+            kc[self.rows, :, self.lengths] = k[:, :, 0]
+            vc[self.rows, :, self.lengths] = v[:, :, 0]
+        return kc[: self.n, :, : self.end], vc[: self.n, :, : self.end]
+
+    def advance(self, T: int) -> None:
+        pass  # the engine counts each row's tokens
 
 
 class CausalSelfAttention(nn.Module):
@@ -268,17 +400,13 @@ class GPT(nn.Module):
         """The last layer's output at every position, after the final norm (B, T, C): what the
         LM head reads. Scoring uses it to run the head only at the positions it scores."""
         B, T = idx.size()
-        start = 0 if cache is None else cache.pos
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
-            )
         cfg = self.config
         if cache is None:
+            if T > cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}")
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         else:
-            pos = cache.positions(T)  # (T,) or (B, T)
-            cache.mask = cache.attn_mask(T)
+            pos = cache.start(T)  # (T,) or (B, T); sets the cache's attention mask
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if cfg.rope:
@@ -290,7 +418,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from quillgpt.chat import end_ids, has_chat_template, jinja_template, render, re
 from quillgpt.cli import main
 from quillgpt.config import ModelConfig, load_config
 from quillgpt.generate import stream_ids
+from quillgpt.sampling import Sampling
 from quillgpt.sft import sft_trainer
 from quillgpt.tokenizers.bpe import ByteBPETokenizer
 
@@ -63,7 +64,7 @@ def quill_greedy_ids(run, prompt: list[int], n: int) -> list[int]:
     """quill's greedy reply ids, up to and including the token that ends it."""
     out = []
     stops = end_ids(run.tokenizer)
-    for t in stream_ids(run.model, [prompt], n, temperature=0):
+    for t in stream_ids(run.model, [prompt], Sampling(max_new_tokens=n, temperature=0)):
         out.append(t.item())
         if out[-1] in stops:
             break

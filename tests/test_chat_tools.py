@@ -153,9 +153,11 @@ def test_jinja_with_tools_gives_quills_ids_in_transformers(tmp_path):
     full = hf.apply_chat_template(CONV[:6], tools=TOOLS, tokenize=True, return_dict=False)
     assert full == render(tok, CONV[:6], tools=TOOLS).ids
     assert hf.apply_chat_template(CONV[1:2], tokenize=True, return_dict=False) == render(tok, CONV[1:2]).ids
+    from jinja2.exceptions import TemplateError  # the template's raise_exception, as transformers runs it
+
     for bad, fragment in [([CONV[1], CONV[3]], "answering no call"), (CONV[:4] + [CONV[5]], "alternate"),
                           ([CONV[1], CONV[1]], "alternate"), ([{"role": "wizard", "content": "x"}], "unknown role")]:
-        with pytest.raises(Exception, match=fragment):
+        with pytest.raises(TemplateError, match=fragment):
             hf.apply_chat_template(bad, tokenize=False)
 
 

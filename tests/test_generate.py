@@ -101,11 +101,40 @@ def test_cached_logits_equal_uncached_logits():
         model(seq[:, :15], cache=cache)  # 50 + 15 > 64
 
 
-def test_training_forward_unchanged_by_the_cache_path():
-    model = random_model(block_size=32)
-    idx = torch.randint(0, model.config.vocab_size, (2, 32))
-    logits, loss = model(idx, idx)
-    assert logits.shape == (2, 32, model.config.vocab_size) and loss is not None
+def no_cache_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """GPT-2's forward written out with no cache anywhere: embeddings, then per block
+    x + attn(ln_1(x)) with an explicit causal softmax, x + mlp(ln_2(x)), then ln_f and the head."""
+    tr, cfg = model.transformer, model.config
+    B, T = idx.shape
+    nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+    x = tr.wte(idx) + tr.wpe(torch.arange(T))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for block in tr.h:
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(cfg.n_embd, dim=2)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1) / hs**0.5).masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        x = x + block.attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, cfg.n_embd))
+        x = x + block.mlp.c_proj(torch.nn.functional.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
+    return model.lm_head(tr.ln_f(x))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_training_forward_unchanged_by_the_cache_path(training):
+    """The training forward (targets, no cache) is the plain no-cache computation: its logits at
+    every position and its loss equal the forward written out above, in eval and train mode."""
+    model = random_model(block_size=32, std=0.3).train(training)
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, model.config.vocab_size, (2, 32), generator=gen)
+    targets = torch.randint(0, model.config.vocab_size, (2, 32), generator=gen)
+    targets[0, :5] = -1  # not scored
+    logits, loss = model(idx, targets)
+    with torch.no_grad():
+        expected = no_cache_forward(model, idx)
+    assert expected.abs().max() > 1.0  # logits of a real size: the comparison means something
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+    scored = targets != -1
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(expected[scored], targets[scored]),
+                               rtol=0, atol=1e-5)
 
 
 # --- past block_size --------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from quillgpt import inference
 from quillgpt.checkpoint import load_run
 from quillgpt.cli import main
 from quillgpt.config import ModelConfig
+from quillgpt.engine import Engine, Request
 from quillgpt.errors import QuillError
 from quillgpt.evaluate import evaluate_text
-from quillgpt.generate import _prefill, generate, generate_ids
+from quillgpt.generate import generate, generate_ids
 from quillgpt.inference import (
     Int8Embedding,
     Int8Linear,
@@ -140,10 +141,13 @@ def test_bfloat16_model_layout():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_kv_cache_in_the_activation_dtype_equals_recompute(dtype):
     model = converted(random_model(), dtype) if dtype != "float32" else random_model()
-    with torch.inference_mode():
-        cache, logits = _prefill(model, [[1, 2, 3], [4, 5, 6, 7, 8]], torch.device("cpu"))
-    assert cache.k.dtype == logits.dtype == activation_dtype(model)
-    assert activation_dtype(model) == {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, cache.k.dtype)
+    engine = Engine(model, CharTokenizer(list(CHARS)))
+    for prompt in ([1, 2, 3], [4, 5, 6, 7, 8]):
+        engine.add(Request(prompt))
+    engine.step()
+    assert engine.cache.k.dtype == activation_dtype(model)
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, engine.cache.k.dtype)
+    assert activation_dtype(model) == want
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     cached = generate_ids(model, prompt, 40, temperature=0)
     recomputed = generate_ids(model, prompt, 40, temperature=0, use_cache=False)

@@ -16,7 +16,7 @@ from quillgpt import ladder_run
 from quillgpt.checkpoint import load_run
 from quillgpt.cli import main
 from quillgpt.config import ModelConfig, load_config
-from quillgpt.data import prepare_training_data
+from quillgpt.data import TokenData, prepare_training_data
 from quillgpt.errors import QuillError
 from quillgpt.ladder import LADDER, RUNGS, bigram_entropy
 from quillgpt.ladder_run import CSV_COLUMNS, run_ladder, steps_for_time_budget
@@ -145,6 +145,19 @@ def test_trained_bigram_reaches_the_bigram_entropy(tmp_path):
 
 # --- quill ladder -----------------------------------------------------------------------------
 
+def evaluated_losses(run) -> tuple[float, float]:
+    """A run's weights evaluated on its own data: the mean loss over eval_iters batches of each
+    split, drawn from the evaluation's fixed seeds (seed + 1, seed + 2)."""
+    t = run.config.train
+    data = TokenData.from_config(run.config)
+    losses = []
+    with torch.no_grad():
+        for i, split in enumerate(("train", "val")):
+            batches = data.batches(split, t.batch_size, t.seed + 1 + i, torch.device("cpu"))
+            losses.append(sum(run.model.eval()(*batches.next())[1].item() for _ in range(t.eval_iters)) / t.eval_iters)
+    return losses[0], losses[1]
+
+
 def test_quill_ladder_end_to_end(small_text, tmp_path, capsys):
     out = tmp_path / "ladder"
     rc = main(["ladder", "--data", str(small_text), "--out", str(out), "--budget-steps", "12",
@@ -159,7 +172,9 @@ def test_quill_ladder_end_to_end(small_text, tmp_path, capsys):
         run = load_run(out / rung)  # every rung is a run directory of its own
         assert run.config.model.kind == rung and run.config.train.max_iters == 12
         assert int(params) == count_params(run.model)
-        assert 0 < float(train_loss) < 5 and 0 < float(val_loss) < 5 and float(tokens_per_s) > 0
+        # the losses of the rung's final weights, evaluated as the loop evaluates
+        assert (float(train_loss), float(val_loss)) == pytest.approx(evaluated_losses(run), abs=1e-4)
+        assert float(tokens_per_s) > 0
         assert rung in table and f"{float(val_loss):.4f}" in table
     assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "ladder.png").stat().st_size > 20_000
@@ -222,10 +237,26 @@ def test_time_budget_becomes_an_equal_step_budget(small_text, tmp_path, monkeypa
         assert load_run(tmp_path / "ladder" / r.rung).config.train.max_iters == 17
 
 
-def test_time_step_times_a_real_training_step():
-    cfg = load_config(None, dict(TINY, vocab_size=11))
+def test_time_step_times_real_training_steps_after_a_warm_up(monkeypatch):
+    """On a clock that moves 0.25 s per forward pass: with gradient accumulation 2, a step is
+    0.5 s; the warm-up step is not timed; every step updates the weights."""
+    cfg = load_config(None, dict(TINY, vocab_size=11, gradient_accumulation_steps=2))
     cfg.model.vocab_size = 11
-    assert ladder_run.time_step(cfg, repeats=1) > 0
+    clock, built = [0.0], []
+
+    def build(model_cfg):
+        model = build_model(model_cfg)
+        model.register_forward_hook(lambda *_: clock.__setitem__(0, clock[0] + 0.25))
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(ladder_run, "build_model", build)
+    monkeypatch.setattr(ladder_run.time, "perf_counter", lambda: clock[0])
+    assert ladder_run.time_step(cfg, repeats=3) == 0.5
+    assert clock[0] == 0.25 * 2 * (1 + 3)  # the warm-up step ran too, untimed
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_model(cfg.model)
+    assert not torch.equal(built[0].lm_head.weight, untrained.lm_head.weight)  # AdamW stepped
 
 
 # --- the ladder's lesson on real text ---------------------------------------------------------

@@ -18,6 +18,8 @@ LAYERS: dict[str, int] = {
     # 0-2: plain Python, no torch: the error type; atomic writes (which raise it); downloads and
     # the file cache
     "errors": 0, "fileio": 1, "download": 2,
+    # 2: RL's rewards (plain Python: a reply and its task in, a number out)
+    "rewards": 2,
     # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only);
     # the built-in tools (calculator, python sandbox)
     "config": 2, "runtime": 2, "terminal": 2, "tools": 2,
@@ -25,8 +27,9 @@ LAYERS: dict[str, int] = {
     "tokenizers": 3,
     # 4: the models, each standing on config alone
     "model": 4, "ladder": 4,
-    # 5: which model a config names; optimisers; a model's precision for inference; per-token losses
-    "registry": 5, "optim": 5, "inference": 5, "losses": 5,
+    # 5: which model a config names; optimisers; a model's precision for inference; per-token
+    # losses; the settings of a decoded row and how a token is drawn. 6: the decode engine
+    "registry": 5, "optim": 5, "inference": 5, "losses": 5, "sampling": 5, "engine": 6,
     # 6-9: corpora -> text pieces -> token files (and their cache) -> batches
     "readers": 6, "prepared": 7, "prepare": 8, "data": 9,
     # 10: run directories on disk
@@ -39,7 +42,7 @@ LAYERS: dict[str, int] = {
     # 14: the training loop
     "train": 14,
     # 15: what stands on the loop or on a loaded run
-    "ladder_run": 15, "serve": 15, "sft": 15,
+    "ladder_run": 15, "serve": 15, "sft": 15, "rl": 15,
     # 16-17: the command line and the package's front doors
     "cli": 16, "__main__": 17, "__init__": 17,
 }

@@ -29,6 +29,7 @@ from lm_eval import utils as lm_utils  # noqa: E402
 from quillgpt import checkpoint as ckpt  # noqa: E402
 from quillgpt.cli import main  # noqa: E402
 from quillgpt.config import ModelConfig, load_config  # noqa: E402
+from quillgpt.errors import QuillError  # noqa: E402
 from quillgpt.evaluate import count_words  # noqa: E402
 from quillgpt.generate import generate  # noqa: E402
 from quillgpt.lm_eval_adapter import QuillLM, check_tasks, headline, run_tasks, task_manager  # noqa: E402
@@ -125,6 +126,27 @@ def reference_loglikelihood(model, context: list[int], continuation: list[int]) 
     rows = logp[len(whole) - 1 - len(continuation):]
     target = torch.tensor(continuation)
     return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+
+def reference_choice_accuracy(model, tok, n: int) -> tuple[float, float]:
+    """acc and acc_norm of quill_verse_choice's first `n` documents, from a plain forward pass per
+    choice: the choice of highest log-likelihood (acc_norm: per character, as the harness
+    normalises) against the label. Requests are encoded as the harness encodes them: the
+    context's trailing whitespace moves to the front of the continuation."""
+    lines = (TASKS_DIR / "data" / "verse_choice.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    B = model.config.block_size
+
+    def loglikelihood(ctx: list[int], cont: list[int]) -> float:  # pieces of B tokens after what fits
+        return sum(reference_loglikelihood(model, ctx + cont[:i], cont[i:i + B])[0] for i in range(0, len(cont), B))
+
+    acc = norm = 0
+    for doc in map(json.loads, lines):
+        context = doc["context"].rstrip()
+        ctx = tok.encode(context)
+        lls = [loglikelihood(ctx, tok.encode(doc["context"] + c)[len(ctx):]) for c in doc["choices"]]
+        acc += max(range(len(lls)), key=lambda i: lls[i]) == doc["label"]
+        norm += max(range(len(lls)), key=lambda i: lls[i] / len(doc["choices"][i])) == doc["label"]
+    return acc / n, norm / n
 
 
 def kinds(bpe_tokenizer) -> dict:
@@ -269,7 +291,8 @@ def test_run_tasks_on_a_char_model(any_run, manager, kind):
                         bootstrap_iters=0, manager=manager)
     figures = headline(results)
     assert len(figures) == 4 and all(math.isfinite(v) for v in figures.values())
-    assert 0 <= figures["quill_verse_choice/acc_norm"] <= 1 and results["dropped"] == []
+    _, acc_norm = reference_choice_accuracy(run.model, run.tokenizer, 4)
+    assert figures["quill_verse_choice/acc_norm"] == acc_norm and results["dropped"] == []
 
 
 # --- characters a char-level vocabulary lacks ---------------------------------------------------
@@ -277,7 +300,7 @@ def test_run_tasks_on_a_char_model(any_run, manager, kind):
 def test_unknown_characters_stop_or_are_dropped(tmp_path, manager):
     tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz \n")  # no capitals, no punctuation
     run = ckpt.load_run(make_any_run(tmp_path / "run", ModelConfig(**SMALL), tok))
-    with pytest.raises(Exception, match="--unknown skip"):
+    with pytest.raises(QuillError, match="--unknown skip"):
         run_tasks(run.model, tok, ["quill_verse_choice"], limit=2, progress=False, manager=manager)
     results = run_tasks(run.model, tok, ["quill_verse_choice"], limit=2, unknown="skip", progress=False,
                         bootstrap_iters=0, manager=manager)
@@ -323,7 +346,10 @@ def test_quill_eval_tasks_prints_the_table_and_writes_json(exported, tmp_path, c
     results = json.loads(out.read_text())
     assert set(results["results"]) == {"quill_verse_choice", "quill_sonnets"}
     acc = results["results"]["quill_verse_choice"]["acc,none"]
-    assert 0 <= acc <= 1 and results["config"]["limit"] == 6
+    run = ckpt.load_run(run_dir)
+    assert (acc, results["results"]["quill_verse_choice"]["acc_norm,none"]) == \
+        reference_choice_accuracy(run.model, run.tokenizer, 6)
+    assert results["config"]["limit"] == 6
     # the exported Hugging Face directory evaluates the same, without importing it first
     assert main(["eval", str(hf_dir), "--tasks", "quill_verse_choice", "--include-path", str(TASKS_DIR),
                  "--limit", "6", "--no-progress", "--json"]) == 0
@@ -366,7 +392,7 @@ def test_quill_eval_tasks_bad_input(exported, tmp_path, capsys):
 
 
 def test_unknown_task_names_the_close_ones(manager):
-    with pytest.raises(Exception, match="unknown task 'quill_verse_choise'; did you mean quill_verse_choice"):
+    with pytest.raises(QuillError, match="unknown task 'quill_verse_choise'; did you mean quill_verse_choice"):
         check_tasks(["quill_verse_choise"], manager)
     assert check_tasks([" quill_sonnets", "quill_verse_choice ", ""], manager) == ["quill_sonnets",
                                                                                    "quill_verse_choice"]
@@ -398,9 +424,13 @@ def test_tasks_run_during_training_and_land_in_metrics_and_the_plot(tmp_path, ca
         rows = list(csv.DictReader(f))
     scored = {int(r["step"]): r for r in rows if r.get("quill_verse_choice/acc_norm")}
     assert sorted(scored) == [0, 8]  # step 0, every 8 steps, the end
-    for row in scored.values():
-        assert 0 <= float(row["quill_verse_choice/acc_norm"]) <= 1
-        assert 0 <= float(row["quill_verse_repeat/exact_match"]) <= 1
+    # the last row holds the final weights' scores: a plain forward pass per choice, and the
+    # tasks run again on the saved run
+    run = ckpt.load_run(out)
+    final = headline(run_tasks(run.model, run.tokenizer, ["quill_verse_choice", "quill_verse_repeat"],
+                               include_path=TASKS_DIR, limit=5, bootstrap_iters=0, progress=False))
+    assert float(scored[8]["quill_verse_choice/acc_norm"]) == reference_choice_accuracy(run.model, run.tokenizer, 5)[1]
+    assert float(scored[8]["quill_verse_repeat/exact_match"]) == pytest.approx(final["quill_verse_repeat/exact_match"])
     pytest.importorskip("matplotlib")
     from quillgpt.plot import task_columns
 
@@ -421,7 +451,7 @@ def ckpt_rows(run_dir: Path) -> list[dict]:
 
 
 def test_eval_tasks_key_validation():
-    with pytest.raises(Exception, match="eval_tasks_limit"):
+    with pytest.raises(QuillError, match="eval_tasks_limit must be positive, got 0"):
         load_config(None, {"eval_tasks_limit": 0})
     cfg = load_config(None, {"eval_interval": 100, "eval_tasks_interval": 300})
     assert cfg.train.eval_tasks_interval == 300

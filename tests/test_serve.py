@@ -4,6 +4,7 @@ queueing, client disconnects, every kind of bad request, and the `quill serve` c
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import socket
@@ -369,31 +370,33 @@ def wait_until(predicate, timeout: float = 600.0) -> None:
         time.sleep(0.02)
 
 
-def test_waiting_requests_with_the_same_settings_decode_as_one_batch(server, run):
+def test_requests_with_mixed_settings_join_the_running_batch(server, run):
+    """Continuous batching: while one long request decodes, requests with other settings join
+    it at the next token and finish first; each equals what it would get alone."""
     url, engine = server
     wait_until(lambda: engine.pending == 0)
-    asks = [{"prompt": p, "max_tokens": m, "seed": 100 + k, "temperature": 0.9, "top_k": 12, "n": n}
+    settings = [dict(temperature=0.9, top_k=12), dict(temperature=0.0), dict(temperature=1.2, top_p=0.8),
+                dict(temperature=0.7, min_p=0.1, repetition_penalty=1.3), dict(temperature=1.0)]
+    asks = [{"prompt": p, "max_tokens": m, "seed": 100 + k, "n": n, **settings[k]}
             for k, (p, m, n) in enumerate([("To", 5, 1), ("Whether 'tis", 30, 2), ("", 12, 1),
                                            ("The slings", 20, 1), ("O", 1, 3)])]
     answers: dict[int, dict] = {}
     with httpx.Client(timeout=60) as c:
-        # hold the worker busy (other settings), so that the asks queue up behind it
         with c.stream("POST", f"{url}/v1/completions",
                       json={"prompt": "To", "max_tokens": LONG, "temperature": 0.5, "stream": True}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            batches = engine.batches
             threads = [threading.Thread(target=lambda k=k, a=a: answers.__setitem__(
                 k, httpx.post(f"{url}/v1/completions", json=a, timeout=60).json())) for k, a in enumerate(asks)]
             for t in threads:
                 t.start()
-            wait_until(lambda: engine.pending == 1 + len(asks))
-        for t in threads:
-            t.join()
-    assert engine.batches == batches + 1  # all five requests (8 rows) in one batch
+            for t in threads:
+                t.join()
+            assert engine.pending == 1  # every ask was answered while the long request still ran
+            assert json.loads(next(x for x in lines if x.startswith("data: "))[6:])["choices"][0]["text"]
     for k, a in enumerate(asks):
         want = generate_batch(run.model, run.tokenizer, [a["prompt"]] * a["n"], max_new_tokens=a["max_tokens"],
-                              temperature=0.9, top_k=12, seed=a["seed"])
+                              seed=a["seed"], **settings[k])
         assert [c["text"] for c in answers[k]["choices"]] == want
         assert answers[k]["usage"]["completion_tokens"] == a["max_tokens"] * a["n"]
 
@@ -490,3 +493,55 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_metrics_are_prometheus_text(client):
+    before = client.get("/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain; version=0.0.4")
+    client.post("/v1/completions", json={"prompt": "To", "max_tokens": 5, "seed": 1, "n": 2})
+    families: dict[str, str] = {}
+    values: dict[str, float] = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            families[name] = kind
+        elif line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert families["quill_generated_tokens_total"] == "counter" and families["quill_running_rows"] == "gauge"
+    assert families["quill_time_to_first_token_seconds"] == "histogram"
+    assert values["quill_generated_tokens_total"] >= 10 and values["quill_queue_depth"] == 0
+    for h in ("quill_time_to_first_token_seconds", "quill_time_per_output_token_seconds"):
+        buckets = [v for k, v in values.items() if k.startswith(h + "_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == values[h + "_count"] >= 1
+        assert values[h + "_sum"] > 0
+    assert values["quill_time_per_output_token_seconds_count"] >= 8  # 2 choices x 4 gaps
+
+
+def test_kv_cache_budget_caps_the_rows(run):
+    per_row = 2 * run.config.model.n_layer * run.config.model.block_size * run.config.model.n_embd * 4
+    app = create_app(run, ServeSettings(kv_cache_mb=3 * per_row / 2**20))
+    assert app.state.engine.decoder.max_rows == 3
+    with TestClient(app, base_url=LOCAL) as c:
+        body = c.post("/v1/completions", json={"prompt": "To", "max_tokens": 6, "seed": 5, "n": 7}).json()
+    assert [ch["text"] for ch in body["choices"]] == generate_batch(run.model, run.tokenizer, ["To"] * 7,
+                                                                    max_new_tokens=6, seed=5)
+
+
+def test_a_failed_step_is_logged_answered_and_the_server_goes_on(run, caplog, monkeypatch):
+    app = create_app(run)
+    engine = app.state.engine
+
+    def broken():
+        raise RuntimeError("device on fire")
+
+    with TestClient(app, base_url=LOCAL) as c:
+        monkeypatch.setattr(engine.decoder, "step", broken)
+        with caplog.at_level(logging.ERROR, logger="quillgpt.serve"):
+            r = c.post("/v1/completions", json={"prompt": "To", "max_tokens": 3})
+        assert r.status_code == 500 and "device on fire" in r.json()["error"]["message"]
+        [record] = [rec for rec in caplog.records if rec.name == "quillgpt.serve"]
+        assert record.exc_info and "device on fire" in str(record.exc_info[1])  # with its traceback
+        again = c.post("/v1/completions", json={"prompt": "To", "max_tokens": 3, "seed": 2})
+        assert again.status_code == 200
+        assert again.json()["choices"][0]["text"] == expected(run, "To", max_new_tokens=3, seed=2)

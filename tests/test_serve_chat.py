@@ -241,3 +241,16 @@ def test_quill_serve_names_the_chat_api_for_a_chat_run(runs, monkeypatch):
     text = " ".join(sub.choices["serve"].format_help().split())
     assert "/v1/chat/completions" in text and "/v1/completions" in text
     assert "written by quill train)" not in text and "quill sft" in text
+
+
+def test_completions_on_a_chat_model_never_spell_special_tokens(client, chat_run):
+    """A chat model's <|end|> ends a /v1/completions choice too, and no special token (a role
+    token, say) is ever rendered as its spelling."""
+    from quillgpt.chat import render
+
+    prompt = render(chat_run.tokenizer, CONV, add_generation_prompt=True).ids
+    body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 40, "seed": 1, "n": 8,
+                                                "temperature": 1.5}).json()
+    for choice in body["choices"]:
+        assert not any(t in choice["text"] for t in CHAT_TOKENS), choice["text"]
+    assert body["usage"]["completion_tokens"] > 0

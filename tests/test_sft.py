@@ -20,6 +20,7 @@ from quillgpt.chat import CHAT_TOKENS, Message, add_chat_tokens, has_chat_templa
 from quillgpt.cli import main
 from quillgpt.config import load_config
 from quillgpt.conversations import ConversationData, read_conversations
+from quillgpt.errors import QuillError
 from quillgpt.resume import resume_config
 from quillgpt.sft import sft_trainer
 from quillgpt.train import Trainer
@@ -296,11 +297,11 @@ def test_parquet_messages_column(tmp_path, chats, base_run):
     from_parquet = read_conversations(path).conversations
     assert from_parquet == read_conversations(chats).conversations
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "text.parquet")
-    with pytest.raises(Exception, match="no messages column"):
+    with pytest.raises(QuillError, match="text.parquet has no messages column"):
         read_conversations(tmp_path / "text.parquet")
     rows[3] = [{"role": "user", "content": "only a question"}]
     pq.write_table(pa.table({"messages": rows}), path)
-    with pytest.raises(Exception, match="row 3: no assistant turn"):
+    with pytest.raises(QuillError, match="row 3: no assistant turn"):
         read_conversations(path)
     assert len(read_conversations(path, skip_invalid=True).skipped) == 1
 

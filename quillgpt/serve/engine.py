@@ -1,30 +1,39 @@
-"""The generation engine: the loaded model, a queue of jobs, and one worker thread that decodes.
+"""The generation worker: the loaded model, a queue of jobs, and one thread that decodes them.
 
 Owns everything that touches the model while serving. `load` reads a run directory; an `Engine`
-takes `Job`s (a request's rows of prompt ids, their seeds, their `Sampling`) in order of arrival
-and runs the KV-cached decoding loop of `quillgpt.generate` on its worker thread, so the event
-loop never runs the model. Waiting jobs with the same sampling settings decode together as one
-batch. Every step's text pieces go back to the job's event loop (`call_soon_threadsafe`). A job
-whose client went away is cancelled: the worker stops it at the next token (or skips it if it
-has not started), which frees its slot in the queue.
+takes `Job`s (a request's rows of prompt ids, their seeds, their `Sampling`) and hands every
+row to one decode engine (`quillgpt.engine`) on its worker thread, so the event loop never runs
+the model. Continuous batching: a request's rows join the running batch at the next token,
+whatever their settings, and leave it when done; the worker steps the decode engine while any
+row runs and sleeps on the queue when none does. Every step's text pieces go back to the job's
+event loop (`call_soon_threadsafe`). A job whose client went away is cancelled: its rows leave
+at the next step and free their cache. A failed step is logged with its traceback and reported
+to the jobs it was decoding; the server goes on. The worker keeps the figures `/metrics`
+shows (serve/prometheus.py).
 """
 
+from __future__ import annotations
+
 import asyncio
-import collections
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .. import engine as decode_engine
 from ..checkpoint import MODEL_FILE, Run, load_run
-from ..generate import TextStream, start_ids, stream_ids
+from ..generate import start_ids
+from ..sampling import Sampling as RowSampling
 from ..scoring import prompt_logprobs
-from .logprobs import TokenLogprob, prompt_entries, step_logprobs
+from .logprobs import TokenLogprob, prompt_entries
+from .prometheus import Histogram, render, sample
 from .schemas import Sampling
+
+log = logging.getLogger("quillgpt.serve")
 
 
 def load(run: Run | str | Path, device: str = "cpu", weights: str = MODEL_FILE, dtype: str = "float32",
@@ -42,9 +51,10 @@ class Job:
     ("pieces", [text per row]) as text is produced, ("finish", [finish_reason per row],
     [tokens per row]) once at the end, ("error", message) if generation failed, and ("end",)
     last, always. A job that asks for `logprobs` (alternatives per token, serve/logprobs.py) also
-    gets ("logprobs", [TokenLogprob or None per row]) before each step's pieces, and one that
+    gets ("logprobs", [list of TokenLogprob per row]) before each step's pieces, and one that
     scores its prompts (`score_rows`: the prompt ids of each row) ("prompt_logprobs",
-    [TokenLogprob list per row]) first.
+    [TokenLogprob list per row]) first. `end_ids`: the tokens that end a row (None: the decode
+    engine's default, <|endoftext|> and a chat model's <|end|>).
     """
 
     rows: list[list[int]]
@@ -54,9 +64,15 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     ended: bool = False
-    end_ids: frozenset[int] | None = None  # tokens that end a row (None: <|endoftext|>); chat: <|end|>, ...
+    end_ids: frozenset[int] | None = None
     logprobs: int | None = None
     score_rows: list[list[int]] | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    # the worker's bookkeeping
+    row_ids: list[int] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    last_token: list[float] = field(default_factory=list)
 
     def emit(self, *event: Any) -> None:
         try:
@@ -64,33 +80,47 @@ class Job:
         except RuntimeError:  # the event loop is gone: nobody is listening any more
             self.cancelled.set()
 
+    def requests(self) -> list[decode_engine.Request]:
+        s = self.sampling
+        return [decode_engine.Request(ids, RowSampling(
+            max_new_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            min_p=s.min_p, repetition_penalty=s.repetition_penalty, stop=tuple(s.stop or ()),
+            seed=seed, logprobs=self.logprobs), end_ids=self.end_ids) for ids, seed in zip(self.rows, self.seeds)]
+
 
 class ServerBusy(Exception):
     """The queue is full: `Engine.submit` refuses the job (the API answers 503)."""
 
 
 class Engine:
-    """Runs queued jobs on one worker thread, in order of arrival.
+    """Runs jobs on one worker thread through one decode engine (continuous batching).
 
-    Waiting jobs with the same sampling settings (see `Sampling.batch_key`) are taken together,
-    up to `max_batch` rows, and decoded as one batch: each row keeps its own generator, so its
-    text is the same as it would be alone; a job ends (and its client gets its answer) as soon as
-    its own rows are done, while the rest of the batch goes on.
-    """
+    `max_batch` rows decode at once (fewer if `kv_cache_mb`, the KV cache's budget in MiB, holds
+    fewer); more wait for a slot. At most `max_queue` jobs are in the server at once (waiting or
+    running); `submit` refuses more (ServerBusy, answered 503)."""
 
-    def __init__(self, run: Run, max_queue: int = 256, max_batch: int = 16):
+    def __init__(self, run: Run, max_queue: int = 256, max_batch: int = 16,
+                 kv_cache_mb: float | None = None, prefill_chunk: int = 128):
         self.run = run
         self.model, self.tokenizer = run.model, run.tokenizer
-        self.device = next(self.model.parameters()).device
         self.max_queue, self.max_batch = max_queue, max_batch
+        self._decoder_options = dict(max_rows=max_batch, kv_cache_mb=kv_cache_mb, prefill_chunk=prefill_chunk)
+        self.decoder = decode_engine.Engine(self.model, self.tokenizer, **self._decoder_options)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._backlog: collections.deque[Job | None] = collections.deque()  # taken, not yet run
         self._lock = threading.Lock()
         self._pending = 0  # submitted and not yet ended
+        self._running: dict[int, Job] = {}  # id(job) -> job, for jobs with rows in the decoder
+        self._owner: dict[int, tuple[Job, int]] = {}  # decoder row id -> (job, row of the job)
         self.completed = 0  # jobs ended, cancelled ones included
         self.cancelled = 0  # jobs stopped (or skipped) because their client went away
+        self.rejected = 0  # jobs refused: the queue was full
+        self.failures = 0  # decode steps that raised
         self.tokens = 0  # tokens generated in all
-        self.batches = 0  # decoding batches run
+        self.steps = 0  # decode steps run
+        self.ttft = Histogram("quill_time_to_first_token_seconds",
+                              "Seconds from a request's arrival to its first generated token.")
+        self.tpot = Histogram("quill_time_per_output_token_seconds",
+                              "Seconds between two generated tokens of one choice.")
         self._thread = threading.Thread(target=self._work, name="quill-generate", daemon=True)
         self._thread.start()
 
@@ -115,6 +145,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._pending >= self.max_queue:
+                self.rejected += 1
                 raise ServerBusy(f"{self._pending} requests are already waiting; try again later")
             self._pending += 1
         self._jobs.put(job)
@@ -123,134 +154,143 @@ class Engine:
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
+    def metrics(self) -> str:
+        """The server's figures in Prometheus' text format (GET /metrics)."""
+        d = self.decoder
+        return render([
+            sample("gauge", "quill_queue_depth", "Rows waiting for a slot in the running batch.",
+                   d.waiting + self._jobs.qsize()),
+            sample("gauge", "quill_running_rows", "Rows decoding in the running batch.", d.running),
+            sample("gauge", "quill_requests_in_flight", "Requests accepted and not yet answered.", self._pending),
+            sample("counter", "quill_generated_tokens_total", "Tokens generated.", self.tokens),
+            sample("counter", "quill_requests_completed_total", "Requests ended, cancelled ones included.",
+                   self.completed),
+            sample("counter", "quill_requests_cancelled_total", "Requests whose client went away.",
+                   self.cancelled),
+            sample("counter", "quill_requests_rejected_total", "Requests refused with 503 (queue full).",
+                   self.rejected),
+            sample("counter", "quill_decode_failures_total", "Decode steps that failed.", self.failures),
+            sample("counter", "quill_decode_steps_total", "Decode steps run.", self.steps),
+            self.ttft.lines(), self.tpot.lines(),
+        ])
+
+    # --- the worker thread --------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            new = [self._jobs.get()] if self.decoder.idle else []  # nothing to decode: sleep here
+            while True:
+                try:
+                    new.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for job in new:
+                if job is None:
+                    return
+                self._start(job)
+            try:
+                self._drop_cancelled()
+                if self.decoder.idle:
+                    continue
+                events = self.decoder.step()
+                self.steps += 1
+                self._dispatch(events)
+            except Exception as e:  # a bug or a device error: log it, tell the clients, keep serving
+                log.exception("generation failed; the requests being decoded get an error")
+                self._fail_running(f"generation failed: {type(e).__name__}: {e}")
+
     def _end(self, job: Job) -> None:
         if job.ended:
             return
         job.ended = True
+        self._running.pop(id(job), None)
+        for rid in job.row_ids:
+            if self._owner.pop(rid, None) is not None:
+                self.decoder.cancel(rid)
         with self._lock:
             self._pending -= 1
             self.completed += 1
         job.emit("end")
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest job and the waiting ones that can decode with it; None to stop."""
-        first = self._backlog.popleft() if self._backlog else self._jobs.get()
-        if first is None:
-            return None
-        while True:
-            try:
-                self._backlog.append(self._jobs.get_nowait())
-            except queue.Empty:
-                break
-        batch, rows, rest = [first], len(first.rows), collections.deque()
-        key = first.sampling.batch_key()
-        for job in self._backlog:
-            if (job is not None and not job.cancelled.is_set() and job.sampling.batch_key() == key
-                    and rows + len(job.rows) <= self.max_batch):
-                batch.append(job)
-                rows += len(job.rows)
-            else:
-                rest.append(job)
-        self._backlog = rest
-        return batch
-
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                self._run(batch)
-            except Exception as e:  # a bug or a device error: report it, keep serving
-                for job in batch:
-                    if not job.ended:
-                        job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                for job in batch:
-                    self._end(job)
-
-    def _run(self, batch: list[Job]) -> None:
-        jobs = []
-        for job in batch:
-            if job.cancelled.is_set():  # its client left while it waited
-                self.cancelled += 1
-                self._end(job)
-            else:
-                jobs.append(job)
-        if not jobs:
+    def _start(self, job: Job) -> None:
+        """A new job's prompts scored (echo with logprobs), then its rows into the decoder."""
+        if job.cancelled.is_set():  # its client left while it waited
+            self.cancelled += 1
+            self._end(job)
             return
-        self.batches += 1
-        self._score_prompts(jobs)
-        for job in jobs:
+        try:
+            self._score_prompts(job)
             if job.sampling.max_tokens == 0:  # scoring only (echo with logprobs): done
                 job.emit("finish", ["length"] * len(job.rows), [0] * len(job.rows))
                 self._end(job)
-        jobs = [job for job in jobs if not job.ended]
-        if jobs:
-            self._decode(jobs)
+                return
+            n = len(job.rows)
+            job.finish, job.tokens, job.last_token = [None] * n, [0] * n, [0.0] * n
+            for i, request in enumerate(job.requests()):
+                rid = self.decoder.add(request)
+                job.row_ids.append(rid)
+                self._owner[rid] = (job, i)
+            self._running[id(job)] = job
+        except Exception as e:
+            log.exception("a request could not start")
+            job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            self._end(job)
 
-    def _score_prompts(self, jobs: list[Job]) -> None:
-        """The prompts of the jobs that echo them with logprobs, all scored in one batched pass."""
-        scoring = [job for job in jobs if job.score_rows is not None]
-        if not scoring:
+    def _score_prompts(self, job: Job) -> None:
+        """The job's prompts' own logprobs (echo with logprobs), each distinct prompt once."""
+        if job.score_rows is None:
             return
-        unique = list(dict.fromkeys(tuple(r) for job in scoring for r in job.score_rows or [] if r))
-        top = max(job.logprobs or 0 for job in scoring)
-        scores = dict(zip(unique, prompt_logprobs(self.model, unique, top))) if unique else {}
-        for job in scoring:
-            job.emit("prompt_logprobs", [prompt_entries(r, scores[tuple(r)]) if r else []
-                                         for r in job.score_rows or []])
+        unique = list(dict.fromkeys(tuple(r) for r in job.score_rows if r))
+        scores = dict(zip(unique, prompt_logprobs(self.model, unique, job.logprobs or 0))) if unique else {}
+        job.emit("prompt_logprobs", [prompt_entries(r, scores[tuple(r)]) if r else [] for r in job.score_rows])
 
-    def _decode(self, jobs: list[Job]) -> None:
-        # the batch's rows, and for each row: its job, its place in the job, its token limit
-        rows = [r for job in jobs for r in job.rows]
-        owner = [(job, i) for job in jobs for i in range(len(job.rows))]
-        limit = [job.sampling.max_tokens for job in jobs for _ in job.rows]
-        generators = [torch.Generator(device=self.device).manual_seed(seed) for job in jobs for seed in job.seeds]
-        streams = [TextStream(self.tokenizer, job.sampling.stop, job.end_ids) for job in jobs for _ in job.rows]
-        tokens = [0] * len(rows)
-        finish: list[str | None] = [None] * len(rows)
-        top = max((job.logprobs for job in jobs if job.logprobs is not None), default=None)
-        step_lp: list[TokenLogprob] = []  # this step's logprobs of every row, when asked for
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._running.values() if j.cancelled.is_set()]:
+            self.cancelled += 1
+            self._end(job)
 
-        def on_logits(logits: torch.Tensor, nxt: torch.Tensor) -> None:
-            step_lp[:] = step_logprobs(logits, nxt, top or 0)
+    def _fail_running(self, message: str) -> None:
+        self.failures += 1
+        jobs = list(self._running.values())
+        # the failed step may have left the decoder half-way: start afresh
+        self.decoder = decode_engine.Engine(self.model, self.tokenizer, **self._decoder_options)
+        self._owner.clear()
+        for job in jobs:
+            job.emit("error", message)
+            self._end(job)
 
-        s = jobs[0].sampling
-        steps = stream_ids(self.model, rows, max(limit), s.temperature, s.top_k, s.top_p, s.min_p,
-                           s.repetition_penalty, generators, on_logits=on_logits if top is not None else None)
-        try:
-            for nxt in steps:
-                pieces: dict[int, list[str]] = {id(job): [""] * len(job.rows) for job in jobs}
-                lps: dict[int, list[TokenLogprob | None]] = {id(job): [None] * len(job.rows) for job in jobs}
-                for b, t in enumerate(nxt.tolist()):
-                    job, i = owner[b]
-                    if finish[b] or job.ended:
-                        continue  # this row is done; the batch goes on for the others
-                    if job.cancelled.is_set():
-                        self.cancelled += 1
-                        self._end(job)
-                        continue
-                    tokens[b] += 1
-                    self.tokens += 1
-                    piece = streams[b].add(t)
-                    if streams[b].done:
-                        finish[b] = "stop"
-                    elif tokens[b] == limit[b]:
-                        piece += streams[b].finish()
-                        finish[b] = "length"
-                    pieces[id(job)][i] = piece
-                    if job.logprobs is not None:
-                        lps[id(job)][i] = step_lp[b]
-                for job in jobs:
-                    if job.ended:
-                        continue
-                    if job.logprobs is not None:
-                        job.emit("logprobs", lps[id(job)])
-                    if any(pieces[id(job)]):
-                        job.emit("pieces", pieces[id(job)])
-                    mine = [b for b in range(len(rows)) if owner[b][0] is job]
-                    if all(finish[b] for b in mine):
-                        job.emit("finish", [finish[b] for b in mine], [tokens[b] for b in mine])
-                        self._end(job)
-                if all(job.ended for job in jobs):
-                    break
-        finally:
-            steps.close()
+    def _dispatch(self, events: list[decode_engine.Event]) -> None:
+        """One step's events to their jobs: pieces (and logprobs) per job; a finished job ends."""
+        now = time.monotonic()
+        touched: dict[int, tuple[Job, list[str], list[list[TokenLogprob]]]] = {}
+        for e in events:
+            owner = self._owner.get(e.row)
+            if owner is None:
+                continue
+            job, i = owner
+            _, pieces, lps = touched.setdefault(id(job), (job, [""] * len(job.rows), [[] for _ in job.rows]))
+            pieces[i] += e.text
+            if e.token is not None and not e.forced:
+                self._count_token(job, i, now)
+                if job.logprobs is not None:
+                    lps[i].append(TokenLogprob(e.token, e.logprob, e.top))
+            if e.finish is not None:
+                job.finish[i] = e.finish
+                del self._owner[e.row]
+        for job, pieces, lps in touched.values():
+            if job.logprobs is not None:
+                job.emit("logprobs", lps)
+            if any(pieces):
+                job.emit("pieces", pieces)
+            if all(job.finish):
+                job.emit("finish", list(job.finish), list(job.tokens))
+                self._end(job)
+
+    def _count_token(self, job: Job, i: int, now: float) -> None:
+        if not any(job.tokens):
+            self.ttft.observe(now - job.submitted)
+        if job.tokens[i]:
+            self.tpot.observe(now - job.last_token[i])
+        job.tokens[i] += 1
+        job.last_token[i] = now
+        self.tokens += 1

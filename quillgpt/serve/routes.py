@@ -6,6 +6,7 @@
     GET  /v1/models         the one model served (and /v1/models/{id})
     GET  /v1/model-card     config, parameter count, final losses (metrics.csv), server limits
     GET  /health            liveness and queue length
+    GET  /metrics           the server's figures in Prometheus' text format (docs/serve.md)
 
 Each route is a short method of `Routes`, which holds what they share (the engine, the limits,
 the model's id and card). A route reads the request, lets `schemas` check it, hands a job to
@@ -34,6 +35,7 @@ from ..model import count_params
 from .engine import Engine, Job, ServerBusy, load
 from .guard import RequestGuard
 from .logprobs import LogprobsCollector
+from .prometheus import CONTENT_TYPE
 from .schemas import (
     APIError,
     ServeSettings,
@@ -47,7 +49,7 @@ from .schemas import (
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -349,7 +351,10 @@ class Routes:
         e = self.engine
         return {"status": "ok" if e.alive() else "worker stopped", "model": self.model_id,
                 "queue": e.pending, "completed": e.completed, "cancelled": e.cancelled,
-                "batches": e.batches, "tokens_generated": e.tokens}
+                "steps": e.steps, "tokens_generated": e.tokens}
+
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(self.engine.metrics(), media_type=CONTENT_TYPE)
 
     def model_object(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "quillgpt"}
@@ -427,7 +432,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
         raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'")
     run = load(run, device, weights, dtype, warn)
     settings = settings or ServeSettings()
-    engine = Engine(run, settings.max_queue, settings.max_batch)
+    engine = Engine(run, settings.max_queue, settings.max_batch, settings.kv_cache_mb)
     routes = Routes(engine, settings, model_id or run.path.resolve().name)
 
     @contextlib.asynccontextmanager
@@ -445,6 +450,7 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
     app.get("/", include_in_schema=False)(routes.page)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     app.get("/health")(routes.health)
+    app.get("/metrics", include_in_schema=False)(routes.metrics)
     app.get("/v1/models")(routes.models)
     app.get("/v1/models/{name:path}")(routes.model)
     app.get("/v1/model-card")(routes.model_card_route)

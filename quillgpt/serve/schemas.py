@@ -25,9 +25,10 @@ class ServeSettings:
     """Server limits: what one request may ask for and how many may wait."""
 
     max_tokens_cap: int = 2048  # largest max_tokens a request may ask for
-    max_batch: int = 16  # largest n x len(prompts) of one request
+    max_batch: int = 16  # largest n x len(prompts) of one request; rows decoding at once
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_queue: int = 256  # requests waiting or running; more get 503
+    kv_cache_mb: float | None = None  # the KV cache's budget (MiB): fewer rows decode at once if it is small
     default_max_tokens: int = 16  # OpenAI's default for max_tokens
     max_stop: int = 4  # stop strings per request (OpenAI's limit): each is checked at every token
     max_stop_chars: int = 256  # characters per stop string
@@ -58,11 +59,6 @@ class Sampling:
     min_p: float | None
     repetition_penalty: float
     stop: list[str] | None
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can decode in one batch (max_tokens may differ)."""
-        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                tuple(self.stop or ()))
 
 
 @dataclass
