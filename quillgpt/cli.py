@@ -277,6 +277,60 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- quill rl ---------------------------------------------------------------------------------
+
+def add_rl(sub: argparse._SubParsersAction) -> None:
+    from .config import ALL_KEYS
+    from .rl import RL_KEY_HELP
+
+    p = sub.add_parser("rl", help="improve a chat model with rewards it earns (reinforcement learning)",
+                       usage="quill rl --init-from RUN --data TASKS [--reward SPEC] [--KEY-NAME VALUE ...] [options]",
+                       description="Reinforcement learning from verifiable rewards: a chat model (--init-from, "
+                                   "trained with quill sft) answers the tasks of --data (.jsonl, one {\"messages\": "
+                                   "[...], \"answer\": ...} per line) in groups of samples, --reward scores each "
+                                   "reply, and replies better than their group's mean become likelier. Every quill "
+                                   "train key is a flag. See docs/rl.md.")
+    add_training_flags(p, "preset name or YAML file (quill rl's defaults fill the keys it leaves unset)")
+    add_config_flags(p, "quill rl's keys (the defaults are quill rl's)", list(RL_KEY_HELP), RL_KEY_HELP)
+    add_config_flags(p, "the other config keys, as quill train's", [k for k in ALL_KEYS if k not in RL_KEY_HELP])
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .rewards import parse_reward
+    from .rl import rl_config, rl_trainer
+
+    reward = None
+    if args.resume:
+        moved = vars(args).pop("cfg_eval_data", None)  # where the held-out tasks are now (checked)
+        cfg, resume_data, _ = training_config(args)
+        if resume_data is not None:
+            cfg.train.data = str(resume_data)
+        if moved is not None:
+            cfg.train.eval_data = str(moved)
+        if "cfg_reward" in vars(args):  # named again: its code may run
+            reward = parse_reward(cfg.train.reward)
+    else:
+        if args.allow_config_change:
+            raise QuillError("--allow-config-change only applies with --resume RUN")
+        cfg = rl_config(args.config, config_overrides(args))
+    trainer = rl_trainer(cfg, overwrite=args.overwrite, save=not args.no_save, progress=not args.no_progress,
+                         start_time=START_TIME, resume=args.resume, reward=reward)
+    result = trainer.run()
+    if not trainer.dist.is_main:
+        return 0
+    rewards = [r["rl/reward"] for r in trainer.metrics if r.get("rl/reward")]
+    evals = [r for r in trainer.metrics if r.get("rl/pass@1")]
+    k = cfg.train.rl_pass_k
+    said = f", mean reward {float(rewards[-1]):.3f} (last logged)" if rewards else ""
+    if evals:
+        last = evals[-1]
+        said += f", held-out pass@1 {float(last['rl/pass@1']):.3f}, pass@{k} {float(last[f'rl/pass@{k}']):.3f}"
+    eprint(f"done: {result.steps} steps in {result.elapsed_s:.1f} s{said}")
+    if result.run_dir is not None:
+        eprint(f"run saved to {result.run_dir}; talk to it with: quill chat {result.run_dir}")
+    return 0
+
+
 # --- quill plot -------------------------------------------------------------------------------
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
@@ -829,6 +883,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 COMMANDS: list[tuple[Callable, Callable]] = [
     (add_train, cmd_train),
     (add_sft, cmd_sft),
+    (add_rl, cmd_rl),
     (add_chat, cmd_chat),
     (add_prepare, cmd_prepare),
     (add_plot, cmd_plot),

@@ -126,6 +126,19 @@ class TrainConfig:
     encoding_errors: str = key("strict", "strict: invalid UTF-8 is an error; replace: U+FFFD instead")
     sft_too_long: str = key("truncate", "quill sft: a conversation longer than the context is truncate(d) or drop(ped)")
     sft_skip_invalid: bool = key(False, "quill sft: skip (and count) invalid conversations instead of stopping")
+    reward: str = key("exact", "quill rl: exact | number | regex:PATTERN | python:FILE:FUNCTION (docs/rl.md)")
+    eval_data: str | None = key(None, "quill rl: held-out tasks (.jsonl); None: val_fraction of --data is held out")
+    rl_group_size: int = key(8, "quill rl: replies sampled per prompt, compared with each other (batch_size: prompts)")
+    rl_temperature: float = key(1.0, "quill rl: sampling temperature of the replies")
+    rl_top_k: int = key(0, "quill rl: sample replies from the k likeliest tokens; 0: from all")
+    rl_max_reply_tokens: int = key(128, "quill rl: a reply is cut after this many tokens")
+    rl_std_advantage: bool = key(False, "quill rl: divide each group's advantages by the std of its rewards")
+    rl_kl: float = key(0.0, "quill rl: weight of the KL penalty to the starting model; 0: none")
+    rl_updates: int = key(1, "quill rl: optimizer steps per rollout batch; above 1, the PPO-clipped loss")
+    rl_clip: float = key(0.2, "quill rl: with rl_updates > 1, the probability ratio is clipped to [1 - clip, 1 + clip]")
+    rl_pass_k: int = key(8, "quill rl: k of the held-out pass@k (k samples per task)")
+    rl_eval_limit: int = key(200, "quill rl: held-out tasks scored at each evaluation")
+    rl_no_signal_steps: int = key(50, "quill rl: stop after this many steps of equal rewards in every group; 0: never")
     batch_size: int = key(64, "sequences per micro-batch")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
     max_iters: int = key(5000, "optimizer steps")
@@ -201,6 +214,7 @@ class TrainConfig:
             raise QuillError("learning_rate and muon_lr must be positive, muon_momentum in [0, 1)")
         if self.sft_too_long not in ("truncate", "drop"):
             raise QuillError(f"sft_too_long must be truncate or drop, got {self.sft_too_long!r}")
+        self._validate_rl()
         if self.eval_tasks_interval < 0 or self.eval_tasks_interval % self.eval_interval:
             raise QuillError(f"eval_tasks_interval must be a multiple of eval_interval ({self.eval_interval}), "
                              f"got {self.eval_tasks_interval}")
@@ -208,6 +222,26 @@ class TrainConfig:
             raise QuillError(f"eval_tasks_limit must be positive, got {self.eval_tasks_limit}")
         if self.encoding_errors not in ("strict", "replace"):
             raise QuillError(f"encoding_errors must be strict or replace, got {shown(self.encoding_errors)}")
+
+    def _validate_rl(self) -> None:
+        """The `quill rl` keys (the reward itself is read, and its code loaded, by quillgpt.rl)."""
+        if not (self.reward in ("exact", "number") or self.reward.startswith(("regex:", "python:"))):
+            raise QuillError(f"reward must be exact, number, regex:PATTERN or python:FILE:FUNCTION, got "
+                             f"{shown(self.reward)}")
+        if self.rl_group_size < 2:
+            raise QuillError(f"rl_group_size must be at least 2 (each reply is compared with the others to "
+                             f"the same prompt), got {self.rl_group_size}")
+        if not self.rl_temperature > 0:
+            raise QuillError(f"rl_temperature must be > 0 (equal greedy replies teach nothing), got "
+                             f"{self.rl_temperature}")
+        for name in ("rl_top_k", "rl_no_signal_steps"):
+            if getattr(self, name) < 0:
+                raise QuillError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rl_max_reply_tokens", "rl_updates", "rl_pass_k", "rl_eval_limit"):
+            if getattr(self, name) < 1:
+                raise QuillError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rl_kl < 0 or not 0 < self.rl_clip < 1:
+            raise QuillError(f"rl_kl must be >= 0 and rl_clip in (0, 1), got {self.rl_kl} and {self.rl_clip}")
 
 
 def parse_duration(text: str) -> float:

@@ -203,8 +203,10 @@ class ProgressBar:
         self.bar.update(1)
 
     def show(self, loss: float, tokens_per_s: float, flops_per_s: float | None, mfu: float | None,
-             val: float | None) -> None:
+             val: float | None, extra: dict[str, float] | None = None) -> None:
+        """`extra`: the data's own numbers ("rl/reward": shown as "reward")."""
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        postfix.update({k.rsplit("/", 1)[-1]: f"{v:.3g}" for k, v in (extra or {}).items()})
         if flops_per_s:
             postfix["model"] = format_flops(flops_per_s)
         if mfu is not None:
@@ -338,10 +340,12 @@ class RunRecorder:
                      f"quillgpt/metrics.py, which does not fit this device; no MFU is shown")
         return None
 
-    def show(self, bar: ProgressBar, loss: float, tokens_per_s: float, ev: dict[str, float] | None) -> None:
-        """A logged step's figures on the bar: the loss, speed, model FLOP/s, MFU and val loss."""
+    def show(self, bar: ProgressBar, loss: float, tokens_per_s: float, ev: dict[str, float] | None,
+             extra: dict[str, float] | None = None) -> None:
+        """A logged step's figures on the bar: the loss, speed, model FLOP/s, MFU and val loss
+        (and the data's own numbers, `extra`)."""
         bar.show(loss, tokens_per_s, self.flops_per_s(tokens_per_s), self.mfu(tokens_per_s),
-                 ev["val"] if ev else None)
+                 ev["val"] if ev else None, extra)
 
     def record(self, step: int, lr: float, train_loss: float, ev: dict[str, float] | None,
                tokens_per_s: float | None, extra: dict[str, float] | None = None) -> None:

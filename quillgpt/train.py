@@ -48,7 +48,7 @@ from .resume import Checkpointer, check_resume, resume_config, run_dir_for  # no
 from .resume import resume_data as resume_training_data
 from .runtime import autocast_context, resolve_device, resolve_dtype, rng_state
 from .train_control import CompiledModel, StopSignals, TimeBudget
-from .train_eval import EvalHook, EvaluationStopped, LossEvaluator
+from .train_eval import EvalHook, EvaluationStopped, LossEvaluator, data_metrics
 from .train_setup import initial_model, out_of_memory_message, setup_lines, start_process
 
 __all__ = [  # the loop, and the names its users have imported from here since the first release
@@ -363,11 +363,13 @@ class Trainer:
                   bar: ProgressBar) -> dict[str, float] | None:
         """The metrics row of a logging step (with an evaluation on eval steps) and the bar."""
         mean_loss, last_loss = self.recorder.mean_loss(last_logged, step)
-        ev, extra = self._evaluate(step, bar) if is_eval else (None, None)
-        self.recorder.record(step, lr, mean_loss, ev, tokens_per_s, extra)
+        ev, extra = self._evaluate(step, bar) if is_eval else (None, {})
+        own = data_metrics(self.data, self.dist, self.device)  # e.g. RL's mean reward
+        self.recorder.record(step, lr, mean_loss, ev, tokens_per_s, {**own, **extra})
         if ev is not None:
-            bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
-        self.recorder.show(bar, last_loss, tokens_per_s, ev)
+            more = "".join(f", {k} {v:.4g}" for k, v in extra.items())
+            bar.message(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}{more}")
+        self.recorder.show(bar, last_loss, tokens_per_s, ev, own)
         return ev
 
     def _stop(self, bar: ProgressBar, signum: int | None) -> None:

@@ -38,6 +38,19 @@ class EvaluationStopped(Exception):
     """A stop signal arrived during an evaluation (raised by its `tick`)."""
 
 
+def data_metrics(data: TrainingData, dist: qdist.DistInfo, device: torch.device) -> dict[str, float]:
+    """The data's own numbers since the last logged step, for a `TrainingData` with a `metrics()`
+    method (RL's mean reward, ...), averaged over ranks: they join each logged metrics row and
+    the progress bar. Every rank calls it at the same steps."""
+    metrics = getattr(data, "metrics", None)
+    found = metrics() if callable(metrics) else {}
+    if not found or not dist.enabled:
+        return found
+    keys = sorted(found)
+    means = qdist.all_reduce_mean(torch.tensor([float(found[k]) for k in keys], device=device), dist)
+    return dict(zip(keys, means.tolist()))
+
+
 class LossEvaluator:
     """The loss on each split, averaged over `iters` batches drawn from fixed seeds (`seed + 1`
     for train, `seed + 2` for val: the same batches every time), then the evaluation hooks that

@@ -11,7 +11,7 @@ bash, sh, console) from README.md and docs/*.md, and each `quill ...` line in it
   `make demo` leaves (`runs/shakespeare-char-cpu`). The commands of one document run in
   its own directory, in order, so later commands find what earlier ones wrote, and a command that
   collides with an earlier one's run directory fails here as it would for the reader.
-- where it trains (`quill train`, `quill sft`, `quill ladder`), a tiny override is appended: 2
+- where it trains (`quill train`, `quill sft`, `quill rl`, `quill ladder`), a tiny override is appended: 2
   steps, 1 evaluation batch, batches of 2, an 8-token sample, no torch.compile (compiling takes a
   minute and is tested on its own); a ladder's `--budget-steps` becomes 2 and its `--time-budget` 1s,
   with the step times it plans from fixed at 10 ms, so the plan is the same on any machine.
@@ -46,11 +46,11 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"", "bash", "sh", "shell", "console"}
 MARKERS = {"[online]", "[gpu]", "[server]"}
-TRAINS = {"train", "sft", "ladder"}
+TRAINS = {"train", "sft", "ladder", "rl"}
 TINY = ["--max-iters", "2", "--eval-iters", "1", "--batch-size", "2", "--sample-tokens", "8",
         "--compile", "false", "--no-progress"]
 LADDER_BUDGETS = {"--budget-steps": "2", "--time-budget": "1s"}
-DATA_SCRIPTS = {"benchmarks/reverse_words.py"}  # write conversations; no torch, a second
+DATA_SCRIPTS = {"benchmarks/reverse_words.py", "benchmarks/additions.py"}  # write data; no torch, a second
 CLONE_DIRS = ["configs", "benchmarks", "tests/lm_eval_tasks"]  # beside the commands, as in a clone
 DEMO = ["train", "--config", "shakespeare-char-cpu", "--out", "runs/shakespeare-char-cpu", "--overwrite"]
 

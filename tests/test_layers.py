@@ -18,6 +18,8 @@ LAYERS: dict[str, int] = {
     # 0-2: plain Python, no torch: the error type; atomic writes (which raise it); downloads and
     # the file cache
     "errors": 0, "fileio": 1, "download": 2,
+    # 2: RL's rewards (plain Python: a reply and its task in, a number out)
+    "rewards": 2,
     # 2: settings and the device; the terminal (prompt loop, streaming printer: standard library only);
     # the built-in tools (calculator, python sandbox)
     "config": 2, "runtime": 2, "terminal": 2, "tools": 2,
@@ -40,7 +42,7 @@ LAYERS: dict[str, int] = {
     # 14: the training loop
     "train": 14,
     # 15: what stands on the loop or on a loaded run
-    "ladder_run": 15, "serve": 15, "sft": 15,
+    "ladder_run": 15, "serve": 15, "sft": 15, "rl": 15,
     # 16-17: the command line and the package's front doors
     "cli": 16, "__main__": 17, "__init__": 17,
 }
