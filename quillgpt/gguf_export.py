@@ -46,6 +46,7 @@ from .tokenizers import ByteBPETokenizer, CharTokenizer, SyllableTokenizer, Toke
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the model uses
 NEOX_OPTIONS = {"rope"}  # options beyond GPT-2 that llama.cpp's gptneox computes exactly
+INERT_MERGE = "\u0120\u0120 \u0120"  # two spaces + a space, in GPT-2's byte alphabet ("ĠĠ Ġ")
 # token types of GGUF's tokenizer.ggml.token_type
 NORMAL, CONTROL = 1, 3
 
@@ -150,7 +151,9 @@ def char_bpe_vocab(tokenizer: CharTokenizer) -> GGUFVocab:
     eos = end_token(tokenizer)
     if eos is None:  # specials, but neither <|end|> nor <|endoftext|>: take the first special
         eos = min(specials)
-    return GGUFVocab("gpt2", tokens, types, list(merges), "gpt-2", eos, eos,
+    # GGUF's BPE needs at least one merge; single-byte characters have none: then one that never
+    # applies (its left side is two bytes, a symbol that no merge makes)
+    return GGUFVocab("gpt2", tokens, types, list(merges) or [INERT_MERGE], "gpt-2", eos, eos,
                      "characters as byte-level BPE tokens, merged only within a character")
 
 

@@ -1,10 +1,10 @@
 """quill export-gguf against the real runtime: llama.cpp (node-llama-cpp's prebuilt CPU build,
 tests/llamacpp_harness.py) loads the files and must tokenize, decode and score as quill does.
 
-- a character run (trained here, the demo's shape), GPT-2's tokenizer, a trained BPE, chat runs
-  (characters and BPE), and the one speedrun option llama.cpp computes (rope, as gptneox, untied,
-  without biases): llama.cpp's greedy continuation equals `quill sample --temperature 0`, 100
-  tokens, and its tokenizer gives quill's ids on a page of non-ASCII text;
+- a character run (trained here, the demo's shape), GPT-2's tokenizer, a trained BPE (untied,
+  without biases) and chat runs (characters and BPE): llama.cpp's greedy continuation equals
+  `quill sample --temperature 0`, 100 tokens, and its tokenizer gives quill's ids on a page of
+  non-ASCII text; RoPE (llama.cpp's gptneox): the same log-probabilities position by position;
 - f16 / bf16 / q8_0: measured against quill (first greedy divergence; perplexity by llama.cpp's
   own scoring and by `quill eval`);
 - what cannot be expressed is refused in one line, exit 2, nothing written.
@@ -66,8 +66,10 @@ def quill_greedy(run: Path, prompt: str, capsys, *flags: str) -> str:
 
 
 def check_same_decoding(llama: LlamaCpp, run_dir: Path, gguf: Path, capsys, prompt: str = PROMPT,
-                        page: str = PAGE) -> None:
-    """llama.cpp's ids of `page` and its greedy continuation of `prompt` are quill's."""
+                        page: str = PAGE, varied: bool = True) -> None:
+    """llama.cpp's ids of `page` and its greedy continuation of `prompt` are quill's; `varied`:
+    the continuation has 8 distinct tokens or more (one that depends on its context: a model that
+    repeats a token would hide a wrong window or position)."""
     run = load_run(run_dir)
     block = run.config.model.block_size
     prompt_ids = run.tokenizer.encode(prompt)
@@ -76,10 +78,26 @@ def check_same_decoding(llama: LlamaCpp, run_dir: Path, gguf: Path, capsys, prom
     assert got[0]["ids"] == run.tokenizer.encode(page)
     ours = generate_ids(run.model, torch.tensor([prompt_ids]), N_TOKENS, temperature=0.0)[0, len(prompt_ids):]
     assert got[1]["ids"] == ours.tolist()
-    assert run.tokenizer.decode(got[1]["ids"]) == quill_greedy(run_dir, prompt, capsys)
+    assert len(set(ours.tolist())) >= 8 or not varied
+    specials = set(run.tokenizer.special_tokens.values())  # quill sample prints no special token's text
+    text = run.tokenizer.decode([i for i in got[1]["ids"] if i not in specials])
+    assert text == quill_greedy(run_dir, prompt, capsys)
 
 
 # --- runs ----------------------------------------------------------------------------------------
+
+def decisive_run(path: Path, cfg: ModelConfig, tokenizer, scale: float = 40.0) -> Path:
+    """make_run with an untied LM head scaled up: a random model whose greedy choices vary with
+    the context and are clear (near-ties would leave the choice to rounding, in either runtime)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg.tie_embeddings = False
+    run = make_run(path, cfg, tokenizer)
+    weights = load_file(run / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] * scale
+    save_file(weights, run / "model.safetensors")
+    return run
+
 
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory) -> Path:
@@ -101,16 +119,25 @@ def char_run(tmp_path_factory) -> Path:
 def test_char_run_decodes_as_quill(llama, char_run, tmp_path, capsys):
     gguf = export(char_run, tmp_path / "char.gguf")
     assert "rwkv" in capsys.readouterr().err  # no special token: the greedy longest-match vocabulary
-    check_same_decoding(llama, char_run, gguf, capsys)
+    check_same_decoding(llama, char_run, gguf, capsys, varied=False)  # a few steps: it repeats itself
     meta = llama.run(gguf, [{"op": "meta", "ids": list(range(20))}], context=64)[0]
     assert meta["eos"] is None and not any(meta["is_eog"])  # no character ends generation
+
+
+def test_char_run_past_the_context(llama, char_run, tmp_path, capsys):
+    """The demo's shape with a decisive random head, whose greedy tokens vary: 100 tokens from a
+    14-token prompt cross the 64-token context, where quill's window moves."""
+    tok = load_run(char_run).tokenizer
+    run = decisive_run(tmp_path / "wide", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, bias=False), tok)
+    check_same_decoding(llama, run, export(run, tmp_path / "wide.gguf"), capsys)
 
 
 @pytest.mark.slow  # GPT-2's 50,000 merges rebuilt from its ranks, a 50,257-row embedding
 def test_gpt2_tokenizer_run(llama, tmp_path, gpt2_cache, capsys):
     from quillgpt.tokenizers.gpt2 import gpt2_tokenizer
 
-    run = make_run(tmp_path / "gpt2", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=160), gpt2_tokenizer())
+    run = decisive_run(tmp_path / "gpt2", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=160),
+                       gpt2_tokenizer())
     gguf = export(run, tmp_path / "gpt2.gguf")
     check_same_decoding(llama, run, gguf, capsys)
     meta = llama.run(gguf, [{"op": "meta", "ids": [50256, 198, 11]}], context=32)[0]
@@ -119,18 +146,36 @@ def test_gpt2_tokenizer_run(llama, tmp_path, gpt2_cache, capsys):
 
 def test_trained_bpe_run_untied_without_biases(llama, tmp_path, capsys):
     tok = ByteBPETokenizer.train(PAGE * 3 + "ROMEO: But soft, what light through yonder window breaks?\n" * 20, 400)
-    run = make_run(tmp_path / "bpe", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, bias=False,
-                                                 tie_embeddings=False), tok)
+    run = decisive_run(tmp_path / "bpe", ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, bias=False), tok)
     check_same_decoding(llama, run, export(run, tmp_path / "bpe.gguf"), capsys)
 
 
 def test_rope_run_is_gptneox(llama, tmp_path, capsys):
+    """RoPE as llama.cpp's gptneox: the same log-probabilities as quill's, position by position,
+    over the page (teacher-forced: a random model's greedy path would turn on near-ties)."""
     tok = CharTokenizer.train(PAGE + PROMPT)
-    run = make_run(tmp_path / "rope", ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, rope=True,
-                                                  rope_base=500.0), tok)
-    gguf = export(run, tmp_path / "rope.gguf")
+    run_dir = make_run(tmp_path / "rope", ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, rope=True,
+                                                      rope_base=500.0, tie_embeddings=False), tok)
+    gguf = export(run_dir, tmp_path / "rope.gguf")
     assert "gptneox" in capsys.readouterr().err
-    check_same_decoding(llama, run, gguf, capsys)
+    run = load_run(run_dir)
+    ids = tok.encode(PAGE)[:128]
+    got = llama.run(gguf, [{"op": "tokenize", "text": PAGE}, {"op": "logprobs", "ids": ids}], context=128)
+    assert got[0]["ids"] == tok.encode(PAGE)
+    with torch.no_grad():
+        ours = torch.log_softmax(run.model(torch.tensor([ids]))[0][0].double(), -1)
+    expected = ours[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(got[1]["logprobs"], dtype=torch.double), expected, atol=2e-3)
+
+
+def test_ascii_char_chat_run(llama, tmp_path, capsys):
+    """Characters of one byte each have no merges; GGUF's BPE still needs one (an inert one)."""
+    from quillgpt.chat import add_chat_tokens
+
+    ascii_page = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tAll: Speak, speak!  "
+    tok = add_chat_tokens(CharTokenizer.train(ascii_page + PROMPT))
+    run = decisive_run(tmp_path / "ascii", ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64), tok)
+    check_same_decoding(llama, run, export(run, tmp_path / "ascii.gguf"), capsys, page=ascii_page)
 
 
 CONVERSATION = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "reverse: quill"},

@@ -17,8 +17,11 @@ import {getLlama, LlamaChatSession, JinjaTemplateChatWrapper} from "node-llama-c
 const request = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const llama = await getLlama({gpu: false, build: "never", logLevel: "error", progressLogs: false});
 const model = await llama.loadModel({modelPath: request.model, gpuLayers: 0});
-const context = await model.createContext({contextSize: request.context ?? 256, threads: request.threads ?? 1,
-                                            batchSize: request.context ?? 256, sequences: 1});
+// One slot more than the model's context: node-llama-cpp shifts a full context by itself before its
+// last slot is used. Positions stay below the model's context all the same (`greedy` moves its window first).
+const slots = (request.context ?? 256) + 1;
+const context = await model.createContext({contextSize: slots, threads: request.threads ?? 1, batchSize: slots,
+                                            sequences: 1});
 const sequence = context.getSequence();
 
 async function greedy(ids, n, window) {
