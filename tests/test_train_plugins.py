@@ -195,14 +195,15 @@ def test_token_loss_must_return_a_scalar(small_text):
 
 
 @pytest.mark.slow
-def test_token_loss_under_ddp_equals_one_process_with_accumulation(small_text, tmp_path):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_token_loss_under_ddp_and_fsdp_equals_one_process_with_accumulation(small_text, tmp_path, layout):
     script = Path(__file__).resolve().parent / "token_loss_data.py"
     env = dict(os.environ, PYTHONPATH=str(script.parent.parent), OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, str(script), str(small_text), str(tmp_path / "one"), "2"],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(small_text), str(tmp_path / "ddp"), "1"],
+                          str(script), str(small_text), str(tmp_path / "ddp"), "1", layout],
                          env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ref, got = json.loads(one.stdout), json.loads(ddp.stdout)

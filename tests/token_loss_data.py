@@ -52,8 +52,9 @@ class WeightedData:
         return (nll * w).sum() / w.sum()
 
 
-def main(data: str, out: str, accumulation: int) -> None:
-    """Train the weighted data (under torchrun: one rank each) and print the losses as JSON."""
+def main(data: str, out: str, accumulation: int, fsdp: bool = False) -> None:
+    """Train the weighted data (under torchrun: one rank each; `fsdp`: sharded) and print the
+    losses as JSON."""
     from quillgpt.config import load_config
     from quillgpt.data import TokenData
     from quillgpt.train import Trainer
@@ -61,7 +62,7 @@ def main(data: str, out: str, accumulation: int) -> None:
     cfg = load_config(None, dict(data=data, out=out, n_layer=2, n_head=2, n_embd=32, block_size=16,
                                  batch_size=4, max_iters=6, eval_iters=2, eval_interval=3, log_interval=1,
                                  warmup_iters=2, learning_rate=3e-3, sample_tokens=0, device="cpu",
-                                 gradient_accumulation_steps=accumulation))
+                                 gradient_accumulation_steps=accumulation, fsdp=fsdp))
     trainer = Trainer(cfg, progress=False, log=lambda m: None, data=WeightedData(TokenData.from_config(cfg)))
     result = trainer.run()
     if trainer.dist.is_main:
@@ -69,4 +70,4 @@ def main(data: str, out: str, accumulation: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), fsdp=sys.argv[4:] == ["fsdp"])
