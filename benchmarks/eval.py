@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import torch  # noqa: E402
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main, text_file  # noqa: E402
 from quillgpt import checkpoint as ckpt  # noqa: E402
 from quillgpt.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from quillgpt.hf import export_hf  # noqa: E402
 from quillgpt.model import GPT  # noqa: E402
 from quillgpt.tokenizers.gpt2 import gpt2_tokenizer  # noqa: E402
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SHAPES = {
     "10m": ("10M", dict(n_layer=6, n_head=6, n_embd=384, block_size=256)),
     "gpt2": ("GPT-2 small", dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)),
@@ -75,9 +75,7 @@ metric_list:
 
 def write_task(directory: Path, tokenizer, items: int, seed: int = 0) -> None:
     """The multiple-choice task: contexts and endings cut from tiny-shakespeare's GPT-2 tokens."""
-    path = SHARED / "tinyshakespeare.txt"
-    if not path.is_file():
-        sys.exit(f"{path} not found: the benchmark cuts its task from tiny-shakespeare")
+    path = text_file("shakespeare")  # quill's cached copy, downloaded once
     ids = tokenizer.encode(path.read_text(encoding="utf-8"))
     rng = random.Random(seed)
     with open(directory / "items.jsonl", "w", encoding="utf-8") as f:
@@ -178,7 +176,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    tokenizer = gpt2_tokenizer(SHARED / "gpt2.tiktoken" if (SHARED / "gpt2.tiktoken").is_file() else None)
+    tokenizer = gpt2_tokenizer()  # GPT-2's ranks from quill's cache, downloaded once
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = Path(tmp) / "task"
@@ -201,4 +199,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
 # benchmarks/tokenizers.py would shadow HF's `tokenizers` package: import from the repo root
 sys.path[0] = str(ROOT)
+
+from benchmarks.script import run_main, text_file  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -44,10 +45,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
+    from quillgpt.tokenizers.gpt2 import gpt2_ranks_path
+
     tmp = Path(tempfile.mkdtemp(prefix="quill-hf-bench-"))
+    ranks, shakespeare = gpt2_ranks_path(), text_file("shakespeare")  # quill's cache, downloaded once
     os.environ["QUILL_CACHE"] = str(tmp / "cache")
     (tmp / "cache").mkdir()
-    shutil.copy(SHARED / "gpt2.tiktoken", tmp / "cache" / "gpt2.tiktoken")
+    shutil.copy(ranks, tmp / "cache" / "gpt2.tiktoken")
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -62,7 +66,7 @@ def main() -> None:
     hf.save_pretrained(tmp / "hf")
     n_params = sum(p.numel() for p in hf.parameters())
 
-    t_import, loaded = timed(lambda: load_hf(tmp / "hf"), args.repeats)
+    t_import, loaded = timed(lambda: load_hf(tmp / "hf", tokenizer="gpt2"), args.repeats)  # no tokenizer files
     model, tok = loaded.model, loaded.tokenizer
 
     def export():
@@ -74,7 +78,7 @@ def main() -> None:
     t_export, _ = timed(export, args.repeats)
     t_hf_load, hf2 = timed(lambda: GPT2LMHeadModel.from_pretrained(tmp / "exported").eval(), args.repeats)
 
-    text = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = shakespeare.read_text(encoding="utf-8")
     ids = tok.encode(text)[: args.tokens]
     x = torch.tensor([ids[:1024]])
     with torch.no_grad():
@@ -118,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

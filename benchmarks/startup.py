@@ -19,7 +19,7 @@ last step); the end (the final evaluation, sample, checkpoint, loss.png). For na
 evaluation's end is when it prints `step 0:`.
 
     flock /tmp/quill-bench.lock python benchmarks/startup.py --nanogpt ~/nanoGPT [--before DIR]
-        [--iters 300] [--rounds 5] [--data ../shared/data/tinyshakespeare.txt]
+        [--iters 300] [--rounds 5] [--data FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[0] = str(REPO)
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import run_main, text_file  # noqa: E402
 
 RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=10", "--block_size=64",
           "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
@@ -126,10 +127,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (its train.py runs unchanged)")
     ap.add_argument("--before", type=Path, help="another quill checkout to time in the same rounds")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "tinyshakespeare.txt")
+    ap.add_argument("--data", default="shakespeare",
+                    help="a text file; shakespeare (default): tiny-shakespeare from quill's cache")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    args.data = text_file(args.data)
 
     import torch
 
@@ -190,4 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
