@@ -122,6 +122,29 @@ def conversation_files(root: Path) -> None:
         write(root / "chats" / f"{name}.jsonl", "\n".join([*good[:3], line, *good[3:]]) + "\n")
     write(root / "chats" / "binary.jsonl", ("\n".join(good[:3]) + "\n").encode() + b'{"messages": "\xff\xfe"}\n')
     write(root / "chats" / "bad.parquet", b"PAR1 not a parquet file PAR1")
+    rl_task_files(root, words)
+
+
+def rl_task_files(root: Path, words: list[str]) -> None:
+    """rl/: quill rl's tasks (a word; its answer, the word reversed), files with one bad line (line 3),
+    and reward files."""
+    def task(user: str, **fields: Any) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": user}], **fields})
+
+    good = [task(w, answer=w[::-1]) for w in words]
+    write(root / "rl" / "tasks.jsonl", "\n".join(good) + "\n")
+    bad_lines = {
+        "noanswer": task("To"),
+        "notjson": '{"messages": [',
+        "lastturn": json.dumps({"messages": [{"role": "user", "content": "To"},
+                                             {"role": "assistant", "content": "oT"}], "answer": "oT"}),
+        "vocab": task("To \u20ac", answer="oT"),
+        "long": task("To be " * 2000, answer="eb oT"),
+    }
+    for name, line in bad_lines.items():
+        write(root / "rl" / f"{name}.jsonl", "\n".join([*good[:2], line, *good[2:]]) + "\n")
+    write(root / "rl" / "raises.py", "def score(messages, reply, **fields):\n    raise ValueError('no score')\n")
+    write(root / "rl" / "broken.py", "def score(reply, task)\n")
 
 
 def task_files(root: Path) -> None:
@@ -321,6 +344,7 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "hf_config_deep": hf_edit("hf_cdeep", lambda d: write(d / "config.json", "[" * 100_000 + "]" * 100_000)),
         "hf_no_tokenizer": hf_edit("hf_notok", no_tokenizer),
         "hf_pickle": hf_edit("hf_pickle", pickled_code),
+        "chat_nan": lambda: nan_weights(copy_run(root, "chat_nan", "chat_run")),
         "chat_losses": chat_state("chat_losses", lambda st: st.update(losses="many")),
         "chat_rng": chat_state("chat_rng", lambda st: st["rng"].update(python=[3, [1], None])),
         "chat_data_sha": chat_state("chat_sha", lambda st: st.update(data_sha256="0" * 64)),
@@ -374,7 +398,64 @@ class Case:
 
 
 def cli_cases() -> list[Case]:
-    return core_cases() + chat_cases() + eval_cases()
+    return core_cases() + chat_cases() + rl_cases() + export_cases() + eval_cases()
+
+
+def rl_cases() -> list[Case]:
+    """quill rl: its tasks, its rewards, its starting model."""
+    R = ["rl", "--init-from", "{root}/chat_run", "--out", "{root}/rl_out", *TINY_FLAGS, "--batch-size=2",
+         "--rl-group-size=2", "--rl-max-reply-tokens=4", "--data"]
+    TASKS = [*R, "{root}/rl/tasks.jsonl"]
+    C = Case
+    return [
+        C("rl", "--data missing", [*R, "{root}/rl/missing.jsonl"], fragment="not found"),
+        C("rl", "a task without an answer", [*R, "{root}/rl/noanswer.jsonl"], fragment='line 3: no "answer"'),
+        C("rl", "a line that is not JSON", [*R, "{root}/rl/notjson.jsonl"], fragment="line 3: not valid JSON"),
+        C("rl", "the last turn the assistant's", [*R, "{root}/rl/lastturn.jsonl"], fragment="line 3: the last"),
+        C("rl", "a prompt outside the vocabulary", [*R, "{root}/rl/vocab.jsonl"], fragment="line 3: character"),
+        C("rl", "a prompt longer than the context", [*R, "{root}/rl/long.jsonl"], fragment="no room for a reply"),
+        C("rl", "--reward an unknown kind", [*TASKS, "--reward", "closest"], fragment="exact, number"),
+        C("rl", "--reward a bad regex", [*TASKS, "--reward", "regex:("], fragment="not a regular expression"),
+        C("rl", "--reward a missing file", [*TASKS, "--reward", "python:{root}/rl/nothing.py:score"],
+          fragment="no such file"),
+        C("rl", "--reward a file that does not load", [*TASKS, "--reward", "python:{root}/rl/broken.py:score"],
+          fragment="SyntaxError"),
+        C("rl", "--reward a function that is not there", [*TASKS, "--reward", "python:{root}/rl/raises.py:other"],
+          fragment="no function 'other'"),
+        C("rl", "the reward raises (mid-run)", [*TASKS, "--reward", "python:{root}/rl/raises.py:score", "--no-save"],
+          started=True, fragment="raised ValueError"),
+        C("rl", "--init-from a run without a chat template", [*TASKS, "--init-from", "{root}/run"],
+          fragment="no chat template"),
+        C("rl", "--init-from NaN weights", [*TASKS, "--init-from", "{root}/chat_nan"], setup="chat_nan",
+          fragment="NaN"),
+        C("rl", "--out is --init-from", [*TASKS, "--out", "{root}/chat_run", "--overwrite"], fragment="input"),
+        C("rl", "learning rate NaN", [*TASKS, "--learning-rate", "nan"], fragment="finite"),
+        C("rl", "group size 0", [*TASKS, "--rl-group-size", "0"], fragment="rl_group_size"),
+        C("rl", "a tiny run", [*TASKS, "--no-save"], ok=True),
+    ]
+
+
+def export_cases() -> list[Case]:
+    """quill export-gguf."""
+    C = Case
+    return [
+        C("export-gguf", "a run that is not there", ["export-gguf", "{root}/nothing", "{root}/x.gguf"],
+          fragment="not found"),
+        C("export-gguf", "a directory that is no run", ["export-gguf", "{root}/tok", "{root}/x.gguf"],
+          fragment="not a run directory"),
+        C("export-gguf", "OUT is a directory", ["export-gguf", "{root}/run", "{root}/chats"], fragment="directory"),
+        C("export-gguf", "OUT inside the run", ["export-gguf", "{root}/run", "{root}/run/model.safetensors",
+                                                "--overwrite"], fragment="inside the input"),
+        C("export-gguf", "OUT exists", ["export-gguf", "{root}/run", "{root}/verse.txt"], fragment="--overwrite"),
+        C("export-gguf", "--dtype q4", ["export-gguf", "{root}/run", "{root}/x.gguf", "--dtype", "q4"],
+          fragment="invalid choice"),
+        C("export-gguf", "NaN weights", ["export-gguf", "{root}/run_nan", "{root}/x.gguf"], setup="nan_weights",
+          fragment="NaN"),
+        C("export-gguf", "config.yaml n_embd edited", ["export-gguf", "{root}/run_shape", "{root}/x.gguf"],
+          setup="shape_edited", fragment="expects"),
+        C("export-gguf", "tokenizer.json nested 100,000 deep", ["export-gguf", "{root}/run_tok_deep",
+                                                                 "{root}/x.gguf"], setup="tok_deep"),
+    ]
 
 
 def chat_cases() -> list[Case]:

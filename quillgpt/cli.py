@@ -281,8 +281,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 # --- quill rl ---------------------------------------------------------------------------------
 
 def add_rl(sub: argparse._SubParsersAction) -> None:
-    from .config import ALL_KEYS
-    from .rl import RL_KEY_HELP
+    from .config import ALL_KEYS, RL_KEY_HELP
 
     p = sub.add_parser("rl", help="improve a chat model with rewards it earns (reinforcement learning)",
                        usage="quill rl --init-from RUN --data TASKS [--reward SPEC] [--KEY-NAME VALUE ...] [options]",

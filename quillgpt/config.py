@@ -336,6 +336,40 @@ SFT_KEY_HELP: dict[str, tuple[str, str]] = {
 }
 
 
+# What `quill rl` starts from unless the preset or the flags say otherwise: RL takes small steps
+# from a model that already answers sometimes (docs/rl.md: how these were measured).
+RL_DEFAULTS: dict[str, Any] = {
+    "batch_size": 8, "learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, "max_iters": 500,
+    "weight_decay": 0.0, "eval_interval": 50, "eval_iters": 10, "log_interval": 5, "sample_tokens": 0,
+}
+# The keys that matter most to `quill rl`, first in its --help, as (meaning, default) there
+# (here, not in rl.py, so that `quill --help` and the tokenizer commands start without torch)
+RL_KEY_HELP: dict[str, tuple[str, str]] = {
+    "init_from": ("the chat model to improve: a run trained with quill sft (any run with the chat template)",
+                  "none: required"),
+    "data": ("tasks: a .jsonl file, one {\"messages\": [...], \"answer\": ...} per line (docs/rl.md)",
+             "none: required"),
+    "reward": ("exact | number | regex:PATTERN | python:FILE:FUNCTION (docs/rl.md)", '"exact"'),
+    "eval_data": ("held-out tasks for pass@1 and pass@k (.jsonl)", "None: val_fraction of data is held out"),
+    "out": ("run directory", "runs/<data name>"),
+    "batch_size": ("prompts per micro-batch, each answered rl_group_size times", "8"),
+    "learning_rate": ("peak AdamW learning rate", f"{RL_DEFAULTS['learning_rate']:g}"),
+    "min_lr": ("learning rate at the end of the cosine decay", f"{RL_DEFAULTS['min_lr']:g}"),
+    "warmup_iters": ("linear warmup steps", f"{RL_DEFAULTS['warmup_iters']}"),
+    "max_iters": ("optimizer steps (--time-budget fits them to a wall-clock time)", f"{RL_DEFAULTS['max_iters']}"),
+    "weight_decay": ("AdamW weight decay, on matrices only", f"{RL_DEFAULTS['weight_decay']:g}"),
+    "eval_interval": ("steps between held-out pass@1 / pass@k evaluations", f"{RL_DEFAULTS['eval_interval']}"),
+    "eval_iters": ("batches of held-out reference answers per val_loss", f"{RL_DEFAULTS['eval_iters']}"),
+    "log_interval": ("steps between metrics rows (mean reward, signal, reply length)",
+                     f"{RL_DEFAULTS['log_interval']}"),
+    "sample_tokens": ("length of a text sample printed at the end", f"{RL_DEFAULTS['sample_tokens']}"),
+}
+for _key in ("rl_group_size", "rl_temperature", "rl_top_k", "rl_max_reply_tokens", "rl_std_advantage", "rl_kl",
+             "rl_updates", "rl_clip", "rl_pass_k", "rl_eval_limit", "rl_no_signal_steps"):
+    _field = TrainConfig.__dataclass_fields__[_key]
+    RL_KEY_HELP[_key] = (_field.metadata["help"].removeprefix("quill rl: "), repr(_field.default))
+
+
 # Names the seed projects use, accepted in YAML and on the command line.
 ALIASES = {
     "steps": "max_iters",
