@@ -18,6 +18,7 @@ context) is one line on stderr and the loop goes on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import signal
@@ -154,6 +155,26 @@ def prompt_loop(respond: Callable[[str], Any], commands: Mapping[str, Callable[[
     starts with "/" and names none is answered with `usage`. Without them every line but /exit
     is input."""
     editing = line_editing()
+    with _ctrl_c_raises() if editing else contextlib.nullcontext():
+        _read_and_respond(respond, commands, usage, prompt, editing)
+
+
+@contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt at the prompt even where SIGINT came ignored (a session
+    started in the background by a shell without job control, nohup): at a terminal it is a key."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _read_and_respond(respond: Callable[[str], Any], commands: Mapping[str, Callable[[str], Any]] | None,
+                      usage: str, prompt: str, editing: bool) -> None:
     while True:
         try:
             line = read_line(prompt, editing)

@@ -62,10 +62,16 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     return root / "base", root / "chat"
 
 
+def ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def spawn(*args: str) -> pexpect.spawn:
+    """quill at a terminal. It starts with SIGINT ignored, as anything started in the background by
+    a shell without job control does (CI's runner among them): Ctrl-C must work all the same."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TERM="dumb")
     child = pexpect.spawn(sys.executable, ["-m", "quillgpt", *args], env=env, encoding="utf-8",
-                          timeout=120, dimensions=(24, 200))
+                          timeout=120, dimensions=(24, 200), preexec_fn=ignore_ctrl_c)
     child.logfile_read = io.StringIO()
     return child
 
