@@ -120,6 +120,8 @@ def conversation_files(root: Path) -> None:
     }
     for name, line in bad_lines.items():
         write(root / "chats" / f"{name}.jsonl", "\n".join([*good[:3], line, *good[3:]]) + "\n")
+    long = [conv("To be, or not to be " * 3, w) for w in words]  # longer than the context, held out too
+    write(root / "chats" / "long.jsonl", "\n".join(long + good[:4]) + "\n")
     write(root / "chats" / "binary.jsonl", ("\n".join(good[:3]) + "\n").encode() + b'{"messages": "\xff\xfe"}\n')
     write(root / "chats" / "bad.parquet", b"PAR1 not a parquet file PAR1")
     rl_task_files(root, words)
@@ -477,6 +479,11 @@ def chat_cases() -> list[Case]:
           fragment="position 4200000"),
         C("sft", "a 4 MB conversation (truncated to the context)", [*F, "{root}/chats/huge.jsonl", "--no-save"],
           ok=True),
+        C("sft", "held-out conversations longer than the context", [*F, "{root}/chats/long.jsonl", "--no-save",
+                                                                      "--val-fraction", "0.5"], ok=True),
+        C("sft", "held-out conversations longer than the context, dropped, --exact-match-every 2",
+          [*F, "{root}/chats/long.jsonl", "--no-save", "--val-fraction", "0.5", "--sft-too-long", "drop",
+           "--exact-match-every", "2"], ok=True),
         C("sft", "non-UTF-8 bytes", [*F, "{root}/chats/binary.jsonl"], fragment="line 4: not UTF-8"),
         C("sft", "a corrupt .parquet", [*F, "{root}/chats/bad.parquet"], fragment="not a readable Parquet file"),
         C("sft", "--out is --data's directory", [*F, "{root}/chats/chats.jsonl", "--out", "{root}/chats",

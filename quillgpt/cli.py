@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .errors import QuillError
+from .errors import QuillError, shown
 
 START_TIME = time.time()
 RUN_HELP = "run directory (written by quill train, quill sft or quill import-hf)"
@@ -269,12 +269,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
                           exact_match_every=args.exact_match_every)
     result = trainer.run()
     # every rank answers (under FSDP each forward pass gathers the weights from all ranks)
-    prompt, reference = last_reply(trainer.data.val_conversations[0])
-    reply = replies(trainer.model, trainer.tokenizer, [prompt], max_new_tokens=64, temperature=0)[0]
+    held_out = trainer.data.val_conversations  # those that fit the context whole
+    if held_out:
+        prompt, reference = last_reply(held_out[0])
+        reply = replies(trainer.model, trainer.tokenizer, [prompt], max_new_tokens=64, temperature=0)[0]
     if not trainer.dist.is_main:
         return 0
     report_done(result, then="; talk to it with: quill chat {run}")
-    eprint(f"a held-out conversation, greedy: {prompt[-1].content!r} -> {reply!r} (reference {reference!r})")
+    if held_out:
+        eprint(f"a held-out conversation, greedy: {shown(prompt[-1].content)} -> {shown(reply)} "
+               f"(reference {shown(reference)})")
     return 0
 
 

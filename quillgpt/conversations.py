@@ -189,10 +189,10 @@ class RenderStats:
 
 
 def render_rows(tokenizer: Tokenizer, conversations: list[list[Message]], block_size: int,
-                too_long: str, stats: RenderStats) -> Rows:
+                too_long: str, stats: RenderStats, whole: list[list[Message]] | None = None) -> Rows:
     """Each conversation's inputs and targets (targets -1 where nothing is learnt). One longer
     than block_size + 1 tokens is truncated or dropped (`too_long`), as is a truncated one with
-    nothing left to learn; `stats` counts them."""
+    nothing left to learn; `stats` counts them. `whole` gets the conversations that fit uncut."""
     if too_long not in TOO_LONG:
         raise QuillError(f"sft_too_long must be truncate or drop, got {too_long!r}")
     rows = Rows([], [])
@@ -209,6 +209,8 @@ def render_rows(tokenizer: Tokenizer, conversations: list[list[Message]], block_
             stats.dropped += 1  # truncated before the assistant spoke
             continue
         stats.truncated += cut
+        if whole is not None and not cut:
+            whole.append(conv)
         rows.inputs.append(ids[:-1])
         rows.targets.append(targets)
     return rows
@@ -271,7 +273,7 @@ class ConversationData:
     tokenizer: Tokenizer
     train: Rows
     val: Rows
-    val_conversations: list[list[Message]]
+    val_conversations: list[list[Message]]  # the held-out ones that fit the context whole
     stats: RenderStats
     skipped: int = 0
 
@@ -280,13 +282,14 @@ class ConversationData:
               val_fraction: float = 0.1, too_long: str = "truncate", skipped: int = 0) -> ConversationData:
         """Split, render and check the conversations (with a tokenizer that has the chat tokens)."""
         train_c, val_c = split_conversations(conversations, val_fraction)
-        stats = RenderStats()
-        train, val = (render_rows(tokenizer, c, block_size, too_long, stats) for c in (train_c, val_c))
+        stats, val_whole = RenderStats(), []
+        train = render_rows(tokenizer, train_c, block_size, too_long, stats)
+        val = render_rows(tokenizer, val_c, block_size, too_long, stats, whole=val_whole)
         if not len(train) or not len(val):
             raise QuillError(f"no conversation fits the context of {block_size} tokens with something "
                              f"left to learn in the {'training' if not len(train) else 'validation'} split; "
                              f"raise --block-size")
-        return cls(tokenizer, train, val, val_c, stats, skipped)
+        return cls(tokenizer, train, val, val_whole, stats, skipped)
 
     def describe(self) -> str:
         notes = [f"{n} {what}" for n, what in ((self.stats.truncated, "truncated"),

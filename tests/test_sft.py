@@ -287,6 +287,50 @@ def test_other_bad_inputs(tmp_path, capsys, base_run):
     assert "line 2: not UTF-8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("too_long", ["truncate", "drop"])
+def test_held_out_conversations_longer_than_the_context_get_the_training_sets_rule(tmp_path, capsys, base_run,
+                                                                                    too_long):
+    """A held-out conversation longer than the context is truncated or dropped as the training
+    ones are: the exact-match evaluation and the closing greedy reply use only those that fit
+    whole, and a held-out set where none fits whole still ends in a saved run."""
+    long = [json.dumps({"messages": [{"role": "user", "content": "to be or not " * 4},
+                                     {"role": "assistant", "content": "be"}]}) for _ in range(12)]
+    short = json.dumps({"messages": [{"role": "user", "content": "flip: abd"},
+                                     {"role": "assistant", "content": "dba"}]})
+    base = ["sft", "--init-from", str(base_run), "--max-iters", "4", "--batch-size", "2", "--eval-iters", "1",
+            "--eval-interval", "2", "--block-size", "32", "--no-progress", "--exact-match-every", "2",
+            "--sft-too-long", too_long, "--val-fraction", "0.5"]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(long + [short] * 12) + "\n", encoding="utf-8")
+    assert main([*base, "--data", str(mixed), "--out", str(tmp_path / "mixed")]) == 0
+    err = capsys.readouterr().err
+    assert "run saved" in err or ckpt.list_checkpoints(tmp_path / "mixed"), err
+    assert "a held-out conversation, greedy: 'flip: abd' ->" in err and "(reference 'dba')" in err
+    assert "val_exact_match" in (tmp_path / "mixed" / "metrics.csv").read_text()
+    if too_long == "truncate":  # every held-out one is cut: no reply to show, the run still saved
+        only_long = tmp_path / "long.jsonl"
+        cut = json.dumps({"messages": [{"role": "user", "content": "abd"},
+                                       {"role": "assistant", "content": "to be or not " * 4}]})
+        only_long.write_text("\n".join([cut] * 8) + "\n", encoding="utf-8")
+        assert main([*base, "--data", str(only_long), "--out", str(tmp_path / "long")]) == 0, capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "held-out conversation, greedy" not in err and ckpt.list_checkpoints(tmp_path / "long")
+
+
+def test_the_closing_reply_quotes_messages_shortened(tmp_path, capsys):
+    """The closing "held-out conversation" line quotes a long message shortened, never whole (a
+    huge one is never there: it does not fit the context whole)."""
+    long = json.dumps({"messages": [{"role": "user", "content": "abd " * 50},
+                                    {"role": "assistant", "content": "dba " * 50}]})
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join([long] * 4) + "\n", encoding="utf-8")
+    assert main(["sft", "--data", str(path), "--out", str(tmp_path / "o"), "--n-layer", "1", "--n-head", "2",
+                 "--n-embd", "16", "--max-iters", "1", "--batch-size", "2", "--eval-iters", "1",
+                 "--block-size", "450", "--device", "cpu", "--no-progress", "--no-save"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "held-out conversation" in x)
+    assert "abd abd" in line and "abd " * 50 not in line and "dba " * 50 not in line and len(line) < 400, line
+
+
 def test_parquet_messages_column(tmp_path, chats, base_run):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
