@@ -36,21 +36,44 @@ types "<|end|>" gets ordinary tokens. A tokenizer without them gets them appende
     ids, mask = render(tokenizer, messages)              # training
     prompt = render(tokenizer, messages[:2], add_generation_prompt=True).ids
     replies(model, tokenizer, [messages[:2]], temperature=0)   # ["lliuq"]
+
+Replies with tools (`ReplyStream`, `tool_replies`, `ChatSession(tools=...)`): each row of a
+batch has its own `ToolRunner`, the decode engine's tool hook, asked when the model writes
+`<|end_calls|>`. A call of a built-in tool the caller enabled (`tools="calculator,python"`)
+runs here; its result is forced into the row as the template renders a tool message, and the
+reply goes on (at most `ToolUse.max_rounds` rounds; later calls get an error result). A call
+of a client's tool (the conversation's own `tools`) ends the row with finish "tool_calls" and
+the parsed call. A malformed call is an error result for built-ins, and text with finish
+"stop" for a client. `ReplyReader` turns a row's events into content, calls and results.
+
+    tool_replies(model, tokenizer, [[{"role": "user", "content": "4821*37?"}]], tools="calculator")
+    # [Reply(content="178377", finish="stop", tool_calls=[], messages=[call, result, answer])]
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
 
+from .engine import Event, Request, decode
 from .errors import QuillError, shown
-from .generate import Sampling, check_sampling_args, stream_texts
+from .generate import Sampling, check_sampling_args, row_seeds
 from .tokenizers import Tokenizer
-from .tools import NAME, ToolError, check_tool_definitions, parse_arguments
+from .tools import (
+    NAME,
+    BuiltinTool,
+    ToolError,
+    builtin_tools,
+    check_tool_definitions,
+    parse_arguments,
+    run_builtin,
+    tool_names,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -386,57 +409,376 @@ def _jinja_tools_template() -> str:
     )
 
 
+# --- tools in replies -----------------------------------------------------------------------
+
+MAX_TOOL_ROUNDS = 4  # rounds of built-in calls per reply; calls after them get an error result
+
+
+@dataclass
+class ToolUse:
+    """What a reply may do with tools. `builtins` run here (quillgpt.tools): their results are
+    forced into the reply and it goes on. `client`: definitions of tools the caller runs; a reply
+    whose calls name one ends there, finish "tool_calls". Both are listed in the prompt.
+    `max_rounds`: rounds of built-in calls per reply (later calls get an error result, so a
+    reply that keeps calling ends at its max_new_tokens). `calls`: False (tool_choice "none")
+    ends a reply where a call would start."""
+
+    builtins: Mapping[str, BuiltinTool] = field(default_factory=dict)
+    client: list[dict[str, Any]] = field(default_factory=list)
+    max_rounds: int = MAX_TOOL_ROUNDS
+    calls: bool = True
+
+    @classmethod
+    def of(cls, tools: Any, client: Sequence[Mapping[str, Any]] | None = None) -> ToolUse | None:
+        """`tools` (None, built-in names as "calculator,python" or a list, or a ToolUse) with the
+        conversation's own definitions `client`; None when there are neither."""
+        if isinstance(tools, ToolUse):
+            use = tools
+        else:
+            use = cls(builtin_tools(tools))
+        if client:
+            clash = [n for n in tool_names(client) if n in use.builtins]
+            if clash:
+                raise ToolError(f"tools: {clash[0]!r} is a built-in tool here; give client tools other names")
+            use = ToolUse(use.builtins, [*use.client, *client], use.max_rounds, use.calls)
+        return use if use.builtins or use.client else None
+
+    def definitions(self) -> list[dict[str, Any]]:
+        return [t.definition() for t in self.builtins.values()] + list(self.client)
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def parse_call(text: str) -> ToolCall | str:
+    """A call as the model wrote it after <|tool_call|> ("NAME ARGUMENTS", the arguments a
+    JSON object) as a ToolCall with a new id, or what is wrong with it."""
+    name, _, arguments = text.strip().partition(" ")
+    if not NAME.fullmatch(name):
+        return f"a tool call must start with the tool's name, got {shown(text)}"
+    try:
+        parse_arguments(arguments.strip(), f"the arguments of the {name} call")
+    except ToolError as e:
+        return str(e)
+    return ToolCall(new_call_id(), name, arguments.strip())
+
+
+def _encode_result(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A tool's result as ordinary tokens; characters outside the vocabulary (a character-level
+    tokenizer) become "?" (or go)."""
+    try:
+        return tokenizer.encode_ordinary(text)
+    except QuillError:
+        out: list[int] = []
+        for c in text:
+            for attempt in (c, "?"):
+                try:
+                    out += tokenizer.encode_ordinary(attempt)
+                    break
+                except QuillError:
+                    continue
+        return out
+
+
+def tool_result_ids(tokenizer: Tokenizer, results: Sequence[str]) -> list[int]:
+    """What follows an assistant message of calls: each result as the template renders a tool
+    message (`<|tool|>RESULT<|end|>`), then `<|assistant|>`, where the reply goes on."""
+    special = chat_token_ids(tokenizer, tools=True)
+    ids: list[int] = []
+    for r in results:
+        ids += [special[TOOL_TOKEN], *_encode_result(tokenizer, r), special[END_TOKEN]]
+    return ids + [special[ROLE_TOKENS["assistant"]]]
+
+
+def _split_calls(ids: Sequence[int], call_id: int) -> tuple[list[int], list[list[int]]]:
+    """An assistant message's ids (without its <|end_calls|>): its content, and each call's."""
+    if call_id not in ids:
+        return list(ids), []
+    first = list(ids).index(call_id)
+    calls: list[list[int]] = []
+    for t in ids[first:]:
+        if t == call_id:
+            calls.append([])
+        else:
+            calls[-1].append(t)
+    return list(ids[:first]), calls
+
+
+class ToolRunner:
+    """One row's tool hook (`engine.Request.tool_hook`, asked after `<|end_calls|>`): the calls of
+    the assistant message just closed either go to the caller (a client tool among them, or no
+    built-ins at all: None, the row ends with finish "tool_calls"), or run here, each call's
+    result (an "error: ..." for a malformed call or an unknown tool) forced in as the template
+    renders tool messages, and the reply goes on."""
+
+    def __init__(self, tokenizer: Tokenizer, use: ToolUse):
+        self.tokenizer, self.use = tokenizer, use
+        self.special = chat_token_ids(tokenizer, tools=True)
+        self.rounds = 0
+
+    @property
+    def tool_ids(self) -> set[int]:
+        return {self.special[CALLS_END_TOKEN]}
+
+    def __call__(self, ids: list[int]) -> list[int] | None:
+        start = max((i + 1 for i, t in enumerate(ids) if t == self.special[ROLE_TOKENS["assistant"]]), default=0)
+        _, segments = _split_calls(ids[start:-1], self.special[CALL_TOKEN])
+        texts = [self.tokenizer.decode(s) for s in segments]
+        names = [t.strip().partition(" ")[0] for t in texts]
+        client = set(tool_names(self.use.client))
+        if not self.use.builtins or any(n in client for n in names):
+            return None
+        self.rounds += 1
+        if self.rounds > self.use.max_rounds:
+            results = [f"error: no more tool calls in this reply (at most {self.use.max_rounds} rounds)"] * len(texts)
+        else:
+            results = [self._run(t) for t in texts]
+        return tool_result_ids(self.tokenizer, results or ["error: <|end_calls|> without a call"])
+
+    def _run(self, text: str) -> str:
+        call = parse_call(text)
+        if isinstance(call, str):
+            return f"error: {call}"
+        return run_builtin(self.use.builtins, call.name, call.arguments).content
+
+
+@dataclass
+class ReplyPart:
+    """A piece of a reply as it streams: "content" (text the assistant writes), "call" (a tool
+    call: `call` is None for a malformed one, `text` is what the model wrote) or "result" (a
+    built-in tool's result, forced in)."""
+
+    kind: str
+    text: str
+    call: ToolCall | None = None
+
+
+@dataclass
+class Reply:
+    """A whole reply: its content (all rounds'), its finish reason, the calls it ends with
+    (finish "tool_calls": the caller runs them), and every message it adds to the conversation
+    (assistant messages of calls and the tool messages answering them, then the last one)."""
+
+    content: str
+    finish: str | None
+    tool_calls: list[ToolCall]
+    messages: list[Message]
+
+
+class ReplyReader:
+    """One row's decode events as `ReplyPart`s, and the `Reply` they make.
+
+    Call text is held back until `<|end_calls|>` closes the message; a call that does not parse
+    is a "call" part with call None. A row that ends on calls (finish "tool_calls") with a
+    malformed one among them, or that stops inside a call, gives the calls' text as content and
+    finish "stop": the caller gets text, never a broken call."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        s = tokenizer.special_tokens
+        self.call_id, self.calls_end = s.get(CALL_TOKEN, -1), s.get(CALLS_END_TOKEN, -1)
+        self.tool_id, self.end_id = s.get(TOOL_TOKEN, -1), s.get(END_TOKEN, -1)
+        self.open: list[list[int]] | None = None  # the ids of the calls being written
+        self.result: list[int] | None = None  # the ids of a result being forced in
+        self.content = ""  # of the whole reply
+        self.message = ""  # of the assistant message being written
+        self.pending: list[ToolCall] = []  # calls waiting for their results
+        self.calls: list[ReplyPart] = []  # the last message's calls
+        self.messages: list[Message] = []
+        self.finish: str | None = None
+
+    def feed(self, event: Event) -> list[ReplyPart]:
+        t, out = event.token, []
+        if event.forced:
+            out = self._forced(t)
+        elif t == self.call_id:
+            out = self._content(event.text)
+            self.open = (self.open or []) + [[]]
+        elif t == self.calls_end:
+            out = self._close_calls()
+        elif self.open is not None:
+            if t is not None:
+                self.open[-1].append(t)
+        else:
+            out = self._content(event.text)
+        if event.finish is not None:
+            out += self._finish(event.finish)
+        return out
+
+    def _content(self, text: str) -> list[ReplyPart]:
+        self.content += text
+        self.message += text
+        return [ReplyPart("content", text)] if text else []
+
+    def _close_calls(self) -> list[ReplyPart]:
+        texts = [self.tokenizer.decode(ids) for ids in self.open or [[]]]
+        self.open = None
+        self.calls = []
+        for text in texts:
+            call = parse_call(text)
+            self.calls.append(ReplyPart("call", text, None if isinstance(call, str) else call))
+        self.pending = [p.call or _unparsed(p.text) for p in self.calls]
+        self.messages.append(Message("assistant", self.message or None, list(self.pending)))
+        self.message = ""
+        return list(self.calls)
+
+    def _forced(self, token: int | None) -> list[ReplyPart]:
+        if token == self.tool_id:
+            self.result = []
+        elif token == self.end_id and self.result is not None:
+            text, self.result = self.tokenizer.decode(self.result), None
+            call = self.pending.pop(0) if self.pending else None
+            self.messages.append(Message("tool", text, tool_call_id=call.id if call else new_call_id()))
+            return [ReplyPart("result", text, call)]
+        elif self.result is not None and token is not None:
+            self.result.append(token)
+        return []
+
+    def _finish(self, reason: str) -> list[ReplyPart]:
+        out: list[ReplyPart] = []
+        if self.open is not None:  # stopped inside a call: what it wrote is text
+            out = self._content("\n".join(self.tokenizer.decode(ids) for ids in self.open))
+            self.open = None
+        unanswered = bool(self.pending) and bool(self.messages) and bool(self.messages[-1].tool_calls)
+        if unanswered and reason == "tool_calls" and all(p.call is not None for p in self.calls):
+            self.finish = reason  # the calls go to the caller: the reply's last message
+            return out
+        if unanswered:  # calls nobody runs (a malformed one, or no tools): their text is the reply's
+            self.message = self.messages.pop().content or ""
+            out += self._content("\n".join(p.text for p in self.calls))
+            self.calls, self.pending = [], []
+            reason = "stop" if reason == "tool_calls" else reason
+        self.finish = reason
+        self.messages.append(Message("assistant", self.message))
+        return out
+
+    def reply(self) -> Reply:
+        calls = [p.call for p in self.calls if p.call] if self.finish == "tool_calls" else []
+        return Reply(self.content, self.finish, calls, list(self.messages))
+
+
+def _unparsed(text: str) -> ToolCall:
+    """A malformed call as a conversation can keep it: its name (or "invalid"), its text as
+    {"unparsed": TEXT}."""
+    name = text.strip().partition(" ")[0]
+    return ToolCall(new_call_id(), name if NAME.fullmatch(name) else "invalid",
+                    json.dumps({"unparsed": text}, ensure_ascii=False))
+
+
 # --- replies --------------------------------------------------------------------------------
 
-def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message], block_size: int) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message], block_size: int,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """The ids that ask for the next reply, or QuillError when they exceed the context."""
-    ids = render(tokenizer, messages, add_generation_prompt=True).ids
+    ids = render(tokenizer, messages, add_generation_prompt=True, tools=tools).ids
     if len(ids) > block_size:
         raise QuillError(f"the conversation is {len(ids)} tokens long, longer than the model's "
                          f"context of {block_size}")
     return ids
 
 
+def reply_request(tokenizer: Tokenizer, messages: Sequence[Message], sampling: Sampling, block_size: int,
+                  use: ToolUse | None = None) -> Request:
+    """The decode request for the next reply to `messages` (checked): with `use`, its tools are
+    listed in the prompt and a `ToolRunner` of its own handles the row's calls."""
+    if use is None:
+        return Request(prompt_ids(tokenizer, messages, block_size), sampling, end_ids=end_ids(tokenizer))
+    ids = prompt_ids(tokenizer, messages, block_size, tools=use.definitions() or None)
+    ends = end_ids(tokenizer, tools=True)
+    if not use.calls:  # tool_choice "none": the reply ends where a call would start
+        specials = tokenizer.special_tokens
+        return Request(ids, sampling, end_ids=ends | {specials[CALL_TOKEN], specials[CALLS_END_TOKEN]})
+    runner = ToolRunner(tokenizer, use)
+    return Request(ids, sampling, end_ids=ends, tool_hook=runner, tool_ids=runner.tool_ids)
+
+
+class ReplyStream:
+    """The next reply to each conversation (one batch), step by step: iterating gives, each
+    step, the new `ReplyPart`s of every conversation's reply; `replies` are the whole replies
+    once it is done. Conversation b samples with seed + b. `tools`: built-in names or a
+    `ToolUse` (a conversation's own `tools` are the client's)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Any], tools: Any = None,
+                 max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None):
+        check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, stop)
+        self.model, self.tokenizer = model, tokenizer
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stop or ()))
+        block_size = model.config.block_size
+        self.requests = []
+        for c, s in zip(conversations, row_seeds(seed, len(conversations))):
+            own = getattr(c, "tools", None)
+            messages = check_messages(list(c), tools=own)
+            use = ToolUse.of(tools, client=messages.tools)
+            self.requests.append(reply_request(tokenizer, messages, replace(sampling, seed=s),
+                                               block_size, use))
+        self.readers = [ReplyReader(tokenizer) for _ in conversations]
+
+    def __iter__(self) -> Iterator[list[list[ReplyPart]]]:
+        for events in decode(self.model, self.tokenizer, self.requests):
+            parts: list[list[ReplyPart]] = [[] for _ in self.readers]
+            for e in events:
+                parts[e.row] += self.readers[e.row].feed(e)
+            yield parts
+
+    @property
+    def replies(self) -> list[Reply]:
+        return [r.reply() for r in self.readers]
+
+
 def stream_replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Any],
-                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, min_p: float | None = None,
-                   repetition_penalty: float = 1.0, stop: list[str] | None = None,
-                   seed: int | None = None) -> Iterator[list[str]]:
+                   tools: Any = None, **sampling: Any) -> Iterator[list[str]]:
     """The assistant's next reply to each conversation (one batch), in pieces as they are
-    produced: each step, one text piece per conversation. Conversation b samples with seed + b."""
-    check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, stop)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
-    block_size = model.config.block_size
-    ids = [prompt_ids(tokenizer, check_messages(list(c), tools=getattr(c, "tools", None)), block_size)
-           for c in conversations]
-    yield from stream_texts(model, tokenizer, ids, sampling, end_ids=end_ids(tokenizer))
+    produced: each step, one text piece per conversation (its content: calls and results are
+    `ReplyStream`'s parts). Sampling settings as `ReplyStream`'s."""
+    for parts in ReplyStream(model, tokenizer, conversations, tools, **sampling):
+        yield ["".join(p.text for p in ps if p.kind == "content") for ps in parts]
 
 
-def replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Any], **sampling: Any) -> list[str]:
+def replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Any], tools: Any = None,
+            **sampling: Any) -> list[str]:
     """The assistant's next reply to each conversation (see `stream_replies`)."""
     out = [""] * len(conversations)
-    for pieces in stream_replies(model, tokenizer, conversations, **sampling):
+    for pieces in stream_replies(model, tokenizer, conversations, tools, **sampling):
         out = [o + p for o, p in zip(out, pieces)]
     return out
 
 
-def fit_history(tokenizer: Tokenizer, messages: list[Message], budget: int) -> tuple[list[Message], int]:
-    """`messages` with the oldest user/assistant exchanges dropped (the system message kept)
-    until the prompt takes at most `budget` tokens; returns them and how many turns went."""
+def tool_replies(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Any], tools: Any = None,
+                 **sampling: Any) -> list[Reply]:
+    """The next reply to each conversation as a `Reply`: content, finish reason, the calls it
+    ends with (client tools) and the messages it adds (built-in rounds included)."""
+    stream = ReplyStream(model, tokenizer, conversations, tools, **sampling)
+    for _ in stream:
+        pass
+    return stream.replies
+
+
+def fit_history(tokenizer: Tokenizer, messages: list[Message], budget: int,
+                tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[list[Message], int]:
+    """`messages` with the oldest exchanges dropped (a user message and everything up to the
+    next one; the system message kept) until the prompt takes at most `budget` tokens; returns
+    them and how many messages went."""
     system = messages[:1] if messages and messages[0].role == "system" else []
     turns = messages[len(system):]
     dropped = 0
-    while len(render(tokenizer, system + turns, add_generation_prompt=True).ids) > budget and len(turns) > 1:
-        turns = turns[2:]  # a user message and the reply to it
-        dropped += 2
+    while len(render(tokenizer, system + turns, add_generation_prompt=True, tools=tools).ids) > budget:
+        nxt = next((i for i, m in enumerate(turns[1:], 1) if m.role == "user"), len(turns))
+        if nxt >= len(turns):
+            break
+        turns = turns[nxt:]
+        dropped += nxt
     return system + turns, dropped
 
 
 @dataclass
 class ChatSession:
     """A conversation with a model in the terminal (`quill chat`): history, system prompt,
-    streamed replies. History that no longer fits the context loses its oldest turns."""
+    streamed replies, built-in tools (`tools`: names or a `ToolUse`). History that no longer
+    fits the context loses its oldest turns; it keeps the calls and results of each reply."""
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -446,9 +788,12 @@ class ChatSession:
     dropped: int = 0  # messages dropped from the history by the last `send`
     dropped_messages: list[Message] = field(default_factory=list)  # and which
     turn: int = 0
+    tools: Any = None
 
     def __post_init__(self) -> None:
-        chat_token_ids(self.tokenizer)  # a model without the template: say so before any input
+        self.tools = ToolUse.of(self.tools)
+        # a model without the template (or the tool tokens): say so before any input
+        chat_token_ids(self.tokenizer, tools=self.tools is not None)
 
     def reset(self) -> None:
         self.history, self.turn = [], 0
@@ -456,36 +801,40 @@ class ChatSession:
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history
 
-    def send(self, text: str) -> Iterator[str]:
-        """Add the user's message and stream the reply; the reply joins the history at the end,
-        or, when the caller stops the stream early (closes it, Ctrl-C), as far as it was given out."""
+    def send(self, text: str) -> Iterator[str | ReplyPart]:
+        """Add the user's message and stream the reply: text pieces, and `ReplyPart`s for tool
+        calls and results. The reply joins the history at the end or, when the caller stops the
+        stream early (closes it, Ctrl-C), as far as it was given out."""
         block_size = self.model.config.block_size
         max_new = int(self.sampling.get("max_new_tokens", 256))
         budget = max(1, block_size - min(max_new, block_size // 2))  # room left for the reply
         user = Message("user", text)
         self.tokenizer.encode_ordinary(text)  # a character outside the vocabulary fails here
         before = self.messages() + [user]
-        fitted, self.dropped = fit_history(self.tokenizer, before, budget)
+        tools = self.tools.definitions() if self.tools else None
+        fitted, self.dropped = fit_history(self.tokenizer, before, budget, tools)
         first = 1 if self.system else 0
         self.dropped_messages = before[first:first + self.dropped]
         if self.dropped:  # keep what fits, in the history too
             self.history = fitted[first:-1]
         seed = self.sampling.get("seed")
         settings = {**self.sampling, "seed": None if seed is None else seed + self.turn}
-        reply = ""
+        stream = ReplyStream(self.model, self.tokenizer, [fitted], self.tools, **settings)
+        reader = stream.readers[0]
         try:
-            for pieces in stream_replies(self.model, self.tokenizer, [fitted], **settings):
-                reply += pieces[0]
-                if pieces[0]:
-                    yield pieces[0]
+            for parts in stream:
+                for part in parts[0]:
+                    yield part.text if part.kind == "content" else part
         except (GeneratorExit, KeyboardInterrupt):  # stopped early: keep what was given out
-            if reply:
-                self._keep(user, reply)
+            if reader.finish is None:
+                reader.feed(Event(0, None, "", finish="stop"))
+            if reader.content or len(reader.messages) > 1:
+                self._keep(user, reader.messages)
             raise
-        self._keep(user, reply)
+        self._keep(user, reader.messages)
 
-    def _keep(self, user: Message, reply: str) -> None:
-        self.history += [user, Message("assistant", reply)]
+    def _keep(self, user: Message, reply: list[Message]) -> None:
+        self.history += [user, *reply]
         self.turn += 1
 
 
