@@ -122,6 +122,9 @@ def conversation_files(root: Path) -> None:
         write(root / "chats" / f"{name}.jsonl", "\n".join([*good[:3], line, *good[3:]]) + "\n")
     long = [conv("To be, or not to be " * 3, w) for w in words]  # longer than the context, held out too
     write(root / "chats" / "long.jsonl", "\n".join(long + good[:4]) + "\n")
+    write(root / "chats" / "surrogate.jsonl", "\n".join(good[:3] + ['{"messages": [{"role": "user", "content": '
+                                                                   '"To \\ud800"}, {"role": "assistant", '
+                                                                   '"content": "be"}]}'] + good[3:]) + "\n")
     write(root / "chats" / "binary.jsonl", ("\n".join(good[:3]) + "\n").encode() + b'{"messages": "\xff\xfe"}\n')
     write(root / "chats" / "bad.parquet", b"PAR1 not a parquet file PAR1")
     rl_task_files(root, words)
@@ -188,6 +191,8 @@ def build_fixtures(root: Path) -> None:
     write(root / "deep.yaml", "n_layer: " + "[" * 50_000 + "]" * 50_000 + "\n")
     write(root / "tag.yaml", "n_layer: !!python/object/apply:os.system ['echo pwned']\n")
     write(root / "deep.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    write(root / "surrogate.jsonl", '{"text": "To be"}\n{"text": "or \\ud800 not"}\n')
+    write(root / os.fsdecode(b"named-\xff.txt"), text)  # a file name that is not UTF-8
     packed = gzip.compress(text.encode())
     write(root / "corrupt.txt.gz", packed[: len(packed) // 2] + b"garbage" * 10 + packed[len(packed) // 2:])
     write(root / "truncated.txt.gz", packed[: len(packed) // 2])
@@ -484,6 +489,11 @@ def chat_cases() -> list[Case]:
         C("sft", "held-out conversations longer than the context, dropped, --exact-match-every 2",
           [*F, "{root}/chats/long.jsonl", "--no-save", "--val-fraction", "0.5", "--sft-too-long", "drop",
            "--exact-match-every", "2"], ok=True),
+        C("sft", "a lone surrogate (\\ud800) in a message", [*F, "{root}/chats/surrogate.jsonl"],
+          fragment="line 4: holds a lone surrogate"),
+        C("sft", "a lone surrogate, without --init-from", ["sft", "--out", "{root}/sft_out", *TINY_FLAGS, "--data",
+                                                         "{root}/chats/surrogate.jsonl"],
+          fragment="line 4: holds a lone surrogate"),
         C("sft", "non-UTF-8 bytes", [*F, "{root}/chats/binary.jsonl"], fragment="line 4: not UTF-8"),
         C("sft", "a corrupt .parquet", [*F, "{root}/chats/bad.parquet"], fragment="not a readable Parquet file"),
         C("sft", "--out is --data's directory", [*F, "{root}/chats/chats.jsonl", "--out", "{root}/chats",
@@ -630,6 +640,10 @@ def core_cases() -> list[Case]:
                                             "--val-fraction", "nan"], fragment="val_fraction"),
         C("prepare", "--max-megabytes NaN", ["prepare", "--data", "{root}/verse.txt", "--out", "{root}/p",
                                              "--max-megabytes", "nan"], fragment="max_megabytes"),
+        C("prepare", "a lone surrogate (\\ud800) in a .jsonl line", ["prepare", "--data", "{root}/surrogate.jsonl",
+                                                                   "--out", "{root}/p"], fragment="line 2"),
+        C("train", "--data a file name that is not UTF-8", [*T, "--data", "{root}/" + os.fsdecode(b"named-\xff.txt"),
+                                                            "--no-save"], ok=True),
         C("prepare", "corrupt .gz", ["prepare", "--data", "{root}/corrupt.txt.gz", "--out", "{root}/p"],
           fragment="gzip"),
         C("prepare", "not gzip at all", ["prepare", "--data", "{root}/notgzip.txt.gz", "--out", "{root}/p"],
@@ -900,6 +914,8 @@ def chat_http_cases() -> list[HttpCase]:
           + b"]" * 500 + b"}]}", fragment="messages"),
         H("a message outside the vocabulary", json={"messages": [{"role": "user", "content": "To \u20ac"}]},
           fragment="vocabulary"),
+        H("a lone surrogate in a message", body=b'{"messages": [{"role": "user", "content": "To \\ud800"}]}',
+          fragment="lone surrogate"),
         H("n 17", json={"messages": USER, "n": 17}, fragment="at most 16"),
         H("max_tokens 10^30", json={"messages": USER, "max_tokens": 10**30}, fragment="at most 2048"),
         H("tools", json={"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
@@ -968,6 +984,10 @@ def completion_cases() -> list[HttpCase]:
         H("no Content-Type", body=json.dumps(NORMAL).encode(), headers={}, status=415),
         H("JSON nested 200,000 deep", body=b"[" * 200_000),
         H("invalid UTF-8", body=b'{"prompt": "To \xc3"}', fragment="UTF-8"),
+        H("a lone surrogate, echo, streamed", body=b'{"prompt": "To \\ud800", "echo": true, "stream": true}',
+          fragment="lone surrogate"),
+        H("a lone surrogate in a stop string", body=b'{"prompt": "To", "stop": ["\\udfff"]}',
+          fragment="lone surrogate"),
         H("a body over 1 MB", body=b'{"prompt": "' + b"a" * (1 << 20) + b'"}', status=413),
         H("a 100 KB model name", json={"prompt": "To", "model": "m" * 100_000}, status=404, fragment="..."),
         H("max_tokens 10^30", body=b'{"prompt": "To", "max_tokens": 1000000000000000000000000000000}'),

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .chat import Conversation, ConversationError, Message, check_messages, render
-from .errors import QuillError
+from .errors import QuillError, lone_surrogate
 from .tokenizers import Tokenizer
 from .tools import tool_names
 
@@ -107,7 +107,10 @@ def _jsonl_conversations(path: Path) -> tuple[list[Any], list[str]]:
                 continue
             where = f"line {lineno}"
             try:
-                items.append(_conversation(json.loads(line), where))
+                obj = json.loads(line)
+                if (bad := lone_surrogate(obj)) is not None:
+                    raise ConversationError(f"{where}: holds a lone surrogate ({bad}), which is not valid Unicode")
+                items.append(_conversation(obj, where))
             except (ValueError, RecursionError) as e:
                 items.append(ConversationError(f"{where}: not valid JSON ({e})"))
             except ConversationError as e:

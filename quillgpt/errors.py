@@ -29,3 +29,23 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
         text = f"<{type(value).__name__}>"
     text = text.replace("\n", "\\n").replace("\r", "\\r")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def lone_surrogate(value: object) -> str | None:
+    """Where `value` (a string, or the lists and dicts of strings JSON gives) holds a lone
+    surrogate ("\\ud800" in JSON: not valid Unicode, and UTF-8 cannot hold it): "U+D800 at
+    position 3"; None when it holds none."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"U+{ord(v[e.start]):04X} at position {e.start}"
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return None

@@ -137,7 +137,8 @@ def staging_dir(out: Path) -> Iterator[Path]:
 def write_meta(path: Path, meta: dict[str, Any], tokenizer_dict: dict[str, Any]) -> None:
     """tokenizer.json (as `Tokenizer.save` writes it) and meta.json, beside the token files."""
     atomic_write_text(path / TOKENIZER_FILE, json.dumps(tokenizer_dict, ensure_ascii=False))
-    atomic_write_text(path / META_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    # ASCII with escapes: a file name that is not UTF-8 (held as lone surrogates) round-trips
+    atomic_write_text(path / META_FILE, json.dumps(meta, indent=1) + "\n")
 
 
 def install(tmp: Path, out: Path, keep_key: str | None) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .download import KNOWN_DATASETS, download
-from .errors import QuillError, shown
+from .errors import QuillError, lone_surrogate, shown
 
 
 @dataclass
@@ -251,6 +251,9 @@ def _jsonl_pieces(path: Path, opts: ReadOptions, budget: _Budget, piece_bytes: i
                     f"{path} line {lineno}: field {opts.text_field!r} is {type(text).__name__}, "
                     f"expected a string"
                 )
+            if (bad := lone_surrogate(text)) is not None:
+                raise QuillError(f"{path} line {lineno}: field {opts.text_field!r} holds a lone surrogate ({bad}), "
+                                 f"which is not valid Unicode")
             yield from _split_long(text, len(line), piece_bytes)
 
 

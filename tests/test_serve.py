@@ -545,3 +545,25 @@ def test_a_failed_step_is_logged_answered_and_the_server_goes_on(run, caplog, mo
         again = c.post("/v1/completions", json={"prompt": "To", "max_tokens": 3, "seed": 2})
         assert again.status_code == 200
         assert again.json()["choices"][0]["text"] == expected(run, "To", max_new_tokens=3, seed=2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_is_400_whatever_the_tokenizer(tmp_path, stream):
+    """"\ud800" is not valid Unicode: every run answers 400 naming the field, also a syllable run
+    (whose catch-all token would take it) with echo, streamed or not."""
+    data = tmp_path / "verse.txt"
+    data.write_text("\n".join(VERSE * 20) + "\n", encoding="utf-8")
+    cfg = load_config(None, {"data": str(data), "out": str(tmp_path / "run"), "n_layer": 1, "n_head": 2,
+                             "n_embd": 16, "block_size": 16, "batch_size": 4, "max_iters": 1, "eval_iters": 1,
+                             "device": "cpu", "sample_tokens": 0, "tokenizer": "syllable"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUILL_CACHE", str(tmp_path / "cache"))
+        Trainer(cfg, progress=False, log=lambda msg: None).run()
+    with TestClient(create_app(load_run(tmp_path / "run")), base_url=LOCAL) as c:
+        for body in (b'{"prompt": "To \\ud800", "echo": true, "max_tokens": 1, "stream": %s}',
+                     b'{"prompt": ["To", "be"], "stop": ["\\udfff"], "stream": %s}'):
+            r = c.post("/v1/completions", content=body % (b"true" if stream else b"false"), headers=JSON)
+            assert r.status_code == 400, r.text
+            assert "lone surrogate" in r.json()["error"]["message"] and r.json()["error"]["param"] in {"prompt", "stop"}
+        r = c.post("/v1/completions", json={"prompt": "To", "max_tokens": 2, "echo": True}, headers=JSON)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("To")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chat import ConversationError, check_messages, end_ids, has_chat_template, prompt_ids
-from ..errors import QuillError, shown
+from ..errors import QuillError, lone_surrogate, shown
 from ..generate import check_sampling_args, encode_prompt
 from ..tokenizers import Tokenizer
 from .logprobs import MAX_LOGPROBS, MAX_TOP_LOGPROBS
@@ -143,6 +143,10 @@ def parse_body(raw: bytes, schema: Any) -> Any:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    for key, value in data.items():  # no tokenizer or answer can hold one (UTF-8 cannot)
+        if (bad := lone_surrogate(key) or lone_surrogate(value)) is not None:
+            param = shown(key) if lone_surrogate(key) else key
+            raise APIError(400, f"{param}: holds a lone surrogate ({bad}), which is not valid Unicode", param=param)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
