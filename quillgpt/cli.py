@@ -441,6 +441,9 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory of a chat model")
     p.add_argument("--message", help="send this one message, print the reply, exit")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--tools", metavar="NAMES",
+                   help="built-in tools the model may call, comma-separated: calculator, python (off unless "
+                        "named; a model fine-tuned on tool conversations, docs/tools.md)")
     add_sampling_flags(p, 256, "longest reply in tokens")
     p.add_argument("--seed", type=int, default=None, help="fixes the replies (reply n uses seed + n)")
     add_weights_flags(p)
@@ -450,15 +453,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
     from .model import count_params
     from .terminal import CHAT_USAGE, ChatTerminal
+    from .tools import builtin_tools
 
     sampling = dict(sampling_settings(args), seed=args.seed)
+    tools = builtin_tools(args.tools) or None  # a misspelt name fails before the model loads
     run = open_run(args)
-    terminal = ChatTerminal(ChatSession(run.model, run.tokenizer, system=args.system, sampling=sampling))
+    terminal = ChatTerminal(ChatSession(run.model, run.tokenizer, system=args.system, sampling=sampling,
+                                        tools=tools))
     if args.message is not None:
         terminal.reply(args.message, interruptible=False)
         return 0
+    with_tools = f"; tools: {', '.join(tools)}" if tools else ""
     eprint(f"quill chat: {args.run} ({count_params(run.model) / 1e6:.2f}M parameters, context "
-           f"{run.config.model.block_size} tokens). {CHAT_USAGE}.")
+           f"{run.config.model.block_size} tokens{with_tools}). {CHAT_USAGE}.")
     terminal.run()
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import re
 import signal
 import sys
@@ -107,15 +108,17 @@ def _deferred_interrupt() -> Iterator[_StopFlag]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def print_stream(pieces: Iterable[str], head: str = "", before: Callable[[], None] | None = None,
-                 interruptible: bool = False, out: Any = None) -> Printed:
+def print_stream(pieces: Iterable[Any], head: str = "", before: Callable[[], None] | None = None,
+                 interruptible: bool = False, out: Any = None, show: Callable[[Any], str] | None = None) -> Printed:
     """Print `head`, then each piece as it comes, then a newline; returns what was printed.
 
     The first piece is asked for before anything is printed, so input the model cannot take
     fails with nothing shown; `before()` runs then (a notice about the input). With
     `interruptible`, Ctrl-C stops the stream after the current piece (the generator is closed)
-    and `stopped` is set; without it, Ctrl-C raises KeyboardInterrupt as usual."""
+    and `stopped` is set; without it, Ctrl-C raises KeyboardInterrupt as usual. `show` turns a
+    piece into the text printed (default: the piece itself)."""
     out = out or sys.stdout
+    show = show or str
     it = iter(pieces)
     shown: list[str] = []
     with _deferred_interrupt() if interruptible else _no_flag() as flag:
@@ -125,9 +128,10 @@ def print_stream(pieces: Iterable[str], head: str = "", before: Callable[[], Non
                 before()
             out.write(head)
             for piece in itertools.chain([first], it):
-                out.write(piece)  # the piece in hand is shown (a reply keeps it), then the flag looked at
+                text = show(piece)
+                out.write(text)  # the piece in hand is shown (a reply keeps it), then the flag looked at
                 out.flush()
-                shown.append(piece)
+                shown.append(text)
                 if flag.raised:
                     break
         finally:
@@ -213,21 +217,49 @@ def preview(text: str, limit: int = 32) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+TOOL_LABELS = {"call": "tool call", "result": "tool result"}
+
+
+def tool_line(part: Any, color: bool = False) -> str:
+    """A tool call or result (a `chat.ReplyPart`: `kind`, `text`) as the terminal shows it: one
+    marked line, dimmed at a colour terminal: `[tool call] calculator {"expression": "4821*37"}`."""
+    line = f"[{TOOL_LABELS.get(part.kind, part.kind)}] {part.text.strip()}"
+    return f"{DIM}{line}{RESET}" if color else line
+
+
+def wants_color(out: Any) -> bool:
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty()) and "NO_COLOR" not in os.environ
+
+
 class ChatTerminal:
     """`quill chat`'s prompt: messages go to a `chat.ChatSession` (anything with `send(text)`
-    yielding text pieces, `dropped_messages`, `reset()`, `system` and `model.config.block_size`)
-    and the replies stream back. When the conversation first outgrows the model's context, one
-    notice says which messages left it; later turns drop their oldest quietly (after /reset the
-    notice is due again)."""
+    yielding text pieces and tool parts, `dropped_messages`, `reset()`, `system` and
+    `model.config.block_size`) and the replies stream back, tool calls and results on marked
+    lines of their own. When the conversation first outgrows the model's context, one notice
+    says which messages left it; later turns drop their oldest quietly (after /reset the notice
+    is due again)."""
 
     def __init__(self, session: Any, out: Any = None):
         self.session = session
         self.out = out
         self.told_overflow = False
+        self.line_start = True
+
+    def show(self, piece: Any) -> str:
+        """A reply's piece as printed: text as it is, a tool part on a marked line of its own."""
+        if isinstance(piece, str):
+            self.line_start = piece.endswith("\n") if piece else self.line_start
+            return piece
+        text = ("" if self.line_start else "\n") + tool_line(piece, wants_color(self.out or sys.stdout)) + "\n"
+        self.line_start = True
+        return text
 
     def reply(self, text: str, interruptible: bool = True) -> Printed:
+        self.line_start = True
         printed = print_stream(self.session.send(text), before=self._say_dropped,
-                               interruptible=interruptible, out=self.out)
+                               interruptible=interruptible, out=self.out, show=self.show)
         if printed.stopped:
             eprint("(reply stopped; the conversation keeps what was shown)")
         return printed
