@@ -559,6 +559,8 @@ def chat_cases() -> list[Case]:
 def eval_cases() -> list[Case]:
     """quill eval --tasks (lm-evaluation-harness) and --dtype wherever it is a flag."""
     E = ["eval", "{root}/run", "--include-path", "{root}/tasks", "--tasks"]
+    RUNNABLE = ["eval", "{root}/run", "--include-path", str(REPO / "tests" / "lm_eval_tasks"), "--tasks",
+                "quill_verse_choice", "--unknown", "skip", "--no-progress"]
     C = Case
     return [
         C("eval", "--tasks: an unknown task", [*E, "quill_audti"], fragment="did you mean quill_audit"),
@@ -570,6 +572,11 @@ def eval_cases() -> list[Case]:
         C("eval", "--tasks: --limit -1", [*E, "quill_audit", "--limit", "-1"], fragment="limit"),
         C("eval", "--tasks: --limit NaN", [*E, "quill_audit", "--limit", "nan"], fragment="limit"),
         C("eval", "--tasks: --num-fewshot -1", [*E, "quill_audit", "--num-fewshot", "-1"], fragment="num_fewshot"),
+        C("eval", "--tasks: --num-fewshot 1000000", [*E, "quill_audit", "--num-fewshot", "1000000"],
+          fragment="num_fewshot"),
+        C("eval", "--tasks: --num-fewshot more than the task holds",
+          [*RUNNABLE, "--num-fewshot", "999", "--limit", "2"], started=True, fragment="fewer examples"),
+        C("eval", "--tasks: --limit 1e19 (the whole task)", [*RUNNABLE, "--limit", "1e19"], ok=True),
         C("eval", "--tasks: --dtype int4", [*E, "quill_audit", "--dtype", "int4"], fragment="dtype must be one of"),
         C("eval", "--data: --dtype fp8", ["eval", "{root}/run", "--data", "{root}/verse.txt", "--dtype", "fp8"],
           fragment="dtype must be one of"),

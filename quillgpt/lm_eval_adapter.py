@@ -36,6 +36,7 @@ import difflib
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ except ImportError:  # pragma: no cover - the message is the point
     raise QuillError("evaluating on tasks needs lm-evaluation-harness: pip install 'quillgpt[eval]'") from None
 
 DEFAULT_BATCH_SIZE = 16
+MAX_FEWSHOT = 1000  # examples before each question: far more than any context holds
 GENERATION_SEED = 1234  # the harness's default seed, for sampled generations
 
 
@@ -249,15 +251,21 @@ def run_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Sequence[str],
     names = check_tasks(tasks, manager)
     if limit is not None and not 0 < limit < math.inf:  # NaN too
         raise QuillError(f"limit must be positive and finite, got {limit}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise QuillError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if num_fewshot is not None and not 0 <= num_fewshot <= MAX_FEWSHOT:
+        raise QuillError(f"num_fewshot must be between 0 and {MAX_FEWSHOT}, got {num_fewshot}")
+    if limit is not None and limit >= 1:
+        limit = min(int(limit), sys.maxsize)  # more than a task holds: the whole task
     lm = QuillLM(model=model, tokenizer=tokenizer, batch_size=batch_size, unknown=unknown, progress=progress)
     was_training = model.training
     model.eval()
     try:
         results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, task_manager=manager,
-                                  limit=int(limit) if limit is not None and limit >= 1 else limit,
-                                  bootstrap_iters=bootstrap_iters, log_samples=False)
+                                  limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
+    except ValueError as e:
+        if "Sample larger than population" not in str(e):
+            raise
+        raise QuillError(f"num_fewshot {num_fewshot}: a task has fewer examples than that to draw "
+                         f"from") from None
     finally:
         model.train(was_training)
     results["dropped"] = sorted(lm.dropped)

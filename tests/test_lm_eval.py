@@ -295,6 +295,19 @@ def test_run_tasks_on_a_char_model(any_run, manager, kind):
     assert figures["quill_verse_choice/acc_norm"] == acc_norm and results["dropped"] == []
 
 
+def test_a_limit_past_any_task_is_the_whole_task_and_huge_fewshot_is_one_line(any_run, manager):
+    """--limit 1e19 (past what islice takes) is the whole task; --num-fewshot past what a task
+    can draw from, or past any context, is a QuillError, not the harness's traceback."""
+    run = any_run("char")
+    whole = run_tasks(run.model, run.tokenizer, ["quill_verse_choice"], limit=1e19, batch_size=8,
+                      progress=False, bootstrap_iters=0, manager=manager)
+    assert whole["n-samples"]["quill_verse_choice"]["effective"] == whole["n-samples"]["quill_verse_choice"]["original"]
+    for n, fragment in ((1_000_000, "between 0 and 1000"), (999, "fewer examples than that")):
+        with pytest.raises(QuillError, match=fragment):
+            run_tasks(run.model, run.tokenizer, ["quill_verse_choice"], limit=2, num_fewshot=n, progress=False,
+                      manager=manager)
+
+
 # --- characters a char-level vocabulary lacks ---------------------------------------------------
 
 def test_unknown_characters_stop_or_are_dropped(tmp_path, manager):
