@@ -258,8 +258,21 @@ def chat_request_schema() -> Any:
         logprobs: bool | None = None
         top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
         tools: list[Any] | None = None
+        tool_choice: Any = None
+        functions: Any = None  # OpenAI's legacy form of tools: refused (check_legacy_fields)
+        function_call: Any = None
 
     return ChatRequest
+
+
+def check_legacy_fields(req: Any) -> None:
+    """What the server cannot honour is refused, naming the field: OpenAI's legacy
+    `functions` / `function_call`, and a `tool_choice` that asks for a tool without `tools`."""
+    for field in ("functions", "function_call"):
+        if getattr(req, field) is not None:
+            raise APIError(400, f"{field} is not supported (the legacy form of tools)", param=field)
+    if not req.tools and req.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, f"tool_choice {shown(req.tool_choice)} needs tools", param="tool_choice")
 
 
 def chat_messages(req: Any) -> list[dict[str, Any]]:
@@ -296,6 +309,7 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
     """Check a parsed chat request against the model (it needs a chat template) and the
     limits; render the conversation into prompt ids with `chat.render`."""
     check_model(req.model, model_id)
+    check_legacy_fields(req)
     if not has_chat_template(tokenizer):
         raise APIError(400, f"model {model_id!r} has no chat template (its tokenizer lacks the chat "
                             f"tokens); fine-tune it with quill sft, or use /v1/completions",
