@@ -158,7 +158,9 @@ BAD = [
     ({"messages": CONV, "stop": [""]}, 400, "stop", "empty"),
     ({"messages": CONV, "stream": "yes"}, 400, "stream", None),
     ({"messages": CONV, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
-    ({"messages": CONV, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ({"messages": CONV, "tools": [{"type": "function"}]}, 400, "tools", "function must be an object with a name"),
+    ({"messages": CONV, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "has not learnt tools"),
     ({"messages": CONV, "model": "gpt-4o"}, 404, "model", "not found"),
 ]
 
