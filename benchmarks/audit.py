@@ -273,6 +273,16 @@ def nan_weights(run: Path) -> None:
     save_file(tensors, run / "model.safetensors")
 
 
+def retyped_weights(run: Path, change: Callable[[Any], Any]) -> None:
+    """One matrix of model.safetensors rewritten in another dtype (`change`)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(run / "model.safetensors")
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.dim() == 2)
+    tensors[name] = change(tensors[name]).contiguous()
+    save_file(tensors, run / "model.safetensors")
+
+
 def setups(root: Path) -> dict[str, Callable[[], Any]]:
     """Named preparations; each makes a copy of what it damages, so cases stay independent."""
     def run_edit(name: str, old: str, new: str) -> Callable[[], None]:
@@ -326,6 +336,9 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "config_syntax": lambda: shutil.copy(root / "syntax.yaml", copy_run(root, "run_syntax") / "config.yaml"),
         "config_tag": lambda: shutil.copy(root / "tag.yaml", copy_run(root, "run_tag") / "config.yaml"),
         "nan_weights": lambda: nan_weights(copy_run(root, "run_nan")),
+        "f64_weights": lambda: retyped_weights(copy_run(root, "run_f64"), lambda t: t.double().fill_(1e300)),
+        "int_weights": lambda: retyped_weights(copy_run(root, "run_int"), lambda t: t.int()),
+        "complex_weights": lambda: retyped_weights(copy_run(root, "run_cplx"), lambda t: t.to(t.dtype.to_complex())),
         "tok_empty_special": run_tokenizer("run_tok_empty", "empty_special.json"),
         "tok_float_special": run_tokenizer("run_tok_float", "float_special.json"),
         "tok_deep": run_tokenizer("run_tok_deep", "deep.json"),
@@ -667,6 +680,14 @@ def core_cases() -> list[Case]:
         C("sample", "17 stop strings", [*S, *[a for i in range(17) for a in ("--stop", f"s{i}")]],
           fragment="stop"),
         C("sample", "NaN weights", ["sample", "{root}/run_nan"], setup="nan_weights", fragment="NaN"),
+        C("sample", "float64 weights of 1e300 (infinite as float32)", ["sample", "{root}/run_f64"],
+          setup="f64_weights", fragment="once converted from float64"),
+        C("sample", "int32 weights", ["sample", "{root}/run_int"], setup="int_weights", fragment="int32"),
+        C("sample", "complex weights", ["sample", "{root}/run_cplx"], setup="complex_weights", fragment="complex"),
+        C("eval", "float64 weights of 1e300", ["eval", "{root}/run_f64", "--data", "{root}/verse.txt"],
+          setup="f64_weights", fragment="once converted from float64"),
+        C("serve", "float64 weights of 1e300", ["serve", "{root}/run_f64", "--port", "0"], setup="f64_weights",
+          fragment="once converted from float64"),
         C("sample", "config.yaml for a much larger model", ["sample", "{root}/run_huge"], setup="shape_huge",
           fragment="the model of config.yaml"),
         C("sample", "config.yaml vocab_size edited", ["sample", "{root}/run_vocab"], setup="vocab_edited",

@@ -143,6 +143,29 @@ def check_weights_fit(path: str | Path, cfg: ModelConfig) -> None:
                              f"expects {shape}")
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def checked_weight(t: torch.Tensor, like: torch.Tensor, name: str, source: str | Path) -> torch.Tensor:
+    """Tensor `t` of a weights file as the model's tensor `like` holds it: a floating tensor
+    only from a floating dtype a run can hold (not int, bool or complex), converted to the
+    model's dtype and finite after the conversion (float64's 1e300 is infinite as float32)."""
+    if not like.is_floating_point():
+        if t.dtype != like.dtype:
+            raise QuillError(f"{source}: {name} is {str(t.dtype).removeprefix('torch.')}, the model holds "
+                             f"{str(like.dtype).removeprefix('torch.')}")
+        return t
+    if t.dtype not in WEIGHT_DTYPES:
+        raise QuillError(f"{source}: {name} is {str(t.dtype).removeprefix('torch.')}; weights must be "
+                         f"float16, bfloat16, float32 or float64")
+    converted = t.to(like.dtype)
+    if not torch.isfinite(converted).all():
+        note = "" if t.dtype == like.dtype or not torch.isfinite(t).all() else \
+            f" once converted from {str(t.dtype).removeprefix('torch.')} to {str(like.dtype).removeprefix('torch.')}"
+        raise QuillError(f"{source}: {name} holds NaN or infinite values{note}; these weights are damaged")
+    return converted
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load weights saved by `save_weights`, checking that every tensor matches and is finite."""
     tensors = read_safetensors(path)
@@ -165,8 +188,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise QuillError(
                 f"{path}: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
             )
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise QuillError(f"{path}: {name} holds NaN or infinite values; these weights are damaged")
+        tensors[name] = checked_weight(t, expected[name], name, path)
     model.load_state_dict(tensors, strict=False)
 
 
@@ -443,6 +465,9 @@ def check_tensors_fit(tensors: dict[str, torch.Tensor], model: nn.Module, source
                                                                          have[n] != want[n]})
     if wrong or len(have) != len(tensors):
         raise QuillError(f"{source} does not fit the model of config.yaml (at {', '.join(wrong[:3])})")
+    expected = model.state_dict()
+    for name, t in tensors.items():
+        tensors[name] = checked_weight(t, expected[name], name, source)
 
 
 @dataclass

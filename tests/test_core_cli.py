@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -310,6 +312,37 @@ def test_bad_sample_inputs(small_text, tmp_path, capsys):
     (out / "model.safetensors").write_bytes(b"garbage" * 10)
     code, err = run_main(["sample", str(out)], capsys)
     assert_one_line_error(code, err, "corrupt")
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda t: t.double().fill_(1e300), "once converted from float64 to float32"),
+    (lambda t: t.to(torch.int32), "int32; weights must be float16"),
+    (lambda t: t.bool(), "bool; weights must be"),
+    (lambda t: t.to(torch.complex64), "complex64; weights must be"),
+])
+def test_weights_of_another_dtype_are_checked_after_conversion(small_text, tmp_path, capsys, change, fragment):
+    """A weights file's dtype cannot hide an overflow (float64's 1e300 is infinite as float32),
+    and int, bool or complex tensors are refused: one line from sample, eval, resume."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_text), "--out", str(out), "--max-iters", "2", *TINY]) == 0
+    capsys.readouterr()
+    weights = sorted((out / "train_state").glob("step-*"))[-1] / "model.safetensors"
+    for path in (out / "model.safetensors", weights):
+        tensors = load_file(path)
+        name = next(k for k, t in tensors.items() if t.dim() == 2)
+        tensors[name] = change(tensors[name]).contiguous()
+        save_file(tensors, path)
+    manifest = weights.parent / "manifest.json"  # as a careful forger would: the checksum matches
+    sums = json.loads(manifest.read_text())
+    sums["sha256"]["model.safetensors"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(sums))
+    for argv in (["sample", str(out)], ["eval", str(out), "--data", str(small_text)]):
+        code, err = run_main(argv, capsys)
+        assert_one_line_error(code, err, fragment)
+    code, err = run_main(["train", "--resume", str(out), "--max-iters", "3", "--allow-config-change"], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err, err
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
