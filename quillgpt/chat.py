@@ -678,19 +678,26 @@ def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message], block_size: in
     return ids
 
 
+def tool_options(tokenizer: Tokenizer, use: ToolUse) -> dict[str, Any]:
+    """A row's `engine.Request` options for `use`: its end ids and a `ToolRunner` of its own
+    (each row needs its own: it counts the row's rounds). With `use.calls` False (tool_choice
+    "none") there is no runner and the row ends where a call would start."""
+    ends = end_ids(tokenizer, tools=True)
+    if not use.calls:
+        specials = tokenizer.special_tokens
+        return {"end_ids": ends | {specials[CALL_TOKEN], specials[CALLS_END_TOKEN]}}
+    runner = ToolRunner(tokenizer, use)
+    return {"end_ids": ends, "tool_hook": runner, "tool_ids": runner.tool_ids}
+
+
 def reply_request(tokenizer: Tokenizer, messages: Sequence[Message], sampling: Sampling, block_size: int,
                   use: ToolUse | None = None) -> Request:
     """The decode request for the next reply to `messages` (checked): with `use`, its tools are
-    listed in the prompt and a `ToolRunner` of its own handles the row's calls."""
+    listed in the prompt and the row runs or hands over its calls (`tool_options`)."""
     if use is None:
         return Request(prompt_ids(tokenizer, messages, block_size), sampling, end_ids=end_ids(tokenizer))
     ids = prompt_ids(tokenizer, messages, block_size, tools=use.definitions() or None)
-    ends = end_ids(tokenizer, tools=True)
-    if not use.calls:  # tool_choice "none": the reply ends where a call would start
-        specials = tokenizer.special_tokens
-        return Request(ids, sampling, end_ids=ends | {specials[CALL_TOKEN], specials[CALLS_END_TOKEN]})
-    runner = ToolRunner(tokenizer, use)
-    return Request(ids, sampling, end_ids=ends, tool_hook=runner, tool_ids=runner.tool_ids)
+    return Request(ids, sampling, **tool_options(tokenizer, use))
 
 
 class ReplyStream:

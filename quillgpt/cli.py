@@ -821,6 +821,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "context (default: 16 rows)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's logging: each request is logged at info")
+    p.add_argument("--tools", metavar="NAMES",
+                   help="built-in tools run here for every chat request, comma-separated: calculator, python "
+                        "(off unless named; clients' own tools need no flag; docs/tools.md)")
     add_weights_flags(p, device="auto")
 
 
@@ -838,9 +841,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         raise QuillError(f"--kv-cache-mb must be positive, got {args.kv_cache_mb}")
+    from .tools import builtin_tools
+
     settings = ServeSettings(max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
-                             kv_cache_mb=args.kv_cache_mb,
-                             allowed_hosts=default_allowed_hosts(args.host, extra))
+                             kv_cache_mb=args.kv_cache_mb, allowed_hosts=default_allowed_hosts(args.host, extra),
+                             tools=tuple(builtin_tools(args.tools)))
     serve(args.run, args.host, args.port, resolve_device(args.device), weights_file(args), settings,
           log=eprint, log_level=args.log_level, dtype=args.dtype)
     return 0

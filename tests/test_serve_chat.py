@@ -158,15 +158,17 @@ BAD = [
     ({"messages": CONV, "stop": [""]}, 400, "stop", "empty"),
     ({"messages": CONV, "stream": "yes"}, 400, "stream", None),
     ({"messages": CONV, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs: true"),
-    ({"messages": CONV, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ({"messages": CONV, "tools": [{"type": "function"}]}, 400, "tools", "function must be an object with a name"),
+    ({"messages": CONV, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "has not learnt tools"),
     ({"messages": CONV, "model": "gpt-4o"}, 404, "model", "not found"),
-    # the legacy function-calling fields, and a tool_choice without tools: refused, never ignored
+    # the legacy function-calling fields, and a tool_choice that forces a call: refused, never ignored
     ({"messages": CONV, "functions": [{"name": "f", "parameters": {}}]}, 400, "functions", "not supported"),
     ({"messages": CONV, "function_call": "auto"}, 400, "function_call", "not supported"),
     ({"messages": CONV, "function_call": {"name": "f"}}, 400, "function_call", "not supported"),
-    ({"messages": CONV, "tool_choice": "required"}, 400, "tool_choice", "needs tools"),
+    ({"messages": CONV, "tool_choice": "required"}, 400, "tool_choice", "tool_choice"),
     ({"messages": CONV, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice",
-     "needs tools"),
+     "tool_choice"),
 ]
 
 

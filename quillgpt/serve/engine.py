@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine as decode_engine
+from ..chat import ReplyReader, ToolUse, tool_options
 from ..checkpoint import MODEL_FILE, Run, load_run
 from ..generate import start_ids
 from ..sampling import Sampling as RowSampling
 from ..scoring import prompt_logprobs
+from ..tokenizers import Tokenizer
 from .logprobs import TokenLogprob, prompt_entries
 from .prometheus import Histogram, render, sample
 from .schemas import Sampling
@@ -54,7 +56,10 @@ class Job:
     gets ("logprobs", [list of TokenLogprob per row]) before each step's pieces, and one that
     scores its prompts (`score_rows`: the prompt ids of each row) ("prompt_logprobs",
     [TokenLogprob list per row]) first. `end_ids`: the tokens that end a row (None: the decode
-    engine's default, <|endoftext|> and a chat model's <|end|>).
+    engine's default, <|endoftext|> and a chat model's <|end|>). A chat job with `tools` has a
+    `chat.ToolRunner` per row (built-ins run on the worker; a client's calls end the row) and a
+    `chat.ReplyReader` per row: its pieces are the replies' content, and a row that ends on a
+    client's calls reports ("tool_calls", [list of chat.ToolCall or None per row]) before the finish.
     """
 
     rows: list[list[int]]
@@ -67,12 +72,14 @@ class Job:
     end_ids: frozenset[int] | None = None
     logprobs: int | None = None
     score_rows: list[list[int]] | None = None
+    tools: ToolUse | None = None
     submitted: float = field(default_factory=time.monotonic)
     # the worker's bookkeeping
     row_ids: list[int] = field(default_factory=list)
     finish: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     last_token: list[float] = field(default_factory=list)
+    readers: list[ReplyReader] = field(default_factory=list)
 
     def emit(self, *event: Any) -> None:
         try:
@@ -80,12 +87,18 @@ class Job:
         except RuntimeError:  # the event loop is gone: nobody is listening any more
             self.cancelled.set()
 
-    def requests(self) -> list[decode_engine.Request]:
+    def requests(self, tokenizer: Tokenizer) -> list[decode_engine.Request]:
         s = self.sampling
-        return [decode_engine.Request(ids, RowSampling(
-            max_new_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            min_p=s.min_p, repetition_penalty=s.repetition_penalty, stop=tuple(s.stop or ()),
-            seed=seed, logprobs=self.logprobs), end_ids=self.end_ids) for ids, seed in zip(self.rows, self.seeds)]
+        out = []
+        for ids, seed in zip(self.rows, self.seeds):
+            sampling = RowSampling(max_new_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
+                                   top_p=s.top_p, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+                                   stop=tuple(s.stop or ()), seed=seed, logprobs=self.logprobs)
+            if self.tools is None:
+                out.append(decode_engine.Request(ids, sampling, end_ids=self.end_ids))
+            else:  # each row its own tool runner
+                out.append(decode_engine.Request(ids, sampling, **tool_options(tokenizer, self.tools)))
+        return out
 
 
 class ServerBusy(Exception):
@@ -226,7 +239,9 @@ class Engine:
                 return
             n = len(job.rows)
             job.finish, job.tokens, job.last_token = [None] * n, [0] * n, [0.0] * n
-            for i, request in enumerate(job.requests()):
+            if job.tools is not None:
+                job.readers = [ReplyReader(self.tokenizer) for _ in range(n)]
+            for i, request in enumerate(job.requests(self.tokenizer)):
                 rid = self.decoder.add(request)
                 job.row_ids.append(rid)
                 self._owner[rid] = (job, i)
@@ -262,26 +277,35 @@ class Engine:
     def _dispatch(self, events: list[decode_engine.Event]) -> None:
         """One step's events to their jobs: pieces (and logprobs) per job; a finished job ends."""
         now = time.monotonic()
-        touched: dict[int, tuple[Job, list[str], list[list[TokenLogprob]]]] = {}
+        touched: dict[int, tuple[Job, list[str], list[list[TokenLogprob]], list]] = {}
         for e in events:
             owner = self._owner.get(e.row)
             if owner is None:
                 continue
             job, i = owner
-            _, pieces, lps = touched.setdefault(id(job), (job, [""] * len(job.rows), [[] for _ in job.rows]))
-            pieces[i] += e.text
+            _, pieces, lps, calls = touched.setdefault(
+                id(job), (job, [""] * len(job.rows), [[] for _ in job.rows], [None] * len(job.rows)))
+            text, finish = e.text, e.finish
+            if job.readers:  # tools: the content; a client's calls
+                reader = job.readers[i]
+                text = "".join(p.text for p in reader.feed(e) if p.kind == "content")
+                finish = reader.finish if finish is not None else None
+                calls[i] = reader.reply().tool_calls if finish == "tool_calls" else None
+            pieces[i] += text
             if e.token is not None and not e.forced:
                 self._count_token(job, i, now)
                 if job.logprobs is not None:
                     lps[i].append(TokenLogprob(e.token, e.logprob, e.top))
-            if e.finish is not None:
-                job.finish[i] = e.finish
+            if finish is not None:
+                job.finish[i] = finish
                 del self._owner[e.row]
-        for job, pieces, lps in touched.values():
+        for job, pieces, lps, calls in touched.values():
             if job.logprobs is not None:
                 job.emit("logprobs", lps)
             if any(pieces):
                 job.emit("pieces", pieces)
+            if any(calls):
+                job.emit("tool_calls", calls)
             if all(job.finish):
                 job.emit("finish", list(job.finish), list(job.tokens))
                 self._end(job)

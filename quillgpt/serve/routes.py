@@ -28,10 +28,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..chat import has_chat_template
+from ..chat import chat_token_ids, has_chat_template
 from ..checkpoint import METRICS_FILE, MODEL_FILE, Run
 from ..errors import QuillError
 from ..model import count_params
+from ..tools import builtin_tools
 from .engine import Engine, Job, ServerBusy, load
 from .guard import RequestGuard
 from .logprobs import LogprobsCollector
@@ -93,6 +94,7 @@ def model_card(run: Run, model_id: str, settings: ServeSettings) -> dict[str, An
                                              "n_embd", "dropout", "bias")},
         "tokenizer": name_only(t.tokenizer),
         "chat": has_chat_template(run.tokenizer),
+        "tools": list(settings.tools),  # built-in tools run here (quill serve --tools)
         "data": name_only(t.data),
         "losses": final_losses(run.path),
         "sampling": {"temperature": t.sample_temperature},  # what the run recommends (None: no advice)
@@ -200,10 +202,11 @@ async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
 
 # --- whole answers (completions and chat) -------------------------------------------------
 
-async def wait_for_job(request: Request, job: Job, rows: int, logprobs: LogprobsCollector | None = None
-                       ) -> tuple[list[str], list[str], list[int]]:
-    """The texts, finish reasons and token counts of a whole job (its logprobs go to `logprobs`);
-    a client that disconnects first cancels it (APIError 499), a failed generation is APIError 500."""
+async def wait_for_job(request: Request, job: Job, rows: int, logprobs: LogprobsCollector | None = None,
+                       calls: list | None = None) -> tuple[list[str], list[str], list[int]]:
+    """The texts, finish reasons and token counts of a whole job (its logprobs go to `logprobs`,
+    each row's tool calls to `calls`); a client that disconnects first cancels it (APIError
+    499), a failed generation is APIError 500."""
     texts, finish, tokens, failed = [""] * rows, ["length"] * rows, [0] * rows, None
 
     async def collect() -> None:
@@ -216,6 +219,8 @@ async def wait_for_job(request: Request, job: Job, rows: int, logprobs: Logprobs
                     texts[b] += piece
             elif event[0] == "finish":
                 finish, tokens = event[1], event[2]
+            elif event[0] == "tool_calls" and calls is not None:
+                calls[:] = [c or old for c, old in zip(event[1], calls)]
             elif event[0] == "error":
                 failed = event[1]
 
@@ -240,13 +245,26 @@ async def wait_for_job(request: Request, job: Job, rows: int, logprobs: Logprobs
 
 async def chat_answer(request: Request, job: Job, head: dict, prompt_tokens: int,
                       logprobs: LogprobsCollector | None = None) -> JSONResponse:
-    """A whole chat completion: one assistant message per choice (with its logprobs if asked)."""
-    texts, finish, tokens = await wait_for_job(request, job, len(job.rows), logprobs)
-    choices = [{"index": i, "message": {"role": "assistant", "content": t},
+    """A whole chat completion: one assistant message per choice (with its logprobs if asked, and
+    the calls it ends with: OpenAI's `tool_calls`, content null when it says nothing else)."""
+    calls: list = [None] * len(job.rows)
+    texts, finish, tokens = await wait_for_job(request, job, len(job.rows), logprobs, calls)
+    choices = [{"index": i, "message": chat_message(t, c),
                 "logprobs": logprobs.choices[i].openai() if logprobs else None,
-                "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+                "finish_reason": f} for i, (t, f, c) in enumerate(zip(texts, finish, calls))]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                          "usage": usage([prompt_tokens] * len(texts), tokens)})
+
+
+def chat_message(text: str, calls: list | None) -> dict[str, Any]:
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": [c.openai() for c in calls]}
+
+
+def call_deltas(calls: list) -> list[dict[str, Any]]:
+    """A choice's calls in OpenAI's stream shape: each with its index, whole in one delta."""
+    return [{"index": k, **c.openai()} for k, c in enumerate(calls)]
 
 
 async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool,
@@ -271,6 +289,8 @@ async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool
                 continue
             if event[0] == "pieces":
                 yield chunk([choice(i, {"content": p}) for i, p in enumerate(event[1]) if p])
+            elif event[0] == "tool_calls":
+                yield chunk([choice(i, {"tool_calls": call_deltas(c)}) for i, c in enumerate(event[1]) if c])
             elif event[0] == "finish":
                 yield chunk([choice(i, {}, f) for i, f in enumerate(event[1])])
                 if include_usage:
@@ -405,7 +425,7 @@ class Routes:
                                           self.engine.tokenizer, self.block_size)
         job = self.engine.new_job([checked.prompt_ids], checked.n, checked.sampling, checked.seed,
                                   asyncio.get_running_loop(), checked.logprobs)
-        job.end_ids = checked.end_ids
+        job.end_ids, job.tools = checked.end_ids, checked.tools
         lp = None
         if checked.logprobs is not None:
             lp = LogprobsCollector(self.engine.tokenizer, len(job.rows), checked.logprobs, chat=True,
@@ -432,6 +452,9 @@ def create_app(run: Run | str | Path, settings: ServeSettings | None = None, dev
         raise QuillError("quill serve needs the serve extra: pip install 'quillgpt[serve]'")
     run = load(run, device, weights, dtype, warn)
     settings = settings or ServeSettings()
+    if settings.tools:  # a misspelt tool, or a model that never learnt tools: refused before serving
+        settings.tools = tuple(builtin_tools(settings.tools))
+        chat_token_ids(run.tokenizer, tools=True)
     engine = Engine(run, settings.max_queue, settings.max_batch, settings.kv_cache_mb)
     routes = Routes(engine, settings, model_id or run.path.resolve().name)
 

@@ -13,10 +13,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat import ConversationError, check_messages, end_ids, has_chat_template, prompt_ids
+from ..chat import (
+    ConversationError,
+    ToolUse,
+    check_messages,
+    end_ids,
+    has_chat_template,
+    has_tool_template,
+    prompt_ids,
+)
 from ..errors import QuillError, lone_surrogate, shown
 from ..generate import check_sampling_args, encode_prompt
 from ..tokenizers import Tokenizer
+from ..tools import ToolError, check_tool_definitions
 from .logprobs import MAX_LOGPROBS, MAX_TOP_LOGPROBS
 
 
@@ -34,6 +43,7 @@ class ServeSettings:
     max_stop_chars: int = 256  # characters per stop string
     # Host headers answered besides IP addresses ("*": any); see guard.py
     allowed_hosts: tuple[str, ...] = ("localhost",)
+    tools: tuple[str, ...] = ()  # built-in tools run here for every chat request (quill serve --tools)
 
 
 class APIError(Exception):
@@ -233,6 +243,7 @@ class ChatInput:
     seed: int
     end_ids: frozenset[int]  # tokens that end a reply
     logprobs: int | None = None  # alternatives per token (top_logprobs); None: no logprobs
+    tools: ToolUse | None = None  # the server's built-ins and the request's tools (None: no tools)
 
 
 def chat_request_schema() -> Any:
@@ -257,8 +268,8 @@ def chat_request_schema() -> Any:
         max_completion_tokens: int | None = Field(default=None, ge=1)
         logprobs: bool | None = None
         top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-        tools: list[Any] | None = None
-        tool_choice: Any = None
+        tools: list[Any] | None = None  # checked by tools.check_tool_definitions
+        tool_choice: str | dict[str, Any] | None = None
         functions: Any = None  # OpenAI's legacy form of tools: refused (check_legacy_fields)
         function_call: Any = None
 
@@ -267,12 +278,11 @@ def chat_request_schema() -> Any:
 
 def check_legacy_fields(req: Any) -> None:
     """What the server cannot honour is refused, naming the field: OpenAI's legacy
-    `functions` / `function_call`, and a `tool_choice` that asks for a tool without `tools`."""
+    `functions` / `function_call` (`tools` and `tool_choice` are their current form)."""
     for field in ("functions", "function_call"):
         if getattr(req, field) is not None:
-            raise APIError(400, f"{field} is not supported (the legacy form of tools)", param=field)
-    if not req.tools and req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, f"tool_choice {shown(req.tool_choice)} needs tools", param="tool_choice")
+            raise APIError(400, f"{field} is not supported (the legacy form of tools; use tools and "
+                                f"tool_choice)", param=field)
 
 
 def chat_messages(req: Any) -> list[dict[str, Any]]:
@@ -315,8 +325,7 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
                             f"tokens); fine-tune it with quill sft, or use /v1/completions",
                        param="messages", code="no_chat_template")
     logprobs = chat_logprobs(req, tokenizer)
-    if req.tools:
-        raise APIError(400, "tools are not supported", param="tools")
+    use = chat_tools(req, settings, tokenizer, model_id)
     n = req.n or 1
     if n > settings.max_batch:
         raise APIError(400, f"n is {n}, at most {settings.max_batch} on this server", param="n")
@@ -324,11 +333,34 @@ def check_chat(req: Any, settings: ServeSettings, model_id: str, tokenizer: Toke
     sampling = checked_sampling(req, max_tokens, settings)
     try:
         messages = check_messages(chat_messages(req))
-        ids = prompt_ids(tokenizer, messages, block_size)
+        ids = prompt_ids(tokenizer, messages, block_size, tools=use.definitions() or None if use else None)
     except (ConversationError, QuillError) as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
-    return ChatInput(ids, n, sampling, seed, frozenset(end_ids(tokenizer)), logprobs)
+    return ChatInput(ids, n, sampling, seed, frozenset(end_ids(tokenizer, tools=use is not None)), logprobs, use)
+
+
+def chat_tools(req: Any, settings: ServeSettings, tokenizer: Tokenizer, model_id: str) -> ToolUse | None:
+    """The tools of a chat request: the server's built-ins (run here) and the request's own
+    (`tools`, run by the client), listed in the prompt; `tool_choice` "auto" (the default) or
+    "none" (no calls: the reply ends where one would start). None: no tools at all."""
+    choice = req.tool_choice
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, f"tool_choice: only \"auto\" and \"none\" are supported, got {shown(choice)}",
+                       param="tool_choice")
+    try:
+        client = check_tool_definitions(req.tools) if req.tools else []
+        use = ToolUse.of(list(settings.tools), client=client)
+    except ToolError as e:
+        raise APIError(400, str(e), param="tools") from None
+    if use is None:
+        return None
+    if not has_tool_template(tokenizer):
+        raise APIError(400, f"model {model_id!r} has not learnt tools (its tokenizer lacks the tool tokens); "
+                            f"fine-tune it on conversations with tool_calls (docs/tools.md)", param="tools",
+                       code="no_tool_template")
+    use.calls = choice != "none"
+    return use
 
 
 def chat_logprobs(req: Any, tokenizer: Tokenizer) -> int | None:

@@ -56,6 +56,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     actual_port = sock.getsockname()[1]
     where = f"[{host}]" if ":" in host else host
     api = "/v1/completions, /v1/chat/completions" if has_chat_template(card.tokenizer) else "/v1/completions"
+    if settings.tools:
+        api += f"; tools run here: {', '.join(settings.tools)}"
     log(f"serving {Path(run_dir)} ({count_params(card.model) / 1e6:.2f}M parameters) on "
         f"http://{where}:{actual_port}/  (API: {api}; Ctrl-C stops)")
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
