@@ -283,6 +283,21 @@ def retyped_weights(run: Path, change: Callable[[Any], Any]) -> None:
     save_file(tensors, run / "model.safetensors")
 
 
+HELD_LOCKS: list[Any] = []  # run directories "another writer" holds while the audit runs
+
+
+def held_run(run: Path) -> None:
+    """`run` as while another process trains into it: its lock held (by this process, through
+    another open file: a second flock on the same file is refused all the same)."""
+    from quillgpt.fileio import RunLock
+
+    if any(lock.directory == run for lock in HELD_LOCKS):
+        return  # held for an earlier case
+    lock = RunLock(run)
+    lock.acquire()
+    HELD_LOCKS.append(lock)
+
+
 def setups(root: Path) -> dict[str, Callable[[], Any]]:
     """Named preparations; each makes a copy of what it damages, so cases stay independent."""
     def run_edit(name: str, old: str, new: str) -> Callable[[], None]:
@@ -336,6 +351,8 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "config_syntax": lambda: shutil.copy(root / "syntax.yaml", copy_run(root, "run_syntax") / "config.yaml"),
         "config_tag": lambda: shutil.copy(root / "tag.yaml", copy_run(root, "run_tag") / "config.yaml"),
         "nan_weights": lambda: nan_weights(copy_run(root, "run_nan")),
+        "run_held": lambda: held_run(copy_run(root, "run_held")),
+        "chat_held": lambda: held_run(copy_run(root, "chat_held", "chat_run")),
         "f64_weights": lambda: retyped_weights(copy_run(root, "run_f64"), lambda t: t.double().fill_(1e300)),
         "int_weights": lambda: retyped_weights(copy_run(root, "run_int"), lambda t: t.int()),
         "complex_weights": lambda: retyped_weights(copy_run(root, "run_cplx"), lambda t: t.to(t.dtype.to_complex())),
@@ -538,6 +555,9 @@ def chat_cases() -> list[Case]:
         C("sft", "--resume --data of other conversations", ["sft", "--resume", "{root}/chat_run", "--data",
                                                             "{root}/chats/other.jsonl"],
           fragment="training data differs"),
+        C("sft", "--resume while another process writes the run", ["sft", "--resume", "{root}/chat_held",
+                                                                     "--max-iters", "6", "--allow-config-change"],
+          setup="chat_held", fragment="being written by another process (pid"),
         C("sft", "full disk", [*F, "{root}/chats/chats.jsonl", "--out", "{root}/sft_full"], full_disk=True,
           started=True, fragment="the disk is full"),
         C("chat", "a run without a chat template", ["chat", "{root}/run", "--message", "To"],
@@ -645,6 +665,11 @@ def core_cases() -> list[Case]:
         C("train", "--resume with a tokenizer.json of an empty special token", ["train", "--resume",
                                                                               "{root}/run_tok_empty"],
           setup="tok_empty_special", fragment="non-empty"),
+        C("train", "--resume while another process writes the run", ["train", "--resume", "{root}/run_held",
+                                                                       "--max-iters", "6", "--allow-config-change"],
+          setup="run_held", fragment="being written by another process (pid"),
+        C("train", "--overwrite a run another process writes", [*T, "--out", "{root}/run_held", "--overwrite"],
+          setup="run_held", fragment="being written by another process (pid"),
         C("train", "full disk", [*T, "--out", "{root}/out_full"], full_disk=True, started=True,
           fragment="the disk is full"),
         # quill prepare

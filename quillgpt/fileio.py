@@ -208,3 +208,62 @@ def check_apart(out: str | Path, inputs: list[str | Path], what: str = "--out") 
             raise QuillError(f"{what} {out} holds the input {item}; writing it would replace the input")
         if target.is_relative_to(source):
             raise QuillError(f"{what} {out} is inside the input {item}; choose an output outside it")
+
+
+LOCK_FILE = ".quill.lock"  # in a run directory while a process writes it
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on DIR/.quill.lock, held while a
+    process trains into DIR (the system drops it when the process dies, however it dies). The
+    file names its holder's process id; it is removed when the lock is let go. A second writer
+    is refused in one line naming the holder."""
+
+    def __init__(self, directory: str | Path, enabled: bool = True):
+        self.directory, self.enabled = Path(directory), enabled  # disabled: a process that writes nothing
+        self.fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / LOCK_FILE
+
+    def acquire(self, create: bool = False) -> None:
+        """Take the lock, if not held yet (`create`: make the directory first, else it must
+        exist); QuillError when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock here (Windows): one writer is the user's care
+            return
+        if not self.enabled or self.fd is not None:
+            return
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise QuillError(f"{self.directory} is being written by another process ({holder}); "
+                                 f"a run directory takes one writer at a time: wait for it to finish, "
+                                 f"or stop it") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder let go and removed the file between our open and flock
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}\n".encode())
+            self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)  # closing lets go of the flock
+            self.fd = None

@@ -38,6 +38,7 @@ from . import distributed as qdist
 from .config import Config
 from .data import TokenData, TrainingData
 from .errors import QuillError
+from .fileio import RunLock
 from .generate import generate
 from .losses import batch_loss
 from .metrics import MetricsLog, ProgressBar, RunRecorder, Throughput, flops_per_token, open_tensorboard, peak_flops  # noqa: F401
@@ -186,6 +187,9 @@ class Trainer:
         self.n_params = count_params(self.model)
         self._build_training(hooks)
         resuming = self._restore() if self.resume_dir is not None else None
+        self.lock = RunLock(self.out, enabled=self.save)  # one writer per run directory, to the end of run()
+        if self.out.is_dir():
+            self.lock.acquire()
         # said once everything is checked: a run that cannot start says only why
         for line in setup_lines(cfg, self.n_params, self.data, self.device, self.dtype, self.dist):
             self.log(line)
@@ -278,6 +282,7 @@ class Trainer:
         finally:
             self.recorder.metrics.close()
             qdist.cleanup(self.dist)
+            self.lock.release()
 
     def _run(self) -> TrainResult:
         """nanoGPT's loop: evaluate at step 0; then step, and every `log_interval` steps record a
@@ -321,6 +326,7 @@ class Trainer:
         t = self.cfg.train
         first = self._first_evaluation(bar, signals) if self.step == 0 else None
         # nothing is written into the run directory before the first evaluation is done
+        self.lock.acquire(create=True)  # (a new run directory: now that it is made)
         self.checkpoints.start(self.cfg, self.tokenizer, fresh=self.resume_dir is None)
         if self.save and t.tensorboard:
             self.recorder.metrics.tensorboard = open_tensorboard(self.out, self.log)

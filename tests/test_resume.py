@@ -368,3 +368,41 @@ def test_overwrite_removes_the_old_runs_checkpoints(small_text, tmp_path):
     assert len(ckpt.list_checkpoints(run)) >= 4
     Trainer(tiny_cfg(small_text, run, max_iters=2, seed=9), overwrite=True, progress=False, log=quiet).run()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
+
+
+def test_a_run_directory_takes_one_writer_at_a_time(small_text, tmp_path, capsys):
+    """While a process writes a run (train, sft and rl share the Trainer), a second writer is
+    refused in one line naming the holder's pid, and changes nothing; the lock goes with its
+    holder, whether it lets go or dies."""
+    from quillgpt.fileio import LOCK_FILE, RunLock
+
+    run = tmp_path / "r"
+    Trainer(tiny_cfg(small_text, run, max_iters=2), progress=False, log=quiet).run()
+    assert not (run / LOCK_FILE).exists()  # let go at the end of the run
+    resume = ["train", "--resume", str(run), "--max-iters", "3", "--allow-config-change", "--no-progress"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from quillgpt.fileio import RunLock; "
+                               f"RunLock({str(run)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = files_of(run)
+        for argv in (resume, ["train", "--data", str(small_text), "--out", str(run), "--overwrite",
+                              "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"being written by another process (pid {holder.pid})" in err[0], err
+            assert files_of(run) == before
+    finally:
+        holder.kill()  # dies holding the lock: the system lets go of it, the file stays behind
+        holder.wait()
+    assert (run / LOCK_FILE).exists()
+    assert main(resume) == 0 and not (run / LOCK_FILE).exists()
+    assert ckpt.list_checkpoints(run)[-1].name == "step-00000003"
+    # in one process too: a Trainer built on a held run is refused
+    lock = RunLock(run)
+    lock.acquire()
+    with pytest.raises(QuillError, match=f"pid {os.getpid()}"):
+        Trainer(resume_config(run, overrides={"max_iters": 4}, allow_config_change=True), progress=False,
+                log=quiet, resume=run)
+    lock.release()
+    assert not (run / LOCK_FILE).exists()
