@@ -336,6 +336,15 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         for name in ("tokenizer.json", "vocab.json", "merges.txt"):
             (d / name).unlink()
 
+    def special(name: str, file: str, make: Callable[[Path], None], source: str = "run") -> Callable[[], None]:
+        def go() -> None:
+            for path in [copy_run(root, name, source) / file] if "/" not in file else \
+                    sorted(copy_run(root, name, source).glob(file)):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    make(path)
+        return go
+
     def metrics(name: str, data: bytes) -> Callable[[], None]:
         return lambda: write(copy_run(root, name) / "metrics.csv", data)
 
@@ -370,6 +379,11 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "stranger_url": stranger("run_url", "https://example.com/corpus.txt"),
         "stranger_file": stranger("run_file", str(root / "other.txt")),
         "metrics_binary": metrics("run_mbin", b"\x00\x01\x02\xff"),
+        "metrics_zero": special("run_mzero", "metrics.csv", lambda p: p.symlink_to("/dev/zero")),
+        "metrics_fifo": special("run_mfifo", "metrics.csv", os.mkfifo),
+        "config_sparse": special("run_sparse", "config.yaml", lambda p: open(p, "wb").truncate(3 << 30)),
+        "tokenizer_fifo": special("run_tfifo", "tokenizer.json", os.mkfifo),
+        "state_fifo": special("run_sfifo", "train_state/*/state.json", os.mkfifo),
         "metrics_header": metrics("run_mhead", b"a,b\n1,2\n"),
         "metrics_bad_rows": metrics("run_mrows", b"step,train_loss,val_loss\n1,x,\nten,2.5,\n2,2.4,2.6\n3,nan,inf\n"),
         "metrics_huge_field": metrics("run_mhuge", b"step,train_loss\n1," + b"9" * 200_000 + b"\n"),
@@ -675,6 +689,8 @@ def core_cases() -> list[Case]:
           setup="run_held", fragment="being written by another process (pid"),
         C("train", "--overwrite a run another process writes", [*T, "--out", "{root}/run_held", "--overwrite"],
           setup="run_held", fragment="being written by another process (pid"),
+        C("train", "--resume: every state.json a FIFO", ["train", "--resume", "{root}/run_sfifo"],
+          setup="state_fifo", isolated=True, fragment="no intact checkpoint"),
         C("train", "full disk", [*T, "--out", "{root}/out_full"], full_disk=True, started=True,
           fragment="the disk is full"),
         # quill prepare
@@ -717,6 +733,9 @@ def core_cases() -> list[Case]:
         C("sample", "17 stop strings", [*S, *[a for i in range(17) for a in ("--stop", f"s{i}")]],
           fragment="stop"),
         C("sample", "NaN weights", ["sample", "{root}/run_nan"], setup="nan_weights", fragment="NaN"),
+        C("sample", "config.yaml 3 GB (sparse)", ["sample", "{root}/run_sparse"], setup="config_sparse",
+          isolated=True, fragment="bytes"),
+        C("sample", "tokenizer.json a FIFO", ["sample", "{root}/run_tfifo"], setup="tokenizer_fifo", isolated=True),
         C("sample", "float64 weights of 1e300 (infinite as float32)", ["sample", "{root}/run_f64"],
           setup="f64_weights", fragment="once converted from float64"),
         C("sample", "int32 weights", ["sample", "{root}/run_int"], setup="int_weights", fragment="int32"),
@@ -771,6 +790,10 @@ def core_cases() -> list[Case]:
           full_disk=True, fragment="the disk is full"),
         # quill plot
         C("plot", "binary metrics.csv", ["plot", "{root}/run_mbin"], setup="metrics_binary"),
+        C("plot", "metrics.csv a link to /dev/zero", ["plot", "{root}/run_mzero"], setup="metrics_zero",
+          fragment="not a regular file"),
+        C("plot", "metrics.csv a FIFO", ["plot", "{root}/run_mfifo"], setup="metrics_fifo", isolated=True,
+          fragment="not a regular file"),
         C("plot", "metrics.csv of other columns", ["plot", "{root}/run_mhead"], setup="metrics_header",
           fragment="no metrics rows"),
         C("plot", "a 200,000-character field", ["plot", "{root}/run_mhuge"], setup="metrics_huge_field"),
@@ -841,7 +864,9 @@ def tree_digest(root: Path) -> dict[str, str]:
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if rel.parts[0] != CACHE and p.is_file() and not p.is_symlink():
-            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            st = p.stat()  # a file over 64 MB (a sparse one): its size and time, not its bytes
+            out[str(rel)] = f"{st.st_size} {st.st_mtime_ns}" if st.st_size > 64 << 20 else \
+                hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 

@@ -31,7 +31,16 @@ from safetensors.torch import save as st_save
 
 from .config import Config, ModelConfig, config_from_dict, parse_yaml
 from .errors import QuillError
-from .fileio import atomic_write_bytes, atomic_write_text, disk_full, fsync_dir, make_temp_dir, sweep_temporaries
+from .fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    disk_full,
+    fsync_dir,
+    make_temp_dir,
+    open_regular,
+    read_regular,
+    sweep_temporaries,
+)
 from .inference import check_inference_dtype, set_inference_dtype
 from .registry import build_model
 from .tokenizers import Tokenizer, load_tokenizer
@@ -43,6 +52,9 @@ BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
 # the files a run directory holds, whose temporaries a killed run may have left behind
+# what a run's files may weigh: read only as regular files of at most this (fileio.open_regular)
+MAX_TEXT_BYTES = 256 << 20  # config.yaml, state.json, manifest.json: far more than any run writes
+MAX_WEIGHTS_BYTES = 1 << 40
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE, BEST_FILE, METRICS_FILE, PLOT_FILE)
 
 
@@ -72,9 +84,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_WEIGHTS_BYTES)
     except FileNotFoundError:
         raise QuillError(f"weights file not found: {path}") from None
+    except OSError as e:
+        raise QuillError(f"cannot read {path}: {e.strerror}") from None
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -88,7 +102,7 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The tensor names and shapes a safetensors file's header lists; the tensors are not read."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, MAX_WEIGHTS_BYTES) as f:
             size = os.fstat(f.fileno()).st_size
             n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
             if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
@@ -205,7 +219,7 @@ def read_run_config(run_dir: str | Path) -> Config:
     """RUN/config.yaml as a Config, every value checked (a run may come from anyone)."""
     path = Path(run_dir) / CONFIG_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_TEXT_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise QuillError(f"{path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -398,8 +412,8 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     best, best_val = None, float("inf")
     for p in checkpoints:
         try:
-            val = json.loads((p / STATE_JSON_FILE).read_text()).get("val_loss")
-        except (OSError, ValueError):
+            val = json.loads(read_regular(p / STATE_JSON_FILE, MAX_TEXT_BYTES)).get("val_loss")
+        except (OSError, ValueError, AttributeError, QuillError):
             continue
         if isinstance(val, (int, float)) and val < best_val:
             best, best_val = p, val
@@ -422,15 +436,17 @@ def remove_checkpoint(path: Path) -> None:
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file matches the manifest's checksum, else what is wrong."""
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        manifest = json.loads(read_regular(path / MANIFEST_FILE, MAX_TEXT_BYTES))
         expected = manifest["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, QuillError) as e:
         return f"unreadable manifest ({e})"
     for name in _CHECKPOINT_FILES:
         try:
-            data = (path / name).read_bytes()
+            data = read_regular(path / name, MAX_TEXT_BYTES if name == STATE_JSON_FILE else MAX_WEIGHTS_BYTES)
         except OSError:
             return f"{name} is missing"
+        except QuillError as e:
+            return str(e)
         if _sha256(data) != expected.get(name):
             return f"{name} does not match its checksum"
     return None
@@ -445,12 +461,12 @@ def peek_train_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                          f"or missing)")
     for path in reversed(checkpoints):
         try:
-            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-            data = (path / STATE_JSON_FILE).read_bytes()
+            manifest = json.loads(read_regular(path / MANIFEST_FILE, MAX_TEXT_BYTES))
+            data = read_regular(path / STATE_JSON_FILE, MAX_TEXT_BYTES)
             if not isinstance(manifest, dict) or _sha256(data) != manifest.get("sha256", {}).get(STATE_JSON_FILE):
                 continue
             skeleton = json.loads(data)
-        except (OSError, ValueError, RecursionError, AttributeError):
+        except (OSError, ValueError, RecursionError, AttributeError, QuillError):
             continue
         if isinstance(skeleton, dict):
             return path, skeleton
@@ -489,12 +505,12 @@ def load_train_state(run_dir: str | Path, warn: Callable[[str], None] | None = N
         problem = verify_checkpoint(path)
         if problem is None:
             try:
-                weights = st_load((path / MODEL_FILE).read_bytes())
-                tensors = st_load((path / STATE_TENSORS_FILE).read_bytes())
-                skeleton = json.loads((path / STATE_JSON_FILE).read_text(encoding="utf-8"))
+                weights = st_load(read_regular(path / MODEL_FILE, MAX_WEIGHTS_BYTES))
+                tensors = st_load(read_regular(path / STATE_TENSORS_FILE, MAX_WEIGHTS_BYTES))
+                skeleton = json.loads(read_regular(path / STATE_JSON_FILE, MAX_TEXT_BYTES))
                 state = unpack_state(skeleton, tensors)
                 return TrainState(path, int(state["step"]), weights, state)
-            except (SafetensorError, ValueError, KeyError, OSError) as e:
+            except (SafetensorError, ValueError, KeyError, OSError, QuillError) as e:
                 problem = f"unreadable ({e})"
         warn(f"warning: checkpoint {path} is corrupt: {problem}; falling back to an older one")
     raise QuillError(f"no intact checkpoint in {Path(run_dir) / TRAIN_STATE_DIR} "

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import QuillError, shown
+from .fileio import read_regular
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 PACKAGED_CONFIGS_DIR = Path(__file__).resolve().parent / "presets"
@@ -516,10 +517,13 @@ def list_presets() -> list[str]:
     return sorted(names)
 
 
+MAX_YAML_BYTES = 16 << 20  # a config file is a few KB
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_YAML_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise QuillError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:

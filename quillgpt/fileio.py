@@ -16,11 +16,13 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import QuillError
 
@@ -87,6 +89,45 @@ def reporting_disk_full(path: str | Path) -> Iterator[None]:
 def temp_prefix(path: Path) -> str:
     """The start of a temporary's name for `path`: hidden, the target's name, this process's id."""
     return f".{path.name}.{os.getpid()}."
+
+
+def open_regular(path: str | Path, max_bytes: int) -> BinaryIO:
+    """`path` opened for reading if it is a regular file of at most `max_bytes` (a link is
+    followed); QuillError for a device (a link to /dev/zero), a FIFO or a socket, or a larger
+    file: what a run directory, tokenizer or checkpoint holds is read only through here (with
+    `read_regular`). Opened without blocking: a FIFO with no writer would hang open(). A missing
+    file or a directory raises FileNotFoundError or IsADirectoryError as open() does."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise QuillError(f"{path} is not a regular file (a device, FIFO or socket); refusing to read it")
+        if st.st_size > max_bytes:
+            raise QuillError(f"{path} is {st.st_size:,} bytes, more than such a file can hold "
+                             f"({max_bytes:,}); refusing to read it")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file `path`, at most `max_bytes` of them (see `open_regular`)."""
+    with open_regular(path, max_bytes) as f:
+        parts = [f.read(os.fstat(f.fileno()).st_size)]
+        total = len(parts[0])
+        while chunk := f.read(1 << 20):  # a file that grows while it is read
+            parts.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise QuillError(f"{path} is more than {max_bytes:,} bytes, more than such a file can hold; "
+                                 f"refusing to read it")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

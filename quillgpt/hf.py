@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import DROPOUT_SITES, FINETUNE_LR, Config, ModelConfig, TrainConfig
 from .download import cache_dir
 from .errors import QuillError, shown
-from .fileio import atomic_write_bytes, atomic_write_text, check_apart
+from .fileio import atomic_write_bytes, atomic_write_text, check_apart, read_regular
 from .model import GPT
 from .tokenizers import Tokenizer
 
@@ -305,9 +305,7 @@ def index_files(index: Path, directory: Path) -> list[str]:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        if path.stat().st_size > 100 << 20:
-            raise QuillError(f"{path} is too large for a JSON settings file")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path, 100 << 20).decode("utf-8"))
     except FileNotFoundError:
         raise QuillError(f"{path} not found") from None
     except RecursionError:

@@ -14,16 +14,17 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .errors import QuillError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, read_regular
 
 PLOT_FILE = "loss.png"
+MAX_METRICS_BYTES = 256 << 20  # metrics.csv: a million logged steps and more
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
     path = Path(run_dir) / ckpt.METRICS_FILE
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        text = read_regular(path, MAX_METRICS_BYTES).decode("utf-8")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except FileNotFoundError:
         raise QuillError(f"{path} not found; is {run_dir} a run directory written by quill train?") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:

@@ -35,11 +35,12 @@ import numpy as np
 
 from .download import cache_dir, sha256_file
 from .errors import QuillError
-from .fileio import atomic_write_text, sweep_temporaries
+from .fileio import atomic_write_text, read_regular, sweep_temporaries
 from .readers import ReadOptions
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_dict
 
 FORMAT = "quillgpt-tokens"
+MAX_META_BYTES = 512 << 20  # meta.json: the tokenizer and the sources it lists
 FORMAT_VERSION = 2  # 2: the tail split rounds as nanoGPT (train = first int(n * 0.9) tokens)
 TRAIN_FILE, VAL_FILE, META_FILE, TOKENIZER_FILE = "train.bin", "val.bin", "meta.json", "tokenizer.json"
 
@@ -100,8 +101,8 @@ def find_cached(path: Path, key: str) -> Prepared | None:
     """The prepared directory at `path` if its meta.json holds `key` (else None: stale or partial)."""
     if (path / META_FILE).is_file():
         try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            meta = json.loads(read_regular(path / META_FILE, MAX_META_BYTES))
+        except (OSError, ValueError, QuillError):
             meta = {}
         if meta.get("key") == key:
             return Prepared(path, meta)
@@ -183,7 +184,7 @@ def load_prepared(path: str | Path) -> tuple[Tokenizer, np.memmap, np.memmap, di
     meta: dict[str, Any] = {}
     if (path / META_FILE).is_file():
         try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+            meta = json.loads(read_regular(path / META_FILE, MAX_META_BYTES))
         except (OSError, ValueError) as e:
             raise QuillError(f"{path / META_FILE} is corrupt or unreadable ({e})") from None
         if not isinstance(meta, dict):

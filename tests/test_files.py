@@ -148,3 +148,60 @@ def test_check_apart():
         fileio.check_apart(".", [__file__])
     with pytest.raises(QuillError, match="inside the input"):
         fileio.check_apart(Path(__file__).parent / "sub", [Path(__file__).parent])
+
+
+def test_only_regular_files_of_a_bounded_size_are_read(tmp_path):
+    """fileio.read_regular: a link to /dev/zero, a FIFO with no writer (open() would block) and a
+    file over the cap are one QuillError each, at once; missing files and directories raise as
+    open() does; a regular file is read whole."""
+    good = tmp_path / "good.json"
+    good.write_bytes(b"x" * 1000)
+    assert fileio.read_regular(good, 1000) == b"x" * 1000
+    zero = tmp_path / "zero"
+    zero.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 30)  # 3 GB of nothing, on no disk space
+    for path, fragment in ((zero, "not a regular file"), (fifo, "not a regular file"),
+                           (sparse, "3,221,225,472 bytes"), (good, "1,000 bytes")):
+        with pytest.raises(QuillError, match=fragment):
+            fileio.read_regular(path, 999 if path == good else 1 << 20)
+    with pytest.raises(FileNotFoundError):
+        fileio.read_regular(tmp_path / "none", 10)
+    with pytest.raises(IsADirectoryError):
+        fileio.read_regular(tmp_path, 10)
+
+
+def test_special_files_in_a_run_directory_are_one_line(tmp_path, small_text, capsys):
+    """metrics.csv as /dev/zero or a FIFO (plot, the server's model card), a 3 GB sparse
+    config.yaml (sample), a FIFO state.json (train --resume falls back to the older checkpoint):
+    one line, never a hang or a MemoryError."""
+    from quillgpt.checkpoint import list_checkpoints
+    from quillgpt.serve.routes import final_losses
+
+    run = tmp_path / "run"
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+            "--eval-iters", "1", "--eval-interval", "2", "--sample-tokens", "0", "--device", "cpu", "--no-progress"]
+    assert main(["train", "--data", str(small_text), "--out", str(run), "--max-iters", "4", *tiny]) == 0
+    (run / "metrics.csv").unlink()
+    (run / "metrics.csv").symlink_to("/dev/zero")
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert final_losses(run)["step"] is None  # the model card goes without
+    (run / "metrics.csv").unlink()
+    os.mkfifo(run / "metrics.csv")
+    assert main(["plot", str(run)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    newest = list_checkpoints(run)[-1]
+    (newest / "state.json").unlink()
+    os.mkfifo(newest / "state.json")
+    assert main(["train", "--resume", str(run), "--max-iters", "5", "--allow-config-change", "--no-progress"]) == 0
+    assert f"{newest / 'state.json'} is not a regular file" in capsys.readouterr().err  # the warning
+    with open(run / "config.yaml", "r+b") as f:
+        f.truncate(3 << 30)
+    assert main(["sample", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quill: error:") and "3,221,225,472 bytes" in err and "\n" not in err

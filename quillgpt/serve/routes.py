@@ -18,7 +18,6 @@ from __future__ import annotations  # the route signatures name fastapi's types,
 
 import asyncio
 import contextlib
-import csv
 import html
 import json
 import logging
@@ -29,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ..chat import chat_token_ids, has_chat_template
-from ..checkpoint import METRICS_FILE, MODEL_FILE, Run
+from ..checkpoint import MODEL_FILE, Run
 from ..errors import QuillError
 from ..model import count_params
+from ..plot import read_metrics
 from ..tools import builtin_tools
 from .engine import Engine, Job, ServerBusy, load
 from .guard import RequestGuard
@@ -67,9 +67,8 @@ def final_losses(run_dir: Path) -> dict[str, float | int | None]:
     out: dict[str, float | int | None] = {"step": None, "train_loss": None, "val_loss": None,
                                           "best_val_loss": None}
     try:
-        with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
+        rows = read_metrics(run_dir)
+    except QuillError:
         return out
     vals = []
     for row in rows:

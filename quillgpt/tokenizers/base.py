@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import QuillError, shown
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_regular
 
 # Bounds on what a tokenizer file may hold: far above any real tokenizer (GPT-2's file is about
 # 1 MB), low enough that a hostile file is refused before it costs memory or time.
@@ -150,9 +150,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved with `Tokenizer.save` (any kind)."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise QuillError(f"{path} is larger than any tokenizer file ({MAX_FILE_BYTES >> 20} MB)")
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise QuillError(f"tokenizer file not found: {path}") from None
     except IsADirectoryError:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QuillError, shown
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_regular
 from .base import MAX_FILE_BYTES
 from .bpe import (
     GPT2_PATTERN,
@@ -35,9 +35,7 @@ from .bpe import (
 
 def _read_json(path: Path) -> Any:
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise QuillError(f"{path} is larger than any tokenizer file ({MAX_FILE_BYTES >> 20} MB)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_regular(path, MAX_FILE_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise QuillError(f"file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -54,7 +52,7 @@ def from_vocab_merges(vocab_json: str | Path, merges_txt: str | Path, name: str 
     vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
     vocab = _read_json(vocab_json)
     try:
-        lines = merges_txt.read_text(encoding="utf-8").splitlines()
+        lines = read_regular(merges_txt, MAX_FILE_BYTES).decode("utf-8").splitlines()
     except FileNotFoundError:
         raise QuillError(f"file not found: {merges_txt}") from None
     except (OSError, UnicodeDecodeError) as e:
