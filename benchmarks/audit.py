@@ -119,7 +119,9 @@ def conversation_files(root: Path) -> None:
                                             {"role": "assistant", "content": "be"}]}),
         "deep": '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
         "huge": conv("To be " * 700_000, "or not"),  # 4 MB on one line: truncated to the context
-        "huge_bad": conv("To be " * 700_000 + "\u20ac", "or not"),  # ... with '€' at its end
+        "huge_bad": conv("To be " * 7_000 + "\u20ac" + "To be " * 693_000, "or not"),  # ... with '€' in it
+        "huge_past": conv("To be " * 700_000 + "\u20ac", "or not"),  # ... at its end, past any context
+        "huge_assistant": conv("To", "or not " * 1_200_000),  # 8 MB to learn from
     }
     for name, line in bad_lines.items():
         write(root / "chats" / f"{name}.jsonl", "\n".join([*good[:3], line, *good[3:]]) + "\n")
@@ -538,7 +540,10 @@ def chat_cases() -> list[Case]:
           fragment="content must be a string"),
         C("sft", "a line nested 100,000 deep", [*F, "{root}/chats/deep.jsonl"], fragment="line 4: not valid JSON"),
         C("sft", "a 4 MB line with a character outside the vocabulary", [*F, "{root}/chats/huge_bad.jsonl"],
-          fragment="position 4200000"),
+          fragment="position 42000"),
+        C("sft", "a 4 MB line, a character outside the vocabulary past any context (never seen)",
+          [*F, "{root}/chats/huge_past.jsonl", "--no-save"], ok=True),
+        C("sft", "an 8 MB assistant message", [*F, "{root}/chats/huge_assistant.jsonl", "--no-save"], ok=True),
         C("sft", "a 4 MB conversation (truncated to the context)", [*F, "{root}/chats/huge.jsonl", "--no-save"],
           ok=True),
         C("sft", "held-out conversations longer than the context", [*F, "{root}/chats/long.jsonl", "--no-save",
