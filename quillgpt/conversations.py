@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ from .tokenizers import Tokenizer
 from .tools import tool_names
 
 TOO_LONG = ("truncate", "drop")
+# more characters than any token spans: content cut past (context + 64) tokens' worth of them
+# renders the same first context + 1 tokens, and a 150 MB message costs no more than that to render
+CHARS_PER_TOKEN = 1024
 
 
 @dataclass
@@ -171,6 +174,20 @@ def read_conversations(path: str | Path, skip_invalid: bool = False) -> Conversa
 
 # --- rendering and batches --------------------------------------------------------------------
 
+def capped(conv: list[Message], block_size: int) -> list[Message]:
+    """`conv` with its content cut where no context of `block_size` tokens reaches (see
+    CHARS_PER_TOKEN), and the messages after the cut dropped: what training can see of it,
+    rendered at a bounded cost."""
+    budget, total = (block_size + 64) * CHARS_PER_TOKEN, 0
+    for i, m in enumerate(conv):
+        n = len(m.content or "")
+        if total + n > budget:
+            return Conversation([*conv[:i], replace(m, content=(m.content or "")[: budget - total])],
+                                getattr(conv, "tools", None))
+        total += n
+    return conv
+
+
 @dataclass
 class Rows:
     """Rendered conversations, each as (inputs, targets) int64 arrays of equal length."""
@@ -200,7 +217,7 @@ def render_rows(tokenizer: Tokenizer, conversations: list[list[Message]], block_
         raise QuillError(f"sft_too_long must be truncate or drop, got {too_long!r}")
     rows = Rows([], [])
     for conv in conversations:
-        r = render(tokenizer, conv)
+        r = render(tokenizer, capped(conv, block_size))
         ids, mask = np.asarray(r.ids, dtype=np.int64), np.asarray(r.mask, dtype=bool)
         cut = len(ids) > block_size + 1
         if cut and too_long == "drop":

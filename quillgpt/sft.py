@@ -30,7 +30,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .chat import Message, add_chat_tokens, exact_match, tools_text, uses_tools
 from .config import Config
-from .conversations import ConversationData, log_skipped, read_conversations
+from .conversations import ConversationData, capped, log_skipped, read_conversations
 from .errors import QuillError, shown
 from .hf import resolve_init_run
 from .tokenizers import Tokenizer, build_tokenizer, load_tokenizer
@@ -94,11 +94,13 @@ def sft_data(cfg: Config, resume: str | Path | None = None,
                          f"and resuming never downloads: pass --data with a local copy (its conversations "
                          f"are checked against the checkpoint)")
     convs = read_conversations(t.data, skip_invalid=t.sft_skip_invalid)
+    block_size = sft_block_size(cfg, resume)
+    convs.conversations = [capped(c, block_size) for c in convs.conversations]  # what training can see
     tokenizer = sft_tokenizer(cfg, convs.conversations, resume)
     convs.check_encodable(tokenizer, t.data, t.sft_skip_invalid)
     log_skipped(convs.skipped, log)
-    return ConversationData.build(tokenizer, convs.conversations, sft_block_size(cfg, resume),
-                                  t.val_fraction, t.sft_too_long, skipped=len(convs.skipped))
+    return ConversationData.build(tokenizer, convs.conversations, block_size, t.val_fraction, t.sft_too_long,
+                                  skipped=len(convs.skipped))
 
 
 def sft_trainer(cfg: Config, overwrite: bool = False, save: bool = True, progress: bool = True,

@@ -55,7 +55,8 @@ TRAINS = {"train", "sft", "ladder", "rl"}
 TINY = ["--max-iters", "2", "--eval-iters", "1", "--batch-size", "2", "--sample-tokens", "8",
         "--compile", "false", "--no-progress"]
 LADDER_BUDGETS = {"--budget-steps": "2", "--time-budget": "1s"}
-DATA_SCRIPTS = {"benchmarks/reverse_words.py", "benchmarks/additions.py"}  # write data; no torch, a second
+# scripts that write data: no torch, seconds
+DATA_SCRIPTS = {"benchmarks/reverse_words.py", "benchmarks/additions.py", "benchmarks/tool_data.py"}
 CLONE_DIRS = ["configs", "benchmarks", "tests/lm_eval_tasks"]  # beside the commands, as in a clone
 DEMO = ["train", "--config", "shakespeare-char-cpu", "--out", "runs/shakespeare-char-cpu", "--overwrite"]
 

@@ -470,3 +470,25 @@ def test_a_conversation_the_source_tokenizer_cannot_encode_names_its_line(tmp_pa
     assert "line 5: character 'z'" in err and len(err.strip().splitlines()) == 1
     assert main(args + ["--sft-skip-invalid"]) == 0
     assert "skipped 1 invalid conversation: line 5: character 'z'" in capsys.readouterr().err
+
+
+def test_a_huge_message_costs_what_the_context_sees(base_run, tmp_path):
+    """A message far longer than any context is cut before it is rendered (bounded memory: a
+    150 MB one was a MemoryError), and the rows are exactly those of the whole message."""
+    import tracemalloc
+
+    from quillgpt.conversations import ConversationData, capped
+
+    tok = add_chat_tokens(ckpt.load_run(base_run).tokenizer)
+    huge = [Message("user", "flip: abd"), Message("assistant", "to be or not " * 1_000_000)]  # 13 MB
+    short = [Message("user", "flip: abd"), Message("assistant", "dba")]
+    tracemalloc.start()
+    data = ConversationData.build(tok, [huge, short, huge, short], block_size=48, val_fraction=0.5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 60_000_000, peak  # the whole message would render to 13 million ids and flags
+    whole = render(tok, huge)
+    assert data.stats.truncated == 2
+    rows = [x.tolist() for x in data.train.inputs + data.val.inputs if len(x) == 48]
+    assert rows == [whole.ids[:48]] * 2
+    assert capped(short, 48) is short and len(capped(huge, 48)[1].content) < 200_000
