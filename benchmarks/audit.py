@@ -15,7 +15,10 @@ A case holds when:
 - an HTTP case is answered with its 4xx status and an error body in OpenAI's JSON shape (or, for
   accepted ones, 200), never 500, the server logs no traceback, and a normal request right after
   it completes (its latency is in the table: under 2 s is the promise). Two servers run: one
-  serves the trained run (no chat template), the other a chat run fine-tuned from it by quill sft.
+  serves the trained run (no chat template), the other a chat run fine-tuned from it by quill sft;
+- a tool-call case (hostile code for the built-in `python` tool, run as the decode engine runs a
+  call) ends within its time in an error result naming what was refused, quill's environment
+  never reaches the code, and nothing outside the sandbox's directory changes.
 
 Cases that could hang a process or eat its memory if they regressed (a tokenizer whose empty
 special token made tiktoken loop forever, a YAML "billion laughs") run in a subprocess with a
@@ -128,8 +131,32 @@ def conversation_files(root: Path) -> None:
                                                                    '"To \\ud800"}, {"role": "assistant", '
                                                                    '"content": "be"}]}'] + good[3:]) + "\n")
     write(root / "chats" / "binary.jsonl", ("\n".join(good[:3]) + "\n").encode() + b'{"messages": "\xff\xfe"}\n')
+    for name, line in tool_lines().items():
+        write(root / "chats" / f"{name}.jsonl", "\n".join([*good[:3], json.dumps(line), *good[3:]]) + "\n")
     write(root / "chats" / "bad.parquet", b"PAR1 not a parquet file PAR1")
     rl_task_files(root, words)
+
+
+def tool_lines() -> dict[str, dict]:
+    """Training lines with malformed tool calls (chats/tool_*.jsonl, as line 4)."""
+    calc = {"type": "function", "function": {"name": "calculator", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+    def line(call: dict, answer_id: str = "c1", tools: Any = None) -> dict:
+        return {"messages": [{"role": "user", "content": "To be"},
+                             {"role": "assistant", "content": None, "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": answer_id, "content": "or"},
+                             {"role": "assistant", "content": "not"}], "tools": tools or [calc]}
+
+    call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}
+    return {
+        "tool_noid": line({k: v for k, v in call.items() if k != "id"}),
+        "tool_args": line({**call, "function": {"name": "calculator", "arguments": "{expression: 1"}}),
+        "tool_orphan": line(call, answer_id="c9"),
+        "tool_undefined": line({**call, "function": {"name": "weather", "arguments": "{}"}}),
+        "tool_schema": line(call, tools=[{"type": "function", "function": {
+            "name": "calculator", "parameters": {"type": "object", "required": ["expression"]}}}]),
+    }
 
 
 def rl_task_files(root: Path, words: list[str]) -> None:
@@ -592,6 +619,20 @@ def chat_cases() -> list[Case]:
         C("chat", "temperature 1e-45", [*CH, "To", "--temperature", "1e-45"], ok=True),
         C("chat", "int8 weights", [*CH, "To", "--dtype", "int8"], ok=True),
         C("chat", "NaN weights", ["chat", "{root}/run_nan", "--message", "To"], setup="nan_weights", fragment="NaN"),
+        C("chat", "--tools naming no built-in tool", [*CH, "To", "--tools", "calculator,abacus"],
+          fragment="unknown tool 'abacus'"),
+        C("chat", "--tools for a model that never learnt tools", [*CH, "To", "--tools", "calculator"],
+          fragment="has not learnt tools"),
+        C("sft", "a tool call without an id", [*F, "{root}/chats/tool_noid.jsonl"], fragment="line 4: "
+          "message 1: tool_calls[0]: missing id"),
+        C("sft", "tool call arguments that are not JSON", [*F, "{root}/chats/tool_args.jsonl"],
+          fragment="arguments is not JSON"),
+        C("sft", "a tool message answering no call", [*F, "{root}/chats/tool_orphan.jsonl"],
+          fragment="line 4: message 2: a tool message answering no call"),
+        C("sft", "a call of a tool the line does not define", [*F, "{root}/chats/tool_undefined.jsonl"],
+          fragment="calls 'weather', which the line's tools do not define"),
+        C("sft", "a tool schema requiring a property it lacks", [*F, "{root}/chats/tool_schema.jsonl"],
+          fragment="required names 'expression'"),
     ]
 
 
@@ -843,6 +884,11 @@ def core_cases() -> list[Case]:
         C("serve", "--host with an empty label", ["serve", "{root}/run", "--host", "a..b"], fragment="host"),
         C("serve", "--host of 300 characters", ["serve", "{root}/run", "--host", "a" * 300], fragment="host"),
         C("serve", "--port 70000", ["serve", "{root}/run", "--port", "70000"], fragment="port"),
+        C("serve", "--tools naming no built-in tool", ["serve", "{root}/run", "--tools", "abacus"],
+          fragment="unknown tool 'abacus'"),
+        C("serve", "--tools for a model that never learnt tools", ["serve", "{root}/chat_run", "--port", "0",
+                                                                    "--tools", "python"],
+          fragment="has not learnt tools"),
         C("serve", "NaN weights", ["serve", "{root}/run_nan", "--port", "0"], setup="nan_weights", fragment="NaN"),
     ]
 
@@ -972,6 +1018,18 @@ CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "To"}]
 
 
+def fn(name: str, parameters: dict | None = None) -> dict:
+    """A tool definition (OpenAI's shape)."""
+    return {"type": "function", "function": {"name": name, **({"parameters": parameters} if parameters else {})}}
+
+
+def deep_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
 def chat_http_cases() -> list[HttpCase]:
     """/v1/chat/completions, on the chat run (and once on the run without a chat template)."""
     def H(what: str, **kw: Any) -> HttpCase:
@@ -1003,6 +1061,26 @@ def chat_http_cases() -> list[HttpCase]:
         H("max_tokens 10^30", json={"messages": USER, "max_tokens": 10**30}, fragment="at most 2048"),
         H("tools", json={"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
           fragment="tools"),
+        H("tools not a list", json={"messages": USER, "tools": {"type": "function"}}, fragment="tools"),
+        H("a tool named with a space", json={"messages": USER, "tools": [fn("get weather")]},
+          fragment="function.name must be"),
+        H("a tool schema of type str", json={"messages": USER, "tools": [fn("f", {"type": "str"})]},
+          fragment="not a JSON Schema type"),
+        H("a tool schema requiring a property it lacks", json={"messages": USER, "tools": [
+            fn("f", {"type": "object", "properties": {}, "required": ["x"]})]}, fragment="required names 'x'"),
+        H("a tool schema nested 40 deep", json={"messages": USER, "tools": [fn("f", deep_schema(40))]},
+          fragment="nested"),
+        H("129 tools", json={"messages": USER, "tools": [fn(f"f{i}") for i in range(129)]}, fragment="at most 128"),
+        H("two tools of one name", json={"messages": USER, "tools": [fn("f"), fn("f")]}, fragment="a second tool"),
+        H("tool_choice naming a function", json={"messages": USER, "tools": [fn("f")], "tool_choice": {
+            "type": "function", "function": {"name": "f"}}}, fragment="tool_choice"),
+        H("tool_calls with arguments that are not JSON", json={"messages": [*USER, {
+            "role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+                "name": "f", "arguments": "{x: 1"}}]}, {"role": "tool", "tool_call_id": "c", "content": "1"}]},
+          fragment="is not JSON"),
+        H("a tool message answering no call", json={"messages": [*USER, {"role": "tool", "tool_call_id": "c",
+                                                                        "content": "1"}]},
+          fragment="answering no call"),
         H("functions (legacy tools)", json={"messages": USER, "functions": [{"name": "f", "parameters": {}}]},
           fragment="functions"),
         H("function_call (legacy tool_choice)", json={"messages": USER, "function_call": {"name": "f"}},
@@ -1169,6 +1247,79 @@ def running_servers(root: Path) -> Iterator[tuple[dict[str, str], LogWatch]]:
             log.removeHandler(watch)
 
 
+# --- the python tool's sandbox -----------------------------------------------------------------
+
+SECRET = "QUILL_AUDIT_SECRET"  # in quill's environment while the tool runs; it must not reach the code
+
+
+@dataclass
+class ToolCase:
+    """Hostile code a model could send the built-in `python` tool (quill chat/serve --tools python),
+    run as the engine runs a call. It holds when the call ends within `seconds` in an error
+    result saying `fragment`, the secret appears nowhere, and nothing under the audit's
+    directory or in the home directory changed."""
+
+    what: str
+    code: str
+    fragment: str
+    seconds: float = 3.0  # the sandbox's own time limit is 5 s
+
+    @property
+    def id(self) -> str:
+        return f"tool calls: python: {self.what}"
+
+
+def tool_cases() -> list[ToolCase]:
+    T = ToolCase
+    pwned = str(Path.home() / "quill-audit-pwned.txt")
+    return [
+        T("an infinite loop", "while True: pass", "the time limit", seconds=15),
+        T("sleeping past the limit", "import time\ntime.sleep(600)", "the time limit", seconds=15),
+        T("a fork bomb", "import os\nwhile True:\n    os.fork()", "does not allow os.fork"),
+        T("a shell fork bomb", "import subprocess\nsubprocess.run(['sh', '-c', ':(){ :|:& };:'])",
+          "does not allow importing subprocess"),
+        T("a 10 GB allocation", "x = bytearray(10 * 1024 ** 3)", "MemoryError"),
+        T("a list of 10^10 items", "x = [0] * 10 ** 10", "MemoryError"),
+        T("writing to the home directory", f"open({pwned!r}, 'w').write('x')", "does not allow writing"),
+        T("renaming a file into the home directory", f"open('a', 'w').write('x')\nimport os\nos.rename('a', {pwned!r})",
+          "does not allow os.rename"),
+        T("reading the environment's secrets", f"import os\nprint(os.environ['{SECRET}'])", f"KeyError: '{SECRET}'"),
+        T("reading quill's environment through /proc", "import os\nopen(f'/proc/{os.getppid()}/environ').read()",
+          "does not allow reading"),
+        T("a 64 MB file", "open('big', 'wb').write(b'x' * (64 << 20))", "File too large"),
+        T("a socket", "import socket", "does not allow importing socket"),
+        T("ctypes", "import ctypes", "does not allow importing ctypes"),
+    ]
+
+
+def run_tool_case(case: ToolCase, root: Path) -> Result:
+    from quillgpt.tools import builtin_tools, run_builtin
+
+    home = Path.home()
+    before = tree_digest(root), sorted(os.listdir(home))
+    start = time.monotonic()
+    with env(**{SECRET: "hunter2-audit"}):
+        result = run_builtin(builtin_tools("python"), "python", json.dumps({"code": case.code}))
+    took = time.monotonic() - start
+    after = tree_digest(root), sorted(os.listdir(home))
+    changed = sorted(k for k in before[0].keys() | after[0].keys() if before[0].get(k) != after[0].get(k))
+    changed += sorted(f"~/{n}" for n in set(before[1]) ^ set(after[1]))
+    line = result.content.strip().splitlines()[-1] if result.content.strip() else ""
+    if took > case.seconds:
+        held, detail = False, f"took {took:.1f} s (at most {case.seconds:.0f})"
+    elif result.ok or not result.content.startswith("error:"):
+        held, detail = False, f"ran: {line!r}"
+    elif "hunter2-audit" in result.content:
+        held, detail = False, "the secret reached the code"
+    elif changed:
+        held, detail = False, f"changed {', '.join(changed[:3])}"
+    elif case.fragment not in result.content:
+        held, detail = False, f"says {line!r}, not {case.fragment!r}"
+    else:
+        held, detail = True, f"{line} ({took:.1f} s)"
+    return Result(case.id, "tool calls", held, detail)
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 def run_all(root: Path, log: Callable[[str], None] = lambda m: None) -> list[Result]:
@@ -1177,6 +1328,9 @@ def run_all(root: Path, log: Callable[[str], None] = lambda m: None) -> list[Res
     for case in cli_cases():
         results.append(run_cli_case(case, root))
         log(f"{'held ' if results[-1].held else 'BROKE'} {case.id}: {results[-1].detail}")
+    for tcase in tool_cases():
+        results.append(run_tool_case(tcase, root))
+        log(f"{'held ' if results[-1].held else 'BROKE'} {tcase.id}: {results[-1].detail}")
     with running_servers(root) as (urls, watch):
         for hcase in http_cases():
             results.append(run_http_case(hcase, urls, watch))
@@ -1190,7 +1344,8 @@ def table(results: list[Result]) -> str:
         entries.setdefault(r.entry, []).append(r)
     lines = ["| entry point | cases tried | held |", "| --- | ---: | ---: |"]
     for entry, rs in entries.items():
-        lines.append(f"| `{entry if entry == 'HTTP' else 'quill ' + entry}` | {len(rs)} | {sum(r.held for r in rs)} |")
+        name = entry if entry in ("HTTP", "tool calls") else "quill " + entry
+        lines.append(f"| `{name}` | {len(rs)} | {sum(r.held for r in rs)} |")
     lines.append(f"| all | {len(results)} | {sum(r.held for r in results)} |")
     latencies = [r.latency_s for r in results if r.latency_s is not None]
     if latencies:

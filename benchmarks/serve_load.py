@@ -44,15 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.script import text_file  # noqa: E402
 from quillgpt.checkpoint import load_run  # noqa: E402
-from quillgpt.config import load_config  # noqa: E402
 from quillgpt.model import count_params  # noqa: E402
-from quillgpt.train import Trainer  # noqa: E402
 
-# tiny-shakespeare where the checkout keeps shared data: beside it, or beside a worktree folder
-SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in (ROOT.parent, ROOT.parent.parent)
-                    if (p / "shared" / "data" / "tinyshakespeare.txt").is_file()),
-                   ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
 PROMPTS = ["ROMEO:", "JULIET:\nO ", "First Citizen:\n", "KING HENRY", "To be, or not", "\n", "", "What "]
 
 
@@ -61,17 +56,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def train_small_run(out: Path) -> Path:
-    """A small char-level GPT (2 layers, 64 wide, context 64): 100 steps on tiny-shakespeare."""
-    data = SHAKESPEARE
-    if not data.is_file():
-        data = out / "verse.txt"
-        data.write_text("To be, or not to be, that is the question:\n" * 500, encoding="utf-8")
-    cfg = load_config(None, {"data": str(data), "out": str(out / "run"), "n_layer": 2, "n_head": 2,
-                             "n_embd": 64, "block_size": 64, "batch_size": 16, "max_iters": 100,
-                             "eval_interval": 50, "eval_iters": 5, "warmup_iters": 10,
-                             "device": "cpu", "sample_tokens": 0})
-    Trainer(cfg, progress=False, log=lambda msg: None).run()
+def train_small_run(out: Path, tree: Path = ROOT) -> Path:
+    """A small char-level GPT (2 layers, 64 wide, context 64): 100 steps on tiny-shakespeare,
+    trained by `tree`'s package (the older one when comparing: a newer package reads an older
+    run's config, not the other way round)."""
+    data = text_file("shakespeare")  # quill's cached copy, downloaded once
+    keys = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 16, "max_iters": 100,
+            "eval_interval": 50, "eval_iters": 5, "warmup_iters": 10, "device": "cpu", "sample_tokens": 0}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in keys.items()]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "-m", "quillgpt.cli", "train", "--data", str(data), "--out", str(out / "run"),
+                    "--no-progress", *flags], cwd=tree, env=env, check=True, capture_output=True)
     return out / "run"
 
 
@@ -199,7 +194,7 @@ def malformed_bodies(count: int, vocab_size: int, block_size: int) -> list[tuple
         "n": [0, -2, 1000, "2", True],
         "stream": ["yes", 1, [True]],
         "stop": [5, [""], ["ok", 1], {"s": 1}],
-        "logprobs": [1, 5],
+        "logprobs": [-1, "2", 10**6, 2.5],
         "model": ["gpt-4", 7],
     }
     makers = [
@@ -354,7 +349,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        run_dir = Path(args.run) if args.run else train_small_run(Path(args.save_run or tmp))
+        run_dir = Path(args.run) if args.run else train_small_run(Path(args.save_run or tmp),
+                                                                      Path(args.base_tree or ROOT).resolve())
         train_s = time.perf_counter() - t
         run = load_run(run_dir)
         m = run.config.model

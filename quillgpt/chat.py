@@ -571,11 +571,14 @@ class ReplyReader:
 
     Call text is held back until `<|end_calls|>` closes the message; a call that does not parse
     is a "call" part with call None. A row that ends on calls (finish "tool_calls") with a
-    malformed one among them, or that stops inside a call, gives the calls' text as content and
-    finish "stop": the caller gets text, never a broken call."""
+    malformed one among them (or one naming a tool `use` does not define), or that stops inside
+    a call, gives the calls' text as content and finish "stop": the caller gets text, never a
+    broken call."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, use: ToolUse | None = None):
         self.tokenizer = tokenizer
+        # the tools a call handed to the caller may name (None: any)
+        self.names = None if use is None else set(use.builtins) | set(tool_names(use.client))
         s = tokenizer.special_tokens
         self.call_id, self.calls_end = s.get(CALL_TOKEN, -1), s.get(CALLS_END_TOKEN, -1)
         self.tool_id, self.end_id = s.get(TOOL_TOKEN, -1), s.get(END_TOKEN, -1)
@@ -641,7 +644,8 @@ class ReplyReader:
             out = self._content("\n".join(self.tokenizer.decode(ids) for ids in self.open))
             self.open = None
         unanswered = bool(self.pending) and bool(self.messages) and bool(self.messages[-1].tool_calls)
-        if unanswered and reason == "tool_calls" and all(p.call is not None for p in self.calls):
+        if unanswered and reason == "tool_calls" and all(p.call is not None and (
+                self.names is None or p.call.name in self.names) for p in self.calls):
             self.finish = reason  # the calls go to the caller: the reply's last message
             return out
         if unanswered:  # calls nobody runs (a malformed one, or no tools): their text is the reply's
@@ -715,14 +719,14 @@ class ReplyStream:
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stop or ()))
         block_size = model.config.block_size
-        self.requests = []
+        self.requests, self.readers = [], []
         for c, s in zip(conversations, row_seeds(seed, len(conversations))):
             own = getattr(c, "tools", None)
             messages = check_messages(list(c), tools=own)
             use = ToolUse.of(tools, client=messages.tools)
             self.requests.append(reply_request(tokenizer, messages, replace(sampling, seed=s),
                                                block_size, use))
-        self.readers = [ReplyReader(tokenizer) for _ in conversations]
+            self.readers.append(ReplyReader(tokenizer, use))
 
     def __iter__(self) -> Iterator[list[list[ReplyPart]]]:
         for events in decode(self.model, self.tokenizer, self.requests):

@@ -19,6 +19,7 @@ from benchmarks import audit  # noqa: E402
 
 CLI_CASES = audit.cli_cases()
 HTTP_CASES = audit.http_cases()
+TOOL_CASES = audit.tool_cases()
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,12 @@ def root(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_cli_case(root, case):
     result = audit.run_cli_case(case, root)
+    assert result.held, result.detail
+
+
+@pytest.mark.parametrize("case", TOOL_CASES, ids=[c.id for c in TOOL_CASES])
+def test_tool_case(root, case):
+    result = audit.run_tool_case(case, root)
     assert result.held, result.detail
 
 

@@ -102,6 +102,10 @@ def test_a_malformed_call_is_text_with_finish_stop(client):
     assert "".join(d.get("content") or "" for d in deltas) == "calculator {expression: 1}"
     assert not any("tool_calls" in d for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    undefined = client.post("/v1/chat/completions", json={**body, "messages": [
+        {"role": "user", "content": "undefined"}]}).json()["choices"][0]
+    assert undefined["finish_reason"] == "stop" and undefined["message"] == {"role": "assistant",
+                                                                           "content": "get_time {}"}
 
 
 def test_tool_choice_none_never_calls(client):

@@ -97,6 +97,27 @@ def test_a_malformed_call_to_a_client_is_text_with_finish_stop(model, tok):
     got = tool_replies(model, tok, [user("bad", [WEATHER])], temperature=0)[0]
     assert (got.finish, got.content, got.tool_calls) == ("stop", "calculator {expression: 1}", [])
     assert [(m.role, m.content) for m in got.messages] == [("assistant", "calculator {expression: 1}")]
+    # a call of a tool nobody defined is no call for the client either; built-ins answer it with an error
+    got = tool_replies(model, tok, [user("undefined", [WEATHER])], temperature=0)[0]
+    assert (got.finish, got.content, got.tool_calls) == ("stop", "get_time {}", [])
+    got = tool_replies(model, tok, [user("undefined")], tools="calculator", temperature=0, max_new_tokens=100)[0]
+    assert got.content == "got error: no tool named 'get_time' (tools: calculator)"
+
+
+def test_history_that_outgrows_the_context_drops_whole_exchanges(tok):
+    from quillgpt.chat import fit_history
+
+    use = ToolUse.of("calculator")
+    first = [Message("user", "12*34"), *tool_replies(ScriptedChat(tok), tok, [user("12*34")], tools=use,
+                                                     temperature=0)[0].messages]
+    assert [m.role for m in first] == ["user", "assistant", "tool", "assistant"]
+    messages = [Message("system", "be brief"), *first, Message("user", "hi"), Message("assistant", "you said hi"),
+                Message("user", "again")]
+    whole = len(render(tok, messages, add_generation_prompt=True, tools=use.definitions()).ids)
+    kept, dropped = fit_history(tok, messages, whole - 1, use.definitions())
+    assert dropped == 4 and [m.role for m in kept] == ["system", "user", "assistant", "user"]
+    kept, dropped = fit_history(tok, messages, 1, use.definitions())
+    assert dropped == 6 and [m.content for m in kept] == ["be brief", "again"]
 
 
 def test_tool_rounds_are_bounded(model, tok):

@@ -7,6 +7,7 @@ message and the tool results after it, so a test knows exactly which calls each 
     "chain 12*34+5"    calls calculator twice (12*34, then RESULT+5), then answers
     "weather Oslo"     calls get_weather {"city": "Oslo"} (a client's tool), then "Oslo: RESULT"
     "bad"              a malformed call (arguments not JSON), then "got RESULT"
+    "undefined"        calls get_time {}, a tool nobody defines, then "got RESULT"
     "loop"             calls calculator again after every result
     "python CODE"      calls python {"code": CODE}, then answers with the result
     anything else      "you said TEXT"
@@ -50,6 +51,8 @@ def script(user: str, results: list[str]) -> str:
         return f"{call('get_weather', city=m[1])}<|end_calls|>" if not results else f"{m[1]}: {results[-1]}<|end|>"
     if user == "bad":
         return "<|tool_call|>calculator {expression: 1}<|end_calls|>" if not results else f"got {results[-1]}<|end|>"
+    if user == "undefined":
+        return "<|tool_call|>get_time {}<|end_calls|>" if not results else f"got {results[-1]}<|end|>"
     if user == "loop":
         return f"{call('calculator', expression='1+1')}<|end_calls|>"
     if user.startswith("python "):

@@ -240,7 +240,7 @@ class Engine:
             n = len(job.rows)
             job.finish, job.tokens, job.last_token = [None] * n, [0] * n, [0.0] * n
             if job.tools is not None:
-                job.readers = [ReplyReader(self.tokenizer) for _ in range(n)]
+                job.readers = [ReplyReader(self.tokenizer, job.tools) for _ in range(n)]
             for i, request in enumerate(job.requests(self.tokenizer)):
                 rid = self.decoder.add(request)
                 job.row_ids.append(rid)

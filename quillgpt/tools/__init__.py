@@ -112,8 +112,9 @@ def run_builtin(tools: Mapping[str, BuiltinTool], name: str, arguments: Any) -> 
 
 def _check_schema(schema: Any, where: str, depth: int = 0) -> None:
     """A JSON Schema's shape (types, properties, items, required), bounded in depth."""
-    if depth > MAX_SCHEMA_DEPTH:
-        raise ToolError(f"{where}: nested more than {MAX_SCHEMA_DEPTH} deep")
+    if depth > MAX_SCHEMA_DEPTH:  # named by where it starts: the whole path would be a page long
+        top = where.split(".properties.", 1)[0].split(".items", 1)[0]
+        raise ToolError(f"{top}: nested more than {MAX_SCHEMA_DEPTH} deep")
     if not isinstance(schema, Mapping):
         raise ToolError(f"{where} must be a JSON Schema object, got {shown(schema)}")
     kind = schema.get("type")
