@@ -342,6 +342,7 @@ def card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         ("context", f"{m['block_size']} tokens"),
         ("vocabulary", f"{m['vocab_size']} ({card['tokenizer']})"),
         ("chat template", "yes" if card["chat"] else "no"),
+    ] + ([("tools run here", ", ".join(card["tools"]))] if card["tools"] else []) + [
         ("dropout", f"{m['dropout']:g}" if m["dropout"] else "none"),
         ("biases", "yes" if m["bias"] else "no"),
         ("steps trained", "–" if losses["step"] is None else str(losses["step"])),
