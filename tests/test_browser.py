@@ -624,3 +624,50 @@ def test_each_modes_status_line_stays_with_it(browser, chat_server):
     assert page.is_hidden("#stats")
     assert failed == []
     page.close()
+
+
+def test_server_side_tool_calls_show_collapsed_in_the_chat(browser, tmp_path):
+    """`quill serve --tools calculator`: the model's calls and the results show in its bubble as
+    collapsed, monospaced boxes before the answer; the history sent next holds the answer alone."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tool_models import ScriptedChat, tool_tokenizer
+
+    from quillgpt.checkpoint import Run
+
+    tok = tool_tokenizer()
+    model = ScriptedChat(tok)
+    cfg = load_config(None, {"vocab_size": tok.vocab_size, "block_size": model.config.block_size})
+    app = create_app(Run(tmp_path / "calc", cfg, tok, model), ServeSettings(tools=("calculator",)))
+    with BackgroundServer(app) as url:
+        page, failed = open_page(browser, url)
+        sent: list[dict] = []
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)) if "/v1/chat" in r.url else None)
+        assert "tools run here" in page.inner_text("#card") and "calculator" in page.inner_text("#card")
+        page.fill("#temperature", "0")
+        page.fill("#message", "chain 12*34+5")
+        page.press("#message", "Enter")
+        page.wait_for_function(IDLE, timeout=60_000)
+        reply = page.locator("#messages .msg.assistant .text")
+        boxes = reply.locator("details.tool")
+        assert boxes.count() == 4 and page.evaluate(
+            "() => [...document.querySelectorAll('details.tool')].every(d => !d.open)")
+        assert [boxes.nth(i).locator("summary").text_content() for i in range(4)] == [
+            "tool call: calculator", "tool result", "tool call: calculator", "tool result"]
+        assert page.evaluate("() => getComputedStyle(document.querySelector('details.tool')).fontFamily"
+                             ).startswith("ui-monospace")
+        assert page.evaluate("() => replyText(document.querySelector('#messages .msg.assistant .text'))") == "413"
+        boxes.nth(0).locator("summary").click()
+        assert boxes.nth(0).locator("pre").text_content() == 'calculator {"expression": "12*34"}'
+        assert boxes.nth(1).locator("pre").is_hidden() and boxes.nth(3).locator("pre").text_content() == "413"
+        screenshot(page, tmp_path, "chat-tools.png")
+        page.fill("#message", "hi")
+        page.press("#message", "Enter")
+        page.wait_for_function(IDLE, timeout=60_000)
+        assert sent[-1]["messages"][-3:] == [{"role": "user", "content": "chain 12*34+5"},
+                                             {"role": "assistant", "content": "413"}, {"role": "user", "content": "hi"}]
+        assert bubbles(page)[-1] == ("assistant", "you said hi")
+        assert failed == []
+        page.close()

@@ -2,7 +2,8 @@
 into the prompt; a reply that calls one ends with `finish_reason: "tool_calls"` and
 `message.tool_calls` (id, type function, function.name, function.arguments as JSON text),
 streamed in OpenAI's delta shape too; the tool message that follows continues the
-conversation. `quill serve --tools calculator` runs built-ins on the server. Malformed calls
+conversation. `quill serve --tools calculator` runs built-ins on the server (their calls and results in
+quill's own `quill_tools` field, which the playground shows). Malformed calls
 are text with finish "stop"; invalid tool schemas and unsupported tool_choice values are 400s
 and the server keeps serving. The model is scripted (tests/tool_models.py)."""
 
@@ -128,7 +129,9 @@ def test_server_side_built_ins(run):
         assert c.get("/v1/model-card").json()["tools"] == ["calculator"]
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "chain 12*34+5"}],
                                                  "temperature": 0}).json()
-        assert r["choices"][0]["message"] == {"role": "assistant", "content": "413"}
+        assert r["choices"][0]["message"] == {"role": "assistant", "content": "413", "quill_tools": [
+            {"type": "call", "text": 'calculator {"expression": "12*34"}'}, {"type": "result", "text": "408"},
+            {"type": "call", "text": 'calculator {"expression": "408+5"}'}, {"type": "result", "text": "413"}]}
         assert r["choices"][0]["finish_reason"] == "stop"
         # built-ins and a client's tools together: the client's call goes back to the client
         r = c.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "temperature": 0}).json()
@@ -138,6 +141,11 @@ def test_server_side_built_ins(run):
                                                     "temperature": 0, "stream": True}).text
         deltas = [json.loads(x[6:])["choices"][0]["delta"] for x in text.split("\n\n") if x.startswith("data: {")]
         assert "".join(d.get("content") or "" for d in deltas) == "408"
+        # the built-in round, in order: the call and its result before the answer's text
+        shown = [(k, v) for d in deltas for k, v in d.items() if k in ("content", "quill_tools") and v]
+        assert shown[0] == ("quill_tools", [{"type": "call", "text": 'calculator {"expression": "12*34"}'},
+                                            {"type": "result", "text": "408"}])
+        assert [k for k, _ in shown[1:]] == ["content"] * 3
         bad = c.post("/v1/chat/completions", json={"messages": ASK, "tools": [
             {"type": "function", "function": {"name": "calculator"}}]})
         assert bad.status_code == 400 and "'calculator' is a built-in tool here" in bad.json()["error"]["message"]

@@ -58,7 +58,8 @@ class Job:
     [TokenLogprob list per row]) first. `end_ids`: the tokens that end a row (None: the decode
     engine's default, <|endoftext|> and a chat model's <|end|>). A chat job with `tools` has a
     `chat.ToolRunner` per row (built-ins run on the worker; a client's calls end the row) and a
-    `chat.ReplyReader` per row: its pieces are the replies' content, and a row that ends on a
+    `chat.ReplyReader` per row: its pieces are the replies' content, the built-ins' calls and
+    results come as ("tool_parts", [list of chat.ReplyPart per row]), and a row that ends on a
     client's calls reports ("tool_calls", [list of chat.ToolCall or None per row]) before the finish.
     """
 
@@ -277,20 +278,23 @@ class Engine:
     def _dispatch(self, events: list[decode_engine.Event]) -> None:
         """One step's events to their jobs: pieces (and logprobs) per job; a finished job ends."""
         now = time.monotonic()
-        touched: dict[int, tuple[Job, list[str], list[list[TokenLogprob]], list]] = {}
+        touched: dict[int, tuple[Job, list[str], list[list[TokenLogprob]], list, list[list]]] = {}
         for e in events:
             owner = self._owner.get(e.row)
             if owner is None:
                 continue
             job, i = owner
-            _, pieces, lps, calls = touched.setdefault(
-                id(job), (job, [""] * len(job.rows), [[] for _ in job.rows], [None] * len(job.rows)))
+            _, pieces, lps, calls, rounds = touched.setdefault(id(job), (
+                job, [""] * len(job.rows), [[] for _ in job.rows], [None] * len(job.rows), [[] for _ in job.rows]))
             text, finish = e.text, e.finish
-            if job.readers:  # tools: the content; a client's calls
+            if job.readers:  # tools: the content; a client's calls; the built-ins' calls and results
                 reader = job.readers[i]
-                text = "".join(p.text for p in reader.feed(e) if p.kind == "content")
+                parts = reader.feed(e)
+                text = "".join(p.text for p in parts if p.kind == "content")
                 finish = reader.finish if finish is not None else None
                 calls[i] = reader.reply().tool_calls if finish == "tool_calls" else None
+                if e.finish != "tool_calls":  # calls the engine ran (not the client's, nor text)
+                    rounds[i] += [p for p in parts if p.kind != "content"]
             pieces[i] += text
             if e.token is not None and not e.forced:
                 self._count_token(job, i, now)
@@ -299,11 +303,13 @@ class Engine:
             if finish is not None:
                 job.finish[i] = finish
                 del self._owner[e.row]
-        for job, pieces, lps, calls in touched.values():
+        for job, pieces, lps, calls, rounds in touched.values():
             if job.logprobs is not None:
                 job.emit("logprobs", lps)
             if any(pieces):
                 job.emit("pieces", pieces)
+            if any(rounds):
+                job.emit("tool_parts", rounds)
             if any(calls):
                 job.emit("tool_calls", calls)
             if all(job.finish):

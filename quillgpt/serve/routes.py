@@ -202,10 +202,11 @@ async def sse(job: Job, head: dict, echo: list[str], prompt_tokens: list[int],
 # --- whole answers (completions and chat) -------------------------------------------------
 
 async def wait_for_job(request: Request, job: Job, rows: int, logprobs: LogprobsCollector | None = None,
-                       calls: list | None = None) -> tuple[list[str], list[str], list[int]]:
+                       calls: list | None = None, rounds: list | None = None
+                       ) -> tuple[list[str], list[str], list[int]]:
     """The texts, finish reasons and token counts of a whole job (its logprobs go to `logprobs`,
-    each row's tool calls to `calls`); a client that disconnects first cancels it (APIError
-    499), a failed generation is APIError 500."""
+    each row's tool calls to `calls`, its built-in tools' calls and results to `rounds`); a
+    client that disconnects first cancels it (APIError 499), a failed generation is APIError 500."""
     texts, finish, tokens, failed = [""] * rows, ["length"] * rows, [0] * rows, None
 
     async def collect() -> None:
@@ -220,6 +221,9 @@ async def wait_for_job(request: Request, job: Job, rows: int, logprobs: Logprobs
                 finish, tokens = event[1], event[2]
             elif event[0] == "tool_calls" and calls is not None:
                 calls[:] = [c or old for c, old in zip(event[1], calls)]
+            elif event[0] == "tool_parts" and rounds is not None:
+                for row, parts in zip(rounds, event[1]):
+                    row += tool_parts(parts)
             elif event[0] == "error":
                 failed = event[1]
 
@@ -247,18 +251,29 @@ async def chat_answer(request: Request, job: Job, head: dict, prompt_tokens: int
     """A whole chat completion: one assistant message per choice (with its logprobs if asked, and
     the calls it ends with: OpenAI's `tool_calls`, content null when it says nothing else)."""
     calls: list = [None] * len(job.rows)
-    texts, finish, tokens = await wait_for_job(request, job, len(job.rows), logprobs, calls)
-    choices = [{"index": i, "message": chat_message(t, c),
+    rounds: list[list] = [[] for _ in job.rows]
+    texts, finish, tokens = await wait_for_job(request, job, len(job.rows), logprobs, calls, rounds)
+    choices = [{"index": i, "message": chat_message(t, c, r),
                 "logprobs": logprobs.choices[i].openai() if logprobs else None,
-                "finish_reason": f} for i, (t, f, c) in enumerate(zip(texts, finish, calls))]
+                "finish_reason": f} for i, (t, f, c, r) in enumerate(zip(texts, finish, calls, rounds))]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                          "usage": usage([prompt_tokens] * len(texts), tokens)})
 
 
-def chat_message(text: str, calls: list | None) -> dict[str, Any]:
-    if not calls:
-        return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": text or None, "tool_calls": [c.openai() for c in calls]}
+def chat_message(text: str, calls: list | None, rounds: list | None = None) -> dict[str, Any]:
+    """A choice's message; `rounds`: the server's built-in calls and results (`quill_tools`,
+    quill's own field: the playground shows them)."""
+    out: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        out = {"role": "assistant", "content": text or None, "tool_calls": [c.openai() for c in calls]}
+    if rounds:
+        out["quill_tools"] = rounds
+    return out
+
+
+def tool_parts(parts: list) -> list[dict[str, str]]:
+    """Built-in tool calls and results as `quill_tools` entries: {"type": "call" | "result", "text"}."""
+    return [{"type": p.kind, "text": p.text} for p in parts]
 
 
 def call_deltas(calls: list) -> list[dict[str, Any]]:
@@ -290,6 +305,8 @@ async def chat_sse(job: Job, head: dict, prompt_tokens: int, include_usage: bool
                 yield chunk([choice(i, {"content": p}) for i, p in enumerate(event[1]) if p])
             elif event[0] == "tool_calls":
                 yield chunk([choice(i, {"tool_calls": call_deltas(c)}) for i, c in enumerate(event[1]) if c])
+            elif event[0] == "tool_parts":
+                yield chunk([choice(i, {"quill_tools": tool_parts(p)}) for i, p in enumerate(event[1]) if p])
             elif event[0] == "finish":
                 yield chunk([choice(i, {}, f) for i, f in enumerate(event[1])])
                 if include_usage:
@@ -324,6 +341,7 @@ def card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         ("context", f"{m['block_size']} tokens"),
         ("vocabulary", f"{m['vocab_size']} ({card['tokenizer']})"),
         ("chat template", "yes" if card["chat"] else "no"),
+    ] + ([("tools run here", ", ".join(card["tools"]))] if card["tools"] else []) + [
         ("dropout", f"{m['dropout']:g}" if m["dropout"] else "none"),
         ("biases", "yes" if m["bias"] else "no"),
         ("steps trained", "–" if losses["step"] is None else str(losses["step"])),

@@ -112,6 +112,10 @@ async function run(url, body, out, onFrame) {
     await stream(url, body, (msg) => {
       if (msg.usage) tokens = msg.usage.completion_tokens; // exact count at the end
       for (const c of msg.choices) {
+        if (c.delta && c.delta.quill_tools && out.tools) {
+          flush(); // the text before the call stays before it
+          out.tools(c.delta.quill_tools);
+        }
         const text = c.delta ? c.delta.content : c.text;
         if (text) {
           pending += text;
@@ -219,6 +223,23 @@ class TokenText {
       }
     }
     if (frag.childNodes.length) this.el.append(frag);
+  }
+
+  // the server's built-in tool calls and results (quill_tools): collapsed, monospaced, in place
+  tools(parts) {
+    this.render(true);
+    this.queue = []; // the logprobs of the call's own tokens: their text is in the box, not here
+    this.carry = [];
+    for (const p of parts) {
+      const box = document.createElement("details");
+      box.className = `tool tool-${p.type === "call" ? "call" : "result"}`;
+      const summary = document.createElement("summary");
+      summary.textContent = p.type === "call" ? `tool call: ${p.text.split(" ")[0]}` : "tool result";
+      const body = document.createElement("pre");
+      body.textContent = p.text;
+      box.append(summary, body);
+      this.el.append(box);
+    }
   }
 
   span(text, parts) {
@@ -428,9 +449,14 @@ async function reply() {
     return false;
   }
   if (result.finish === "length" || result.finish === "stopped") li.classList.add("cut");
-  history.push({ role: "assistant", content: text.textContent });
+  history.push({ role: "assistant", content: replyText(text) });
   updateChatButtons();
   return true;
+}
+
+// a reply's text without its tool calls and results (they are the server's, not the model's words)
+function replyText(el) {
+  return [...el.childNodes].filter((n) => !(n.nodeName === "DETAILS")).map((n) => n.textContent).join("");
 }
 
 async function send(event) {
