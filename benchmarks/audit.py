@@ -95,6 +95,9 @@ def hostile_tokenizers(root: Path, bpe: Any) -> None:
     for name, change in variants.items():
         write(root / "tok" / f"{name}.json", json.dumps({**good, **change}))
     write(root / "tok" / "deep.json", "[" * 100_000 + "]" * 100_000)
+    many = {f"<|s{i}|>": bpe.vocab_size + i for i in range(20_000)}  # a million took minutes to encode with
+    write(root / "tok" / "many_special.json", json.dumps({**good, "special_tokens": {**good["special_tokens"], **many},
+                                                          "tokens": good["tokens"] + list(many)}))
     write(root / "tok" / "huge.json", json.dumps({"kind": "char", "chars": [chr(0x4E00 + i % 20000) for i in
                                                                               range(1 << 21)]}))
 
@@ -811,6 +814,9 @@ def core_cases() -> list[Case]:
           fragment="integers"),
         C("tokenize", "backtracking regex", ["tokenize", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!", "--tokenizer",
                                              "{root}/tok/redos_pattern.json"], fragment="pattern"),
+        C("tokenize", "20,000 special tokens", ["tokenize", "hello <|s5|> world", "--tokenizer",
+                                                "{root}/tok/many_special.json"], isolated=True,
+          fragment="20,001 special tokens"),
         C("tokenize", "JSON nested 100,000 deep", ["tokenize", "hi", "--tokenizer", "{root}/tok/deep.json"],
           fragment="deeply"),
         C("tokenize", "two million characters", ["tokenize", "hi", "--tokenizer", "{root}/tok/huge.json"],

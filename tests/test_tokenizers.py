@@ -326,3 +326,39 @@ def test_hostile_bpe_files_are_refused_on_load(tmp_path, change, message):
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(QuillError, match=message):
         load_tokenizer(path)
+
+
+@given(st.lists(st.text(alphabet="<|ab>", min_size=1, max_size=5), min_size=1, max_size=8),
+       st.text(alphabet="<|ab>x ", max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_special_token_matching_is_the_longest_first_alternation(specials, text):
+    """SpecialMatcher (a trie walk from each candidate position) splits text exactly as a regex
+    alternation of the tokens sorted longest first does, in one pass."""
+    import regex
+
+    from quillgpt.tokenizers.base import SpecialMatcher
+
+    alternation = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(set(specials), key=len,
+                                                                               reverse=True)) + ")")
+    assert SpecialMatcher(specials).split(text) == alternation.split(text)
+
+
+def test_special_tokens_are_bounded_in_number(tmp_path, trained_bpe, capsys):
+    """A tokenizer file with more special tokens than any tokenizer has (a million made encoding
+    take minutes) is refused at load in one line; 10,000 load and encode as tiktoken does."""
+    from quillgpt.cli import main
+
+    tok = trained_bpe.with_special_tokens([f"<|s{i}|>" for i in range(9_999)])
+    text = "hello <|s5|> world <|s9998|><|s1|>"
+    assert tok.encode_python(text) == tok.encode(text)
+    ids = tok.encode_python(text)
+    assert [i for i in ids if i >= trained_bpe.vocab_size] == [tok.special_tokens[t] for t in ("<|s5|>", "<|s9998|>",
+                                                                                             "<|s1|>")]
+    data = tok.to_dict()
+    base = max(data["special_tokens"].values()) + 1
+    data["special_tokens"].update({f"<|t{i}|>": base + i for i in range(5_000)})
+    data["tokens"] = data["tokens"] + [f"<|t{i}|>" for i in range(5_000)]
+    (tmp_path / "many.json").write_text(json.dumps(data), encoding="utf-8")
+    assert main(["tokenize", "hello", "--tokenizer", str(tmp_path / "many.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quill: error:") and "15,000 special tokens" in err and "\n" not in err

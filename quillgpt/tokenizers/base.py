@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from ..fileio import atomic_write_text, read_regular
 MAX_VOCAB_SIZE = 1 << 20
 MAX_FILE_BYTES = 256 << 20
 MAX_SPECIAL_CHARS = 256
+MAX_SPECIAL_TOKENS = 10_000  # chat, tool and reserved tokens of real tokenizers: a few hundred
 
 
 class Tokenizer(ABC):
@@ -94,6 +96,8 @@ def check_appended_specials(specials: Any, base_size: int) -> dict[str, int]:
     to the ids right after the `base_size` ordinary tokens, each id once."""
     if not isinstance(specials, dict):
         raise ValueError("'special_tokens' must be a mapping of token to id")
+    if len(specials) > MAX_SPECIAL_TOKENS:
+        raise ValueError(f"{len(specials):,} special tokens, more than any tokenizer has ({MAX_SPECIAL_TOKENS:,})")
     if not all(isinstance(k, str) and k for k in specials):
         raise ValueError("special tokens must be non-empty strings")
     ids = sorted(specials.values()) if all(type(i) is int for i in specials.values()) else None
@@ -113,6 +117,8 @@ def check_special_tokens(specials: Any, n_ids: int) -> dict[str, int]:
     an empty one would match everywhere, and tiktoken would loop on it forever."""
     if not isinstance(specials, dict):
         raise ValueError("'special_tokens' must be a mapping of text to id")
+    if len(specials) > MAX_SPECIAL_TOKENS:
+        raise ValueError(f"{len(specials):,} special tokens, more than any tokenizer has ({MAX_SPECIAL_TOKENS:,})")
     for text, i in specials.items():
         if not isinstance(text, str) or not text:
             raise ValueError(f"special token {shown(text)} must be a non-empty string")
@@ -123,6 +129,47 @@ def check_special_tokens(specials: Any, n_ids: int) -> dict[str, int]:
     if len(set(specials.values())) != len(specials):
         raise ValueError("two special tokens share an id")
     return dict(specials)
+
+
+class SpecialMatcher:
+    """Finds special tokens in text in one left-to-right pass, the longest at each position (as
+    an alternation sorted longest first would, without its cost: a regex of many alternatives
+    is tried alternative by alternative). Candidate positions are found by a character class of
+    the tokens' first characters; from each, a walk down a trie of the tokens (at most
+    MAX_SPECIAL_CHARS steps) finds the longest one there."""
+
+    def __init__(self, specials: Iterable[str]):
+        self.trie: dict[str, Any] = {}
+        for text in specials:
+            node = self.trie
+            for c in text:
+                node = node.setdefault(c, {})
+            node[""] = text  # "" is no character: the end of a token
+        self.starts = re.compile("[" + "".join(re.escape(c) for c in sorted(self.trie)) + "]")
+
+    def _longest(self, text: str, i: int) -> str | None:
+        node, found = self.trie, None
+        for c in text[i:i + MAX_SPECIAL_CHARS]:
+            node = node.get(c)
+            if node is None:
+                break
+            found = node.get("", found)
+        return found
+
+    def split(self, text: str) -> list[str]:
+        """As `regex.split` with the tokens as one captured group: plain text at even
+        positions, the special tokens found at odd ones."""
+        out, last, pos = [], 0, 0
+        while (m := self.starts.search(text, pos)) is not None:
+            i = m.start()
+            token = self._longest(text, i)
+            if token is None:
+                pos = i + 1
+                continue
+            out += [text[last:i], token]
+            last = pos = i + len(token)
+        out.append(text[last:])
+        return out
 
 
 def check_vocabulary_size(n: int, what: str) -> None:

@@ -33,7 +33,15 @@ from typing import Any
 import regex
 
 from ..errors import QuillError, shown
-from .base import MAX_VOCAB_SIZE, Tokenizer, appended_specials, check_special_tokens, check_vocabulary_size, register
+from .base import (
+    MAX_VOCAB_SIZE,
+    SpecialMatcher,
+    Tokenizer,
+    appended_specials,
+    check_special_tokens,
+    check_vocabulary_size,
+    register,
+)
 
 # GPT-2's pre-tokenisation: contractions, words with one leading space, numbers, punctuation
 # runs, whitespace (the last space of a run goes with the next word).
@@ -177,11 +185,7 @@ class ByteBPETokenizer(Tokenizer):
             self.decoder[i] = text.encode("utf-8")
         self._check()
         self._regex = regex.compile(pattern)
-        self._special_regex = (
-            regex.compile("(" + "|".join(regex.escape(s) for s in sorted(self.specials, key=len,
-                                                                           reverse=True)) + ")")
-            if self.specials else None
-        )
+        self._special_matcher = SpecialMatcher(self.specials) if self.specials else None
         self._cache: dict[str, list[int]] = {}
         self._tiktoken: Any = None
 
@@ -245,10 +249,10 @@ class ByteBPETokenizer(Tokenizer):
         return self._encode_python(text)
 
     def _encode_python(self, text: str) -> list[int]:
-        if self._special_regex is None:
+        if self._special_matcher is None:
             return self._encode_ordinary(text)
         ids: list[int] = []
-        for i, part in enumerate(self._special_regex.split(text)):
+        for i, part in enumerate(self._special_matcher.split(text)):
             if i % 2:  # the captured special tokens sit at odd positions
                 ids.append(self.specials[part])
             elif part:
