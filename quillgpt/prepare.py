@@ -26,13 +26,17 @@ flight). This module does not import torch, so the worker processes start fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +181,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: dict[str, Any], dtype: str) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and ends the workers
+    # with SIGTERM, which ends a worker at once (not the parent's handler, inherited by fork)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER["tokenizer"] = tokenizer_from_dict(tokenizer)
     _WORKER["dtype"] = np.dtype(dtype)
 
@@ -202,19 +210,48 @@ def encode_items(items: Iterable[_Item], tokenizer: Tokenizer, dtype: np.dtype, 
     # parent's thread pools do not matter. Elsewhere (macOS, Windows): spawn.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(tokenizer_dict or tokenizer.to_dict(), dtype.str)) as pool:
-        pending: deque[Future] = deque()
-        try:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(tokenizer_dict or tokenizer.to_dict(), dtype.str))
+    pending: deque[Future] = deque()
+    try:
+        with sigterm_as_interrupt():
             for item in items:
                 pending.append(pool.submit(_encode_in_worker, item))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
+    except BaseException:  # an interrupt (SIGINT or SIGTERM), an error, a consumer that stopped
+        end_pool(pool)
+        raise
+    pool.shutdown()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside (on the main thread): SIGTERM raises KeyboardInterrupt as SIGINT does, so the
+    workers are ended (`end_pool`) and the command says "interrupted" instead of dying at once
+    and leaving its workers blocked on a pipe forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: its workers terminated (not waited for), its queued work dropped."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def default_workers() -> int:

@@ -340,3 +340,58 @@ def test_tail_split_rounds_as_nanogpt(tmp_path, n):
     assert len(train) == int(n * 0.9) and len(train) + len(val) == n
     splits = split_tokens(list(range(10)) * (n // 10) + list(range(n % 10)), 0.1, 8)
     assert len(splits.train) == int(n * 0.9) and len(splits.val) == n - int(n * 0.9)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_prepare_ends_its_workers_with_it(tmp_path, sig):
+    """SIGTERM (or SIGINT) to `quill prepare` while its workers tokenize: one line, "interrupted",
+    and the workers end with it (they used to be left blocked on a pipe forever); nothing is
+    written. The workers here block until killed, so nothing depends on timing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = f"""
+import os, sys, time
+import quillgpt.prepare as prep
+
+def stuck(tokenizer, item, dtype):  # a worker that never finishes, after saying it started
+    open(os.path.join({str(marks)!r}, str(os.getpid())), "w").close()
+    time.sleep(3600)
+
+prep.encode_item = stuck  # the workers are forked: they run this
+from quillgpt.cli import main
+sys.exit(main(["prepare", "--data", {str(data)!r}, "--out", {str(tmp_path / "out")!r}, "--workers", "2",
+               "--tokenizer", "char", "--no-progress"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "QUILL_CACHE": os.environ.get("QUILL_CACHE", str(tmp_path))})
+    deadline = time.monotonic() + 120
+    while not os.listdir(marks) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(marks), proc.stderr.read() if proc.poll() is not None else "no worker started"
+    workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")  # the pool's processes
+               for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+    assert len(workers) == 2 and int(os.listdir(marks)[0]) in workers, workers
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "quill: interrupted", err
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"  # a zombie is gone, waiting to be reaped
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in workers)
+    assert not (tmp_path / "out").exists()
