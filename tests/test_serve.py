@@ -567,3 +567,36 @@ def test_a_lone_surrogate_is_400_whatever_the_tokenizer(tmp_path, stream):
             assert "lone surrogate" in r.json()["error"]["message"] and r.json()["error"]["param"] in {"prompt", "stop"}
         r = c.post("/v1/completions", json={"prompt": "To", "max_tokens": 2, "echo": True}, headers=JSON)
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("To")
+
+
+def test_idle_and_half_sent_connections_never_starve_the_server(run, caplog):
+    """Connections that never send a whole request are closed after the read timeout, and at the
+    connection cap the longest-waiting one makes room: normal requests are answered all along,
+    with no traceback (60 half-sent requests against a cap of 20 here)."""
+    from quillgpt.serve import BackgroundServer
+
+    app = create_app(run, ServeSettings(read_timeout_s=2, max_connections=20))
+    with BackgroundServer(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = []
+        for i in range(60):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n" if i % 2 else
+                      b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            held.append(s)
+        for _ in range(3):  # at the cap: a new connection is served, a waiting one makes room
+            r = httpx.post(url + "/v1/completions", json={"prompt": "To", "max_tokens": 2}, headers=JSON,
+                           timeout=60)
+            assert r.status_code == 200, r.text
+        for s in held:  # every half-sent request ends closed, unanswered: evicted at once, or after 2 s
+            s.settimeout(60)
+            received = b""
+            try:
+                while chunk := s.recv(1024):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            s.close()
+            assert received == b"", received[:200]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]

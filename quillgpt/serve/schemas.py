@@ -41,6 +41,8 @@ class ServeSettings:
     default_max_tokens: int = 16  # OpenAI's default for max_tokens
     max_stop: int = 4  # stop strings per request (OpenAI's limit): each is checked at every token
     max_stop_chars: int = 256  # characters per stop string
+    read_timeout_s: float = 30.0  # a request (head and body) must arrive whole within this; else closed
+    max_connections: int = 1000  # open connections; at the cap the longest idle one is closed (server.py)
     # Host headers answered besides IP addresses ("*": any); see guard.py
     allowed_hosts: tuple[str, ...] = ("localhost",)
     tools: tuple[str, ...] = ()  # built-in tools run here for every chat request (quill serve --tools)

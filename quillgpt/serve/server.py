@@ -1,8 +1,12 @@
 """Running the app: a listening socket, `serve` (what `quill serve` does), `BackgroundServer`.
 
-uvicorn comes with the serve extra, so it is imported where it is used.
+uvicorn comes with the serve extra, so it is imported where it is used. Connections go through
+`guarded_protocol`: a request must arrive whole (head and body) within `read_timeout_s`, and at
+`max_connections` the connection that has waited longest for a request that has not come is
+closed to make room, so idle or half-sent connections never starve the others.
 """
 
+import resource
 import socket
 import threading
 import time
@@ -39,6 +43,82 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def guarded_protocol(settings: ServeSettings) -> type:
+    """uvicorn's h11 protocol with a read deadline per request and a cap on connections."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout = settings.read_timeout_s
+    cap = connection_cap(settings.max_connections)
+
+    class GuardedH11Protocol(H11Protocol):
+        deadline: Any = None
+        waiting_since = 0.0
+
+        def waiting(self) -> bool:
+            """Waiting for a request, or for the rest of one: nothing of this connection's is running
+            but (perhaps) a route waiting for its body."""
+            their, cycle = self.conn.their_state, self.cycle
+            return their is h11.SEND_BODY or (their is h11.IDLE and (cycle is None or cycle.response_complete))
+
+        def arm(self) -> None:
+            self.disarm()
+            self.waiting_since = time.monotonic()
+            self.deadline = self.loop.call_later(timeout, self.timed_out)
+
+        def disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def timed_out(self) -> None:
+            self.deadline = None
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                self.transport.close()  # a request that never came whole
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.arm()
+            if len(self.connections) > cap:  # make room: the longest wait for a request goes
+                idle = [c for c in self.connections if c is not self and getattr(c, "waiting", None)
+                        and c.waiting()]
+                victim = min(idle, key=lambda c: c.waiting_since) if idle else self
+                victim.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self.disarm()  # the request came whole (or the connection ended)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self.arm()  # the next request on this connection: the same deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def connection_cap(wanted: int) -> int:
+    """`wanted` connections, or fewer where the open-file limit would be reached first (each
+    connection is a file descriptor; the model, the log and the loop need some too)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return wanted
+    return max(1, min(wanted, soft - 64)) if soft != resource.RLIM_INFINITY else wanted
+
+
+def uvicorn_config(app: Any, settings: ServeSettings, log_level: str = "warning") -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, http=guarded_protocol(settings),
+                          timeout_keep_alive=min(5, int(settings.read_timeout_s) or 1))
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           weights: str = MODEL_FILE, settings: ServeSettings | None = None,
           log: Any = print, log_level: str = "warning", dtype: str = "float32") -> None:
@@ -60,9 +140,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
         api += f"; tools run here: {', '.join(settings.tools)}"
     log(f"serving {Path(run_dir)} ({count_params(card.model) / 1e6:.2f}M parameters) on "
         f"http://{where}:{actual_port}/  (API: {api}; Ctrl-C stops)")
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, settings, log_level)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on
         pass
     log("server stopped")
@@ -79,7 +158,8 @@ class BackgroundServer:
 
         self.sock = bind_socket(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        settings = getattr(getattr(app, "state", None), "settings", None) or ServeSettings()
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="quill-serve", daemon=True)
 
