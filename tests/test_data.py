@@ -347,6 +347,7 @@ def test_a_signal_during_prepare_ends_its_workers_with_it(tmp_path, sig):
     """SIGTERM (or SIGINT) to `quill prepare` while its workers tokenize: one line, "interrupted",
     and the workers end with it (they used to be left blocked on a pipe forever); nothing is
     written. The workers here block until killed, so nothing depends on timing."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -372,15 +373,21 @@ sys.exit(main(["prepare", "--data", {str(data)!r}, "--out", {str(tmp_path / "out
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "QUILL_CACHE": os.environ.get("QUILL_CACHE", str(tmp_path))})
-    deadline = time.monotonic() + 120
-    while not os.listdir(marks) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert os.listdir(marks), proc.stderr.read() if proc.poll() is not None else "no worker started"
-    workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")  # the pool's processes
-               for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
-    assert len(workers) == 2 and int(os.listdir(marks)[0]) in workers, workers
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=60)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not os.listdir(marks) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.listdir(marks), proc.stderr.read() if proc.poll() is not None else "no worker started"
+        workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")  # the pool's processes
+                   for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+        assert len(workers) == 2 and int(os.listdir(marks)[0]) in workers, workers
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:  # a failed test leaves nothing running
+        for pid in [proc.pid] * (proc.poll() is None) + workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 130 and err.strip() == "quill: interrupted", err
 
     def alive(pid: int) -> bool:
