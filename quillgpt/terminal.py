@@ -96,16 +96,24 @@ class _StopFlag:
 
 
 @contextmanager
-def _deferred_interrupt() -> Iterator[_StopFlag]:
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield flag
+def _sigint(handler: Any) -> Iterator[None]:
+    """SIGINT goes to `handler` inside the block (signals reach the main thread only: elsewhere
+    nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    previous = signal.signal(signal.SIGINT, flag)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield flag
+        yield
     finally:  # (None: a handler not set from Python; Python's own is the one to restore)
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[_StopFlag]:
+    flag = _StopFlag()
+    with _sigint(flag):
+        yield flag
 
 
 def print_stream(pieces: Iterable[Any], head: str = "", before: Callable[[], None] | None = None,
@@ -159,22 +167,10 @@ def prompt_loop(respond: Callable[[str], Any], commands: Mapping[str, Callable[[
     starts with "/" and names none is answered with `usage`. Without them every line but /exit
     is input."""
     editing = line_editing()
-    with _ctrl_c_raises() if editing else contextlib.nullcontext():
+    # at a terminal Ctrl-C is a key: it raises even where SIGINT came ignored (a start in the
+    # background of a shell without job control, nohup)
+    with _sigint(signal.default_int_handler) if editing else contextlib.nullcontext():
         _read_and_respond(respond, commands, usage, prompt, editing)
-
-
-@contextmanager
-def _ctrl_c_raises() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt at the prompt even where SIGINT came ignored (a session
-    started in the background by a shell without job control, nohup): at a terminal it is a key."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _read_and_respond(respond: Callable[[str], Any], commands: Mapping[str, Callable[[str], Any]] | None,
