@@ -114,6 +114,7 @@ def test_quill_chat_at_a_terminal(runs):
     child.send("turn: tom\r")  # outgrows the context again, quietly
     stop_the_reply(child, tom)
     child.send("half a line")
+    child.expect_exact("half a line")  # readline has the line before Ctrl-C comes
     child.sendintr()  # Ctrl-C at the prompt: the line is dropped, a fresh prompt
     child.expect_exact("> ")
     child.sendeof()  # Ctrl-D leaves
@@ -156,7 +157,15 @@ def pieces_with_ctrl_c(closed: list[str]):
         closed.append("closed")
 
 
-def test_print_stream_stops_after_the_piece_in_hand_and_closes_the_stream():
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt in this process, whatever the test runner inherited."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_print_stream_stops_after_the_piece_in_hand_and_closes_the_stream(ctrl_c_raises):
     out, closed = io.StringIO(), []
     printed = print_stream(pieces_with_ctrl_c(closed), head="> ", interruptible=True, out=out)
     assert (printed.text, printed.stopped, out.getvalue(), closed) == ("abc", True, "> abc\n", ["closed"])
