@@ -8,7 +8,7 @@ server's requests do). "identical": every row temperature 0.8, top-k 40, `--toke
 "mixed settings": each row its own temperature (greedy included), top-k, top-p, min-p and
 repetition penalty, the same length. "mixed lengths": identical settings, lengths of half, one and
 one and a half times `--tokens` (the same total). "both": as benchmarks/serve_load.py's mixed
-load. Generated tokens/s, median of `--rounds`, and the ratio to identical.
+load (its `sampling_settings` and prompts). Generated tokens/s, median of `--rounds`, and the ratio to identical.
 """
 
 from __future__ import annotations
@@ -24,27 +24,26 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.script import run_main  # noqa: E402
+from benchmarks.serve_load import PROMPTS, sampling_settings  # noqa: E402
 
-PROMPTS = ["ROMEO:", "JULIET:\nO ", "First Citizen:\n", "KING HENRY", "To be, or not", "\n", "What "]
 LOADS = {"identical": (False, False), "mixed settings": (True, False), "mixed lengths": (False, True),
          "both": (True, True)}
 
 
 def requests(tokenizer, n: int, tokens: int, mixed_settings: bool, mixed_lengths: bool, seed: int = 0) -> list:
     from quillgpt.engine import Request
+    from quillgpt.generate import start_ids
     from quillgpt.sampling import Sampling
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        length = rng.choice([tokens // 2, tokens, tokens * 3 // 2]) if mixed_lengths else tokens
-        if mixed_settings:
-            sampling = Sampling(temperature=rng.choice([0.0, 0.5, 0.8, 1.0, 1.2]), top_k=rng.choice([None, 10, 40]),
-                                top_p=rng.choice([None, 0.9, 0.95]), min_p=rng.choice([None, 0.05]),
-                                repetition_penalty=rng.choice([1.0, 1.1]), max_new_tokens=length, seed=i)
-        else:
-            sampling = Sampling(temperature=0.8, top_k=40, max_new_tokens=length, seed=i)
-        out.append(Request(tokenizer.encode(rng.choice(PROMPTS)), sampling))
+        api = sampling_settings(rng, tokens, mixed_settings, mixed_lengths)
+        sampling = Sampling(temperature=api["temperature"], top_k=api["top_k"], top_p=api.get("top_p"),
+                            min_p=api.get("min_p"), repetition_penalty=api.get("repetition_penalty") or 1.0,
+                            max_new_tokens=api["max_tokens"], seed=i)
+        prompt = tokenizer.encode(rng.choice(PROMPTS)) or start_ids(tokenizer)  # "" starts as the server's does
+        out.append(Request(prompt, sampling))
     return out
 
 

@@ -75,20 +75,25 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
+def sampling_settings(rng: random.Random, max_tokens: int, mixed_settings: bool, mixed_lengths: bool) -> dict:
+    """One request's settings in the API's names: identical (temperature 0.8, top-k 40) or each its
+    own temperature, top-k, top-p, min-p and repetition penalty; max_tokens, or one of half, one and
+    one and a half times it (benchmarks/engine_mix.py draws the same)."""
+    out: dict = {"temperature": 0.8, "top_k": 40}
+    if mixed_settings:
+        out = {"temperature": rng.choice([0.0, 0.5, 0.8, 1.0, 1.2]), "top_k": rng.choice([None, 10, 40]),
+               "top_p": rng.choice([None, 0.9, 0.95]), "min_p": rng.choice([None, 0.05]),
+               "repetition_penalty": rng.choice([None, 1.1])}
+    out["max_tokens"] = rng.choice([max_tokens // 2, max_tokens, max_tokens * 3 // 2]) if mixed_lengths else max_tokens
+    return out
+
+
 def request_mix(clients: int, requests: int, max_tokens: int, mixed: bool, seed: int = 0) -> list[list[dict]]:
     """Each client's requests (all streamed): identical settings, or settings that differ from
     request to request (and lengths from max_tokens / 2 to 3 / 2 max_tokens)."""
     rng = random.Random(seed)
-
-    def settings() -> dict:
-        if not mixed:
-            return {"temperature": 0.8, "top_k": 40, "max_tokens": max_tokens}
-        return {"temperature": rng.choice([0.0, 0.5, 0.8, 1.0, 1.2]), "top_k": rng.choice([None, 10, 40]),
-                "top_p": rng.choice([None, 0.9, 0.95]), "min_p": rng.choice([None, 0.05]),
-                "repetition_penalty": rng.choice([None, 1.1]),
-                "max_tokens": rng.choice([max_tokens // 2, max_tokens, max_tokens * 3 // 2])}
-
-    return [[{"prompt": rng.choice(PROMPTS), "seed": c * 1000 + i, "stream": True, **settings()}
+    return [[{"prompt": rng.choice(PROMPTS), "seed": c * 1000 + i, "stream": True,
+              **sampling_settings(rng, max_tokens, mixed, mixed)}
              for i in range(requests)] for c in range(clients)]
 
 
