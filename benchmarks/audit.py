@@ -413,6 +413,12 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "metrics_fifo": special("run_mfifo", "metrics.csv", os.mkfifo),
         "config_sparse": special("run_sparse", "config.yaml", lambda p: open(p, "wb").truncate(3 << 30)),
         "tokenizer_fifo": special("run_tfifo", "tokenizer.json", os.mkfifo),
+        "tokenizer_outside": special("run_tout", "tokenizer.json", lambda p: p.symlink_to("/etc/passwd")),
+        "config_outside": special("run_cout", "config.yaml", lambda p: p.symlink_to(root / "run" / "config.yaml")),
+        "weights_outside": special("run_wout", "model.safetensors",
+                                   lambda p: p.symlink_to(root / "run" / "model.safetensors")),
+        "state_outside": special("run_sout", "train_state/*/state.json", lambda p: p.symlink_to("/etc/passwd")),
+        "links_inside": lambda: inside_links(copy_run(root, "run_lin")),
         "state_fifo": special("run_sfifo", "train_state/*/state.json", os.mkfifo),
         "metrics_header": metrics("run_mhead", b"a,b\n1,2\n"),
         "metrics_bad_rows": metrics("run_mrows", b"step,train_loss,val_loss\n1,x,\nten,2.5,\n2,2.4,2.6\n3,nan,inf\n"),
@@ -435,6 +441,16 @@ def setups(root: Path) -> dict[str, Callable[[], Any]]:
         "chat_url": chat_edit("chat_url", f"data: {root / 'chats' / 'chats.jsonl'}",
                               "data: https://example.com/chats.jsonl"),
     }
+
+
+def inside_links(run: Path) -> None:
+    """The run's files moved into a folder of the run and linked back (relative links): accepted."""
+    if (run / "files").is_dir():
+        return
+    (run / "files").mkdir()
+    for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
+        (run / name).rename(run / "files" / name)
+        (run / name).symlink_to(Path("files") / name)
 
 
 def pickled_code(d: Path) -> None:
@@ -735,6 +751,8 @@ def core_cases() -> list[Case]:
           setup="run_held", fragment="being written by another process (pid"),
         C("train", "--resume: every state.json a FIFO", ["train", "--resume", "{root}/run_sfifo"],
           setup="state_fifo", isolated=True, fragment="no intact checkpoint"),
+        C("train", "--resume: every state.json a link to /etc/passwd", ["train", "--resume", "{root}/run_sout"],
+          setup="state_outside", fragment="no intact checkpoint"),
         C("train", "full disk", [*T, "--out", "{root}/out_full"], full_disk=True, started=True,
           fragment="the disk is full"),
         # quill prepare
@@ -780,6 +798,14 @@ def core_cases() -> list[Case]:
         C("sample", "config.yaml 3 GB (sparse)", ["sample", "{root}/run_sparse"], setup="config_sparse",
           isolated=True, fragment="bytes"),
         C("sample", "tokenizer.json a FIFO", ["sample", "{root}/run_tfifo"], setup="tokenizer_fifo", isolated=True),
+        C("sample", "tokenizer.json a link to /etc/passwd", ["sample", "{root}/run_tout"], setup="tokenizer_outside",
+          fragment="leads outside"),
+        C("sample", "config.yaml a link to another run's", ["sample", "{root}/run_cout"], setup="config_outside",
+          fragment="leads outside"),
+        C("sample", "model.safetensors a link to another run's", ["sample", "{root}/run_wout"],
+          setup="weights_outside", fragment="leads outside"),
+        C("sample", "its files links into a folder of the run", [*S[:1], "{root}/run_lin", *S[2:]],
+          setup="links_inside", ok=True),
         C("sample", "float64 weights of 1e300 (infinite as float32)", ["sample", "{root}/run_f64"],
           setup="f64_weights", fragment="once converted from float64"),
         C("sample", "int32 weights", ["sample", "{root}/run_int"], setup="int_weights", fragment="int32"),
@@ -838,7 +864,7 @@ def core_cases() -> list[Case]:
         # quill plot
         C("plot", "binary metrics.csv", ["plot", "{root}/run_mbin"], setup="metrics_binary"),
         C("plot", "metrics.csv a link to /dev/zero", ["plot", "{root}/run_mzero"], setup="metrics_zero",
-          fragment="not a regular file"),
+          fragment="leads outside"),
         C("plot", "metrics.csv a FIFO", ["plot", "{root}/run_mfifo"], setup="metrics_fifo", isolated=True,
           fragment="not a regular file"),
         C("plot", "metrics.csv of other columns", ["plot", "{root}/run_mhead"], setup="metrics_header",

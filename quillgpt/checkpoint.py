@@ -34,6 +34,7 @@ from .errors import QuillError
 from .fileio import (
     atomic_write_bytes,
     atomic_write_text,
+    confined,
     disk_full,
     fsync_dir,
     make_temp_dir,
@@ -206,6 +207,16 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
+def run_file(run_dir: str | Path, name: str) -> Path:
+    """RUN/name, refused (QuillError) if it is a link that leads out of the run directory."""
+    return confined(Path(run_dir) / name, run_dir)
+
+
+def state_file(checkpoint: Path, name: str) -> Path:
+    """RUN/train_state/step-N/name, refused if it is a link that leads out of the run directory."""
+    return confined(checkpoint / name, checkpoint.parent.parent)
+
+
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     return (path / CONFIG_FILE).is_file() and (path / TOKENIZER_FILE).is_file()
@@ -217,7 +228,7 @@ def save_config(cfg: Config, run_dir: str | Path) -> None:
 
 def read_run_config(run_dir: str | Path) -> Config:
     """RUN/config.yaml as a Config, every value checked (a run may come from anyone)."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = run_file(run_dir, CONFIG_FILE)
     try:
         text = read_regular(path, MAX_TEXT_BYTES).decode("utf-8")
     except FileNotFoundError:
@@ -255,14 +266,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
             f"create one with quill train --out {run_dir}"
         )
     cfg = read_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(run_file(run_dir, TOKENIZER_FILE))
     if cfg.model.vocab_size != tokenizer.vocab_size:
         raise QuillError(
             f"{run_dir}: config vocab_size {cfg.model.vocab_size} does not match the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
     check_inference_dtype(dtype)
-    weights_path = run_dir / weights
+    weights_path = run_file(run_dir, weights)
     if not weights_path.is_file():
         raise QuillError(f"{run_dir} has no weights ({weights} is missing)")
     check_weights_fit(weights_path, cfg.model)
@@ -412,7 +423,7 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     best, best_val = None, float("inf")
     for p in checkpoints:
         try:
-            val = json.loads(read_regular(p / STATE_JSON_FILE, MAX_TEXT_BYTES)).get("val_loss")
+            val = json.loads(read_regular(state_file(p, STATE_JSON_FILE), MAX_TEXT_BYTES)).get("val_loss")
         except (OSError, ValueError, AttributeError, QuillError):
             continue
         if isinstance(val, (int, float)) and val < best_val:
@@ -436,13 +447,13 @@ def remove_checkpoint(path: Path) -> None:
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file matches the manifest's checksum, else what is wrong."""
     try:
-        manifest = json.loads(read_regular(path / MANIFEST_FILE, MAX_TEXT_BYTES))
+        manifest = json.loads(read_regular(state_file(path, MANIFEST_FILE), MAX_TEXT_BYTES))
         expected = manifest["sha256"]
     except (OSError, ValueError, KeyError, TypeError, QuillError) as e:
         return f"unreadable manifest ({e})"
     for name in _CHECKPOINT_FILES:
         try:
-            data = read_regular(path / name, MAX_TEXT_BYTES if name == STATE_JSON_FILE else MAX_WEIGHTS_BYTES)
+            data = read_regular(state_file(path, name), MAX_TEXT_BYTES if name == STATE_JSON_FILE else MAX_WEIGHTS_BYTES)
         except OSError:
             return f"{name} is missing"
         except QuillError as e:
@@ -461,8 +472,8 @@ def peek_train_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                          f"or missing)")
     for path in reversed(checkpoints):
         try:
-            manifest = json.loads(read_regular(path / MANIFEST_FILE, MAX_TEXT_BYTES))
-            data = read_regular(path / STATE_JSON_FILE, MAX_TEXT_BYTES)
+            manifest = json.loads(read_regular(state_file(path, MANIFEST_FILE), MAX_TEXT_BYTES))
+            data = read_regular(state_file(path, STATE_JSON_FILE), MAX_TEXT_BYTES)
             if not isinstance(manifest, dict) or _sha256(data) != manifest.get("sha256", {}).get(STATE_JSON_FILE):
                 continue
             skeleton = json.loads(data)
@@ -505,9 +516,9 @@ def load_train_state(run_dir: str | Path, warn: Callable[[str], None] | None = N
         problem = verify_checkpoint(path)
         if problem is None:
             try:
-                weights = st_load(read_regular(path / MODEL_FILE, MAX_WEIGHTS_BYTES))
-                tensors = st_load(read_regular(path / STATE_TENSORS_FILE, MAX_WEIGHTS_BYTES))
-                skeleton = json.loads(read_regular(path / STATE_JSON_FILE, MAX_TEXT_BYTES))
+                weights = st_load(read_regular(state_file(path, MODEL_FILE), MAX_WEIGHTS_BYTES))
+                tensors = st_load(read_regular(state_file(path, STATE_TENSORS_FILE), MAX_WEIGHTS_BYTES))
+                skeleton = json.loads(read_regular(state_file(path, STATE_JSON_FILE), MAX_TEXT_BYTES))
                 state = unpack_state(skeleton, tensors)
                 return TrainState(path, int(state["step"]), weights, state)
             except (SafetensorError, ValueError, KeyError, OSError, QuillError) as e:

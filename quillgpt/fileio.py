@@ -116,6 +116,20 @@ def open_regular(path: str | Path, max_bytes: int) -> BinaryIO:
         raise
 
 
+def confined(path: str | Path, root: str | Path) -> Path:
+    """`path`, if it lies inside `root` once every link on the way is followed; else QuillError.
+    A run directory (or prepared data) may come from a stranger: a link inside it may point to
+    another of its files, never out of it (to /etc/passwd, or a key in the user's home)."""
+    path = Path(path)
+    try:
+        real, base = path.resolve(), Path(root).resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise QuillError(f"cannot follow the links of {path}: {e}") from None
+    if real != base and base not in real.parents:
+        raise QuillError(f"{path} is a link that leads outside {root}; refusing to read it")
+    return path
+
+
 def read_regular(path: str | Path, max_bytes: int) -> bytes:
     """The bytes of the regular file `path`, at most `max_bytes` of them (see `open_regular`)."""
     with open_regular(path, max_bytes) as f:

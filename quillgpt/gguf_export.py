@@ -311,7 +311,7 @@ def check_run_dir(run_dir: Path) -> None:
     if ckpt.is_run_dir(run_dir):
         cfg: Config = ckpt.read_run_config(run_dir)
         gguf_architecture(cfg.model)
-        gguf_vocab(load_tokenizer(run_dir / ckpt.TOKENIZER_FILE))
+        gguf_vocab(load_tokenizer(ckpt.run_file(run_dir, ckpt.TOKENIZER_FILE)))
 
 
 def export_gguf(run: str | Path | ckpt.Run, out: str | Path, dtype: str = "f32", best: bool = False,

@@ -21,7 +21,7 @@ MAX_METRICS_BYTES = 256 << 20  # metrics.csv: a million logged steps and more
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
-    path = Path(run_dir) / ckpt.METRICS_FILE
+    path = ckpt.run_file(run_dir, ckpt.METRICS_FILE)
     try:
         text = read_regular(path, MAX_METRICS_BYTES).decode("utf-8")
         rows = list(csv.DictReader(io.StringIO(text, newline="")))

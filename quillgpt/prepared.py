@@ -35,7 +35,7 @@ import numpy as np
 
 from .download import cache_dir, sha256_file
 from .errors import QuillError
-from .fileio import atomic_write_text, read_regular, sweep_temporaries
+from .fileio import atomic_write_text, confined, read_regular, sweep_temporaries
 from .readers import ReadOptions
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_dict
 
@@ -101,7 +101,7 @@ def find_cached(path: Path, key: str) -> Prepared | None:
     """The prepared directory at `path` if its meta.json holds `key` (else None: stale or partial)."""
     if (path / META_FILE).is_file():
         try:
-            meta = json.loads(read_regular(path / META_FILE, MAX_META_BYTES))
+            meta = json.loads(read_regular(confined(path / META_FILE, path), MAX_META_BYTES))
         except (OSError, ValueError, QuillError):
             meta = {}
         if meta.get("key") == key:
@@ -184,7 +184,7 @@ def load_prepared(path: str | Path) -> tuple[Tokenizer, np.memmap, np.memmap, di
     meta: dict[str, Any] = {}
     if (path / META_FILE).is_file():
         try:
-            meta = json.loads(read_regular(path / META_FILE, MAX_META_BYTES))
+            meta = json.loads(read_regular(confined(path / META_FILE, path), MAX_META_BYTES))
         except (OSError, ValueError) as e:
             raise QuillError(f"{path / META_FILE} is corrupt or unreadable ({e})") from None
         if not isinstance(meta, dict):
@@ -192,7 +192,7 @@ def load_prepared(path: str | Path) -> tuple[Tokenizer, np.memmap, np.memmap, di
     if "tokenizer" in meta:
         tokenizer = tokenizer_from_dict(meta["tokenizer"], str(path / META_FILE))
     elif (path / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(path / TOKENIZER_FILE)
+        tokenizer = load_tokenizer(confined(path / TOKENIZER_FILE, path))
     else:
         raise QuillError(f"prepared data {path} has no tokenizer (no meta.json or tokenizer.json)")
     dtype_name = meta.get("dtype", token_dtype(tokenizer.vocab_size).name)

@@ -257,7 +257,7 @@ class Checkpointer:
         """Load the newest intact checkpoint of `run_dir` into the model, the optimizer, the random
         generators and the batch source, after checking that it was trained with this tokenizer, on
         this data, in this layout. The loop's own state is in the returned `.state`."""
-        saved_tok = load_tokenizer(run_dir / ckpt.TOKENIZER_FILE)
+        saved_tok = load_tokenizer(ckpt.run_file(run_dir, ckpt.TOKENIZER_FILE))
         if saved_tok.to_dict() != tokenizer.to_dict():
             raise QuillError(f"--resume {run_dir}: the data gives a different tokenizer than "
                              f"the run's; resume with the data it was trained on")

@@ -577,9 +577,9 @@ def rl_config(config: str | Path | None = None, overrides: dict[str, Any] | None
 def rl_tokenizer(cfg: Config, resume: str | Path | None) -> Tokenizer:
     """The run's tokenizer (a resumed run's own, or the source's), which must have the chat template."""
     if resume is not None:
-        tokenizer = load_tokenizer(Path(resume) / ckpt.TOKENIZER_FILE)
+        tokenizer = load_tokenizer(ckpt.run_file(Path(resume), ckpt.TOKENIZER_FILE))
     elif cfg.train.init_from:
-        tokenizer = load_tokenizer(resolve_init_run(cfg.train.init_from) / ckpt.TOKENIZER_FILE)
+        tokenizer = load_tokenizer(ckpt.run_file(resolve_init_run(cfg.train.init_from), ckpt.TOKENIZER_FILE))
     else:
         raise QuillError("quill rl improves a chat model: pass --init-from RUN (one trained with quill sft)")
     chat_token_ids(tokenizer)

@@ -66,9 +66,9 @@ def sft_tokenizer(cfg: Config, conversations: list[list[Message]], resume: str |
     tools): a resumed run's own, the source's (`init_from`), or one built from the
     conversations' text."""
     if resume is not None:
-        tokenizer = load_tokenizer(Path(resume) / ckpt.TOKENIZER_FILE)
+        tokenizer = load_tokenizer(ckpt.run_file(Path(resume), ckpt.TOKENIZER_FILE))
     elif cfg.train.init_from:
-        tokenizer = load_tokenizer(resolve_init_run(cfg.train.init_from) / ckpt.TOKENIZER_FILE)
+        tokenizer = load_tokenizer(ckpt.run_file(resolve_init_run(cfg.train.init_from), ckpt.TOKENIZER_FILE))
     else:
         text = "\n".join(conversation_text(conv) for conv in conversations)
         tokenizer = build_tokenizer(cfg.train.tokenizer, text)

@@ -174,6 +174,33 @@ def test_only_regular_files_of_a_bounded_size_are_read(tmp_path):
         fileio.read_regular(tmp_path, 10)
 
 
+def test_links_may_not_lead_out_of_their_directory(tmp_path):
+    """fileio.confined: a link to another file of the directory (relative or absolute, through a
+    linked folder) is kept; one that leads out of it (/etc/passwd, a sibling directory, `..`) is a
+    QuillError before anything is read; a directory reached through a link is its own root."""
+    root = tmp_path / "run"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "real.json").write_text("{}")
+    (tmp_path / "secret").write_text("key")
+    (root / "rel").symlink_to(Path("sub") / "real.json")
+    (root / "abs").symlink_to(root / "sub" / "real.json")
+    (root / "dir").symlink_to(root / "sub", target_is_directory=True)
+    for name in ("rel", "abs", "dir/real.json", "sub/real.json", "missing"):
+        assert fileio.confined(root / name, root) == root / name
+    (root / "passwd").symlink_to("/etc/passwd")
+    (root / "up").symlink_to(Path("..") / "secret")
+    (root / "out").symlink_to(tmp_path, target_is_directory=True)
+    for name in ("passwd", "up", "out/secret", "../secret"):
+        with pytest.raises(QuillError, match="leads outside"):
+            fileio.confined(root / name, root)
+    linked = tmp_path / "linked-run"
+    linked.symlink_to(root, target_is_directory=True)
+    assert fileio.confined(linked / "rel", linked) == linked / "rel"
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises((QuillError, OSError)):
+        fileio.read_regular(fileio.confined(root / "loop", root), 10)
+
+
 def test_special_files_in_a_run_directory_are_one_line(tmp_path, small_text, capsys):
     """metrics.csv as /dev/zero or a FIFO (plot, the server's model card), a 3 GB sparse
     config.yaml (sample), a FIFO state.json (train --resume falls back to the older checkpoint):
@@ -189,7 +216,7 @@ def test_special_files_in_a_run_directory_are_one_line(tmp_path, small_text, cap
     (run / "metrics.csv").symlink_to("/dev/zero")
     capsys.readouterr()
     assert main(["plot", str(run)]) == 2
-    assert "not a regular file" in capsys.readouterr().err
+    assert "is a link that leads outside" in capsys.readouterr().err
     assert final_losses(run)["step"] is None  # the model card goes without
     (run / "metrics.csv").unlink()
     os.mkfifo(run / "metrics.csv")
