@@ -343,16 +343,18 @@ class Engine:
     # --- the model ----------------------------------------------------------------------------
 
     def _forward(self) -> tuple[list[_Row], torch.Tensor | None]:
-        """With the cache: one decode forward for the rows with one pending token (first, so
-        that the rows being prefilled can sit in it as fillers), then prefill chunks."""
+        """With the cache: the decoding rows' tokens and the prefill chunks in one forward
+        (`_step_forward`) while rows decode, else prefill forwards of the rows' chunks."""
+        decoding = [r for r in self._slots if r.pending == 1]
+        budget = self.prefill_chunk if decoding else math.inf
+        plan = self._prefill_plan([r for r in self._slots if r.pending > 1], budget)
+        if decoding and not plan:
+            return decoding, self._decode_forward(decoding)
+        if decoding:
+            return self._step_forward(decoding, [(r, T) for rows, T in plan for r in rows])
         ready: list[_Row] = []
         parts: list[torch.Tensor] = []
-        decoding = [r for r in self._slots if r.pending == 1]
-        if decoding:
-            ready += decoding
-            parts.append(self._decode_forward(decoding))
-        budget = self.prefill_chunk if decoding else math.inf
-        for rows, T in self._prefill_plan([r for r in self._slots if r.pending > 1], budget):
+        for rows, T in plan:
             logits = self._prefill_forward(rows, T)
             done = [i for i, r in enumerate(rows) if r.pending == 0]
             if done:
@@ -361,6 +363,32 @@ class Engine:
         if not ready:
             return [], None
         return ready, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _step_forward(self, decoding: list[_Row], chunks: list[tuple[_Row, int]]) -> tuple[list[_Row], torch.Tensor]:
+        """One forward (`model.StepView`) for a token of every decoding row and the next chunk
+        of each row being prefilled: every slot takes part (a row being prefilled writes a
+        filler at its next position, which its chunk overwrites); logits of the decoding rows
+        and of the rows whose prompt is done."""
+        ids = [0] * len(self._slots)
+        for r in decoding:
+            ids[r.slot] = r.seq[-1]
+        for r, T in chunks:
+            ids += r.seq[r.start + r.cached : r.start + r.cached + T]
+        view = self.cache.step([r.cached for r in self._slots], [(r.slot, T) for r, T in chunks])
+        logits = self.model(torch.tensor(ids, device=self.device)[None], cache=view)[0][:, -1]
+        for r in decoding:
+            r.cached += 1
+        ready, at = list(decoding), [r.slot for r in decoding]
+        for i, (r, T) in enumerate(chunks):
+            r.cached += T
+            followers = self._followers.get(r.id, [])
+            for f in followers:  # the same prompt: its cache copied, not computed again
+                self.cache.copy(r.slot, f.slot, r.cached)
+                f.cached = r.cached
+            if r.pending == 0:
+                ready += [r, *followers]
+                at += [len(self._slots) + i] * (1 + len(followers))
+        return ready, logits[torch.tensor(at, device=self.device)]
 
     def _decode_forward(self, decoding: list[_Row]) -> torch.Tensor:
         """Logits (len(decoding), vocab) of one new token per decoding row. The batch is every

@@ -162,6 +162,9 @@ class SlotCache:
     def decode(self, lengths: list[int]) -> DecodeView:
         return DecodeView(self, lengths)
 
+    def step(self, lengths: list[int], chunks: list[tuple[int, int]]) -> StepView:
+        return StepView(self, lengths, chunks)
+
 
 class PrefillView:
     """T new tokens for each of `slots`, which all hold `length` tokens (see SlotCache).
@@ -236,6 +239,64 @@ class DecodeView:
         pass  # the engine counts each row's tokens
 
 
+class StepView:
+    """One forward of a decode step and prefill chunks together (see SlotCache): one new token in
+    each of slots 0..n-1 (slot b holding `lengths[b]` tokens), then for each `(slot, T)` of
+    `chunks` the next T tokens of that slot, packed side by side into one sequence (1, n + ΣT).
+
+    The weights are read once for all of them; only attention is done per part (the decode
+    tokens together, each chunk with its own slot's keys). A slot with a chunk may also be among
+    the n (a filler token): its chunk is written after, over the filler. The forward's outputs
+    are the decode tokens' and each chunk's last (`outputs`)."""
+
+    def __init__(self, cache: SlotCache, lengths: list[int], chunks: list[tuple[int, int]]):
+        self.cache, self.n, self.mask = cache, len(lengths), None
+        self.decoding = DecodeView(cache, lengths)
+        self.chunks = [(slot, lengths[slot], T) for slot, T in chunks]
+        device = cache.index.device
+        outputs, offset = list(range(self.n)), self.n
+        for _slot, L, T in self.chunks:
+            if L + T > cache.capacity:
+                raise ValueError(f"sequence of {L + T} tokens is longer than block_size {cache.capacity}")
+            offset += T
+            outputs.append(offset - 1)
+        self.outputs = torch.tensor(outputs, device=device)
+        self.masks = [None if L == 0 else cache.index[None, : L + T] <= cache.index[L : L + T, None]
+                      for _slot, L, T in self.chunks]
+
+    def start(self, T: int) -> torch.Tensor:
+        positions = self.decoding.start(1)  # (n, 1) or (1,)
+        parts = [positions.view(-1).expand(self.n)] + [self.cache.index[L : L + t] for _, L, t in self.chunks]
+        if T != sum(p.numel() for p in parts):
+            raise ValueError("a step view's forward takes its decode tokens and chunks, packed")
+        return torch.cat(parts)[None]  # (1, n + ΣT)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the packed queries (1, nh, N, hs), each part with its own keys; the
+        new keys and values go into the cache first."""
+        n = self.n
+        per_row = [t[0, :, :n].transpose(0, 1)[:, :, None] for t in (q, k, v)]  # (n, nh, 1, hs)
+        kd, vd = self.decoding.update(layer, per_row[1], per_row[2])
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        offset = n
+        for slot, L, T in self.chunks:
+            kc[slot, :, L : L + T].copy_(k[0, :, offset : offset + T])
+            vc[slot, :, L : L + T].copy_(v[0, :, offset : offset + T])
+            offset += T
+        out = [F.scaled_dot_product_attention(per_row[0], kd, vd, attn_mask=self.decoding.mask)
+               .squeeze(2).transpose(0, 1)[None]]  # (1, nh, n, hs)
+        offset = n
+        for (slot, L, T), mask in zip(self.chunks, self.masks):
+            out.append(F.scaled_dot_product_attention(
+                q[:, :, offset : offset + T], kc[slot : slot + 1, :, : L + T], vc[slot : slot + 1, :, : L + T],
+                attn_mask=mask, is_causal=mask is None and T > 1))
+            offset += T
+        return torch.cat(out, dim=2)
+
+    def advance(self, T: int) -> None:
+        pass  # the engine counts each row's tokens
+
+
 class CausalSelfAttention(nn.Module):
     """Every position attends to itself and the positions before it, in `n_head` heads."""
 
@@ -280,6 +341,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
             )  # (B, nh, T, hs)
+        elif hasattr(cache, "attend"):  # a packed decode step (SlotCache.step)
+            y = cache.attend(layer, q, k, v)
         else:
             # decoding: the queries of the T new tokens see the cached keys too
             k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
@@ -388,7 +451,9 @@ class GPT(nn.Module):
         position's logits are computed (B, 1, vocab).
         """
         x = self.hidden_states(idx, cache)  # (B, T, C)
-        if cache is not None:
+        if getattr(cache, "outputs", None) is not None:  # a packed step: each row's last token
+            x = x[0, cache.outputs][:, None]
+        elif cache is not None:
             x = x[:, -1:, :]  # only the next token's logits are needed
         logits = self.head(x)  # (B, T, vocab)
         loss = None

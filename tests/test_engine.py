@@ -140,6 +140,36 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(tok):
     assert both[1].ids == alone(model, tok, long) and both[0].ids == alone(model, tok, short)
 
 
+def test_a_joining_rows_prompt_rides_in_the_decode_forward(tok):
+    """While rows decode, a new row's prompt (and a second row sharing it) goes through the
+    model in the same forward as their tokens (model.StepView): one forward per step once rows
+    decode, and every row still equals itself alone."""
+    model = random_model()
+    first = [Request(ids(tok, p), s) for p, s in zip(["To be", "Or"], MIXED)]
+    joining = [Request(ids(tok, "Whether 'tis"), s) for s in (MIXED[2], MIXED[4])]
+    engine = Engine(model, tok, max_rows=4)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].size(1)))
+    for r in first:
+        engine.add(r)
+    got: dict[int, list[int]] = {}
+    for step in range(60):
+        if step == 3:
+            for r in joining:
+                engine.add(r)
+        calls.clear()
+        events = engine.step()
+        for e in events:
+            got.setdefault(e.row, []).append(e.token)
+        assert len(calls) <= 1 or step == 0  # (the first prompts: a forward per length)
+        if step == 3:  # a token per slot (fillers in the joining rows' slots), the shared prompt once
+            assert calls == [4 + len(joining[0].prompt)] and {e.row for e in events} == {0, 1, 2, 3}
+        if engine.idle:
+            break
+    for i, r in enumerate(first + joining):
+        assert got[i] == alone(model, tok, r)
+
+
 def test_shared_prompts_are_run_once_and_still_differ(tok):
     model = random_model()
     prompt = ids(tok, "To be, or not")
