@@ -8,7 +8,8 @@ the engine before it, side by side in one run.
 2. Load, in three scenarios, each on every server in turn (the order alternates): one client at
    a time ("lone"), CLIENTS concurrent clients with identical settings ("identical"), and
    CLIENTS clients whose temperature, top-k, top-p, min-p, repetition penalty and max_tokens
-   differ from request to request ("mixed"). Every request is streamed (SSE, with usage) and
+   differ from request to request ("mixed"; every client's max_tokens add up to the same total,
+   see `balanced_lengths`). Every request is streamed (SSE, with usage) and
    checked (status 200, OpenAI shape, `data: [DONE]` last, token counts): served tokens/s, time
    to first token (p50/p99), whole latency (p50/p99), errors; ratios new / base.
 3. Bad input: MALFORMED requests (broken and fuzzed JSON, wrong types, huge and non-finite
@@ -31,6 +32,7 @@ import platform
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,11 +92,28 @@ def sampling_settings(rng: random.Random, max_tokens: int, mixed_settings: bool,
 
 def request_mix(clients: int, requests: int, max_tokens: int, mixed: bool, seed: int = 0) -> list[list[dict]]:
     """Each client's requests (all streamed): identical settings, or settings that differ from
-    request to request (and lengths from max_tokens / 2 to 3 / 2 max_tokens)."""
+    request to request and lengths of max_tokens / 2, max_tokens and 3 / 2 max_tokens in a
+    random order, which add up to the same total for every client (`balanced_lengths`)."""
     rng = random.Random(seed)
-    return [[{"prompt": rng.choice(PROMPTS), "seed": c * 1000 + i, "stream": True,
-              **sampling_settings(rng, max_tokens, mixed, mixed)}
-             for i in range(requests)] for c in range(clients)]
+    out = []
+    for c in range(clients):
+        lengths = balanced_lengths(rng, requests, max_tokens) if mixed else [max_tokens] * requests
+        out.append([{"prompt": rng.choice(PROMPTS), "seed": c * 1000 + i, "stream": True,
+                     **sampling_settings(rng, max_tokens, mixed, False), "max_tokens": n}
+                    for i, n in enumerate(lengths)])
+    return out
+
+
+def balanced_lengths(rng: random.Random, requests: int, max_tokens: int) -> list[int]:
+    """`requests` lengths, half, one and one and a half times max_tokens, shuffled, adding up to
+    about requests x max_tokens. Each client sends its requests one after another, so with
+    lengths drawn independently the run ends with the longest client alone: for 16 clients x 6
+    requests drawn so, the longest asked 408 tokens against a mean of 304, so that the batch is
+    at most 75% full on average (the rest is the load's tail, not the server)."""
+    lengths = [max_tokens // 2, max_tokens * 3 // 2, max_tokens] * (requests // 3)
+    lengths += [[], [max_tokens], [max_tokens // 2, max_tokens * 3 // 2]][requests % 3]
+    rng.shuffle(lengths)
+    return lengths
 
 
 # --- the server in its own process ---------------------------------------------------------
@@ -287,6 +306,9 @@ def print_scenarios(figures: dict[str, dict[str, dict]], servers: list[str]) -> 
             print(row + (f" | **{values[1] / values[0]:.2f}x** |" if len(values) > 1 else " |"))
         errors = [len(per_server[s]["errors"]) for s in servers]
         print(f"| {name} | errors | " + " | ".join(map(str, errors)) + (" | |" if len(servers) > 1 else " |"))
+    print("\nserved tokens/s of each round: " + "; ".join(
+        f"{name} on {s} " + ", ".join(f"{v:.0f}" for v in per[s]["all_tps"]) for name, per in figures.items()
+        for s in servers))
     if "mixed" in figures and "identical" in figures:
         s = servers[-1]
         print(f"\n{s}: mixed settings at {figures['mixed'][s]['tps'] / figures['identical'][s]['tps']:.0%} "
@@ -295,22 +317,33 @@ def print_scenarios(figures: dict[str, dict[str, dict]], servers: list[str]) -> 
 
 def run_scenarios(run_dir: Path, args: argparse.Namespace, scenarios: dict[str, list[list[dict]]]
                   ) -> tuple[dict[str, dict[str, dict]], list[str], tuple[subprocess.Popen, str]]:
-    """Every scenario on every server (base first, then new; the order alternates by scenario)."""
+    """Every scenario on every server, `args.rounds` times (the order of the servers alternates
+    from one load to the next); each figure the median over the rounds, errors of all rounds."""
     trees = {"new": ROOT} if not args.base_tree else {"base": Path(args.base_tree).resolve(), "new": ROOT}
     servers = list(trees)
     procs = {name: start_server(run_dir, tree) for name, tree in trees.items()}
-    figures: dict[str, dict[str, dict]] = {}
+    runs: dict[str, dict[str, list[dict]]] = {name: {s: [] for s in servers} for name in scenarios}
     try:
-        for k, (name, mix) in enumerate(scenarios.items()):
-            figures[name] = {}
-            for server in servers if k % 2 == 0 else servers[::-1]:
-                figures[name][server] = scenario(procs[server][1], mix, args.time_limit)
-                print(f"  {name} on {server}: done", flush=True)
+        k = 0
+        for r in range(args.rounds):
+            for name, mix in scenarios.items():
+                for server in servers if k % 2 == 0 else servers[::-1]:
+                    runs[name][server].append(scenario(procs[server][1], mix, args.time_limit))
+                    print(f"  round {r + 1}: {name} on {server}: done", flush=True)
+                k += 1
     finally:
         for name in servers:
             if name != "new":
                 stop(procs[name][0])
+    figures = {name: {s: median_figures(got) for s, got in per.items()} for name, per in runs.items()}
     return figures, servers, procs["new"]
+
+
+def median_figures(rounds: list[dict]) -> dict:
+    out = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "errors"}
+    out["errors"] = [e for r in rounds for e in r["errors"]]
+    out["all_tps"] = [r["tps"] for r in rounds]
+    return out
 
 
 def stop(proc: subprocess.Popen) -> int | str:
@@ -342,15 +375,16 @@ def main() -> int:
     ap.add_argument("--save-run", help="keep the small run trained here in this directory")
     ap.add_argument("--base-tree", help="a checkout of the package to compare with (served from there)")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=6, help="requests per client")
-    ap.add_argument("--lone", type=int, default=16, help="requests of the one-client-at-a-time scenario")
+    ap.add_argument("--requests", type=int, default=24, help="requests per client (default 24: some 10 s per load)")
+    ap.add_argument("--lone", type=int, default=64, help="requests of the one-client-at-a-time scenario (default 64)")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3, help="times each load runs on each server (medians)")
     ap.add_argument("--malformed", type=int, default=200)
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for each load and the bad input")
-    ap.add_argument("--quick", action="store_true", help="4 clients x 3 requests, 4 lone, 50 malformed")
+    ap.add_argument("--quick", action="store_true", help="4 clients x 3 requests, 4 lone, 50 malformed, 1 round")
     args = ap.parse_args()
     if args.quick:
-        args.clients, args.requests, args.lone, args.malformed = 4, 3, 4, 50
+        args.clients, args.requests, args.lone, args.malformed, args.rounds = 4, 3, 4, 50, 1
 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -381,7 +415,7 @@ def main() -> int:
 
         print(f"\nload: lone = 1 client x {args.lone} requests; identical / mixed = {args.clients} clients x "
               f"{args.requests} requests; max_tokens {args.max_tokens} (mixed: {args.max_tokens // 2} to "
-              f"{args.max_tokens * 3 // 2}); every request streamed; loopback\n")
+              f"{args.max_tokens * 3 // 2}, the same total per client); every request streamed; loopback\n")
         print_scenarios(figures, servers)
         errors = [e for per in figures.values() for f in per.values() for e in f["errors"]]
         print(f"errors: {len(errors)}")

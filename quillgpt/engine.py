@@ -32,7 +32,8 @@ A row's life: `add` puts it in the queue; at the next step with a free slot (`ma
 the KV-cache budget `kv_cache_mb`) it joins: its prompt is prefilled into its own slot of a
 static cache (`model.SlotCache`), in chunks of `prefill_chunk` tokens while other rows are
 decoding, so they are never stalled for a long prompt (all at once when nobody else is
-waiting). Identical prompts that join together (the `n` choices of a request) are run once.
+waiting). A chunk goes through the model in the same forward as the decoding rows' tokens
+(`model.StepView`): one forward per step, whoever joins. Identical prompts that join together (the `n` choices of a request) are run once.
 Then every step decodes one token for every running row in one batched forward, whatever
 their lengths and settings, and samples every row with its own settings (`sampling.RowSampler`)
 and its own generator (a `random.Random(seed)` that draws one number per sampled token): a row's
