@@ -51,3 +51,19 @@ def test_a_bad_value_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "engine_mix.py"), "--run", str(tmp_path),
                            "--rounds", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_served_mixed_load_gives_every_client_the_same_total():
+    """serve_load's mixed load: lengths of half, one and 1.5x max_tokens in each client's own
+    order, every client's total that of the identical load; settings differ between requests."""
+    from benchmarks.serve_load import request_mix
+
+    for requests_each in (6, 7, 8):
+        identical = request_mix(16, requests_each, 48, mixed=False)
+        mixed = request_mix(16, requests_each, 48, mixed=True)
+        want = sum(r["max_tokens"] for r in identical[0])
+        assert {sum(r["max_tokens"] for r in c) for c in identical} == {want}
+        assert {sum(r["max_tokens"] for r in c) for c in mixed} == {want}
+        assert {r["max_tokens"] for c in mixed for r in c} == {24, 48, 72}
+        assert len({tuple(r["max_tokens"] for r in c) for c in mixed}) > 1  # each client its own order
+        assert len({(r["temperature"], r["top_k"], r["top_p"]) for c in mixed for r in c}) > 5
